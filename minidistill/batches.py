@@ -1,0 +1,51 @@
+"""Batch sources for the training loop: endless, resumable streams of micro-batches."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class ShuffledBatches:
+    """Shuffle ``n`` items per epoch (seeded by ``seed + epoch``) and yield micro-batches forever.
+
+    With several processes every process draws the same permutation and takes its slice of each
+    global batch (``batch_size * world`` items), so one process with batch B*w sees exactly the
+    same data per step as w processes with batch B each.
+    """
+
+    def __init__(self, n: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int,
+                 rank: int = 0, world: int = 1, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("empty dataset")
+        self.n, self.batch_size, self.make_batch = n, batch_size, make_batch
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n // (self.batch_size * self.world))
+
+    def next_batch(self) -> dict:
+        global_bs = self.batch_size * self.world
+        if self.pos + global_bs > self.n and self.pos > 0:  # drop the ragged tail: a new epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = [self._perm[(self.pos + i) % self.n] for i in range(global_bs)]
+        self.pos += global_bs
+        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return self.make_batch(mine)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()

@@ -1,0 +1,211 @@
+"""The one training loop every stage uses.
+
+A stage hands the loop three things:
+- a *batch source*: ``next_batch() -> dict`` (an endless stream: it reshuffles per epoch, or
+  for MiniLLM samples fresh rollouts when its buffer is used up), ``state_dict()`` and
+  ``load_state_dict()`` so a resumed run continues at the same batch; every batch carries
+  ``num_tokens``, the number of tokens its loss sums over;
+- ``loss_fn(model, batch) -> (loss_sum, metrics)``: the loss *summed* over the batch's tokens;
+- optionally ``evaluate(model) -> metrics`` with a key to keep the best checkpoint by.
+
+Per optimizer step the loop draws ``grad_accum`` micro-batches, all-reduces their token count,
+and back-propagates ``loss_sum / global_tokens`` (times the process count, which DDP's gradient
+averaging divides out), so the update is the per-token mean over the whole global batch no
+matter how it is split into micro-batches or processes. Then: gradient clipping, a NaN/inf
+guard, AdamW, the LR schedule, logging, evaluation, checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .tracking import console, fmt
+
+
+@dataclass
+class LoopResult:
+    model: Any
+    step: int
+    best: dict | None
+    stopped: bool = False
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"stage '{cfg.name}': the student has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    total = max(1, total_steps)
+    warm = min(cfg.warmup_steps, total)
+    if cfg.scheduler == "wsd":
+        decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, total // 10)
+        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warm, num_training_steps=total,
+                             scheduler_specific_kwargs={"num_decay_steps": min(decay, total - warm)})
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total)
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit non-zero."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print(f"[yellow]signal {signum}: finishing this step, then checkpointing[/]")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(
+    run,
+    cfg,
+    model,
+    source,
+    loss_fn: Callable,
+    total_steps: int,
+    *,
+    evaluate: Callable | None = None,
+    best_key: str | None = None,
+    best_mode: str = "min",
+    on_best: Callable | None = None,
+) -> LoopResult:
+    """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model."""
+    acc = run.accelerator
+    stage_dir = run.stage_dir(cfg.name)
+    ckpt_root = stage_dir / "checkpoints"
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+
+    step, best, bad_in_row, skipped = 0, None, 0, 0
+    if run.recipe.resume == "auto":
+        found = ckpt.list_complete(ckpt_root, report=lambda m: console.print(f"[yellow]{m}[/]"))
+        if found:
+            state, source_state = ckpt.load_checkpoint(acc, found[-1], model, optimizer, scheduler)
+            source.load_state_dict(source_state)
+            step, best, skipped = state["step"], state.get("best"), state.get("skipped_steps", 0)
+            console.print(f"resumed stage '{cfg.name}' from {found[-1]} (step {step})")
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "best": best, "skipped_steps": skipped}
+        return ckpt.save_checkpoint(acc, ckpt_root, at_step, model, optimizer, scheduler, source.state_dict(), state, cfg.keep_last)
+
+    def run_eval(at_step: int) -> None:
+        nonlocal best
+        if evaluate is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            values = evaluate(acc.unwrap_model(model))
+        model.train()
+        run.log(cfg.name, at_step, {f"valid/{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
+        if acc.is_main_process:
+            console.print(f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]")
+        if best_key is not None and best_key in values:
+            v = float(values[best_key])
+            better = best is None or (v < best["value"] if best_mode == "min" else v > best["value"])
+            if better:
+                best = {"key": best_key, "value": v, "step": at_step}
+                if on_best is not None:
+                    on_best(acc.unwrap_model(model))
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not acc.is_main_process, dynamic_ncols=True)
+    stopped = False
+    with GracefulStop() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [source.next_batch() for _ in range(cfg.grad_accum)]
+            local_tokens = sum(float(b["num_tokens"]) for b in micro)
+            global_tokens = float(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+            scale = acc.num_processes / max(global_tokens, 1.0)
+            total_loss, sums = 0.0, {}
+            for i, batch in enumerate(micro):
+                sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
+                with sync, acc.autocast():
+                    loss_sum, metrics = loss_fn(model, batch)
+                    acc.backward(loss_sum * scale)
+                total_loss += float(loss_sum.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            grad_norm = None
+            if cfg.grad_clip is not None and cfg.grad_clip > 0:
+                grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            finite = math.isfinite(total_loss) and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_in_row = 0
+            else:
+                skipped += 1
+                bad_in_row += 1
+                msg = f"stage '{cfg.name}' step {step + 1}: non-finite loss or gradient (loss {total_loss}, grad norm {grad_norm})"
+                if cfg.nan_policy == "stop" or bad_in_row >= cfg.max_bad_steps:
+                    raise UserError(msg + f"; stopping ({bad_in_row} bad step(s) in a row, nan_policy={cfg.nan_policy})")
+                console.print(f"[yellow]{msg}; step skipped[/]")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            values = {
+                "loss": float(acc.reduce(torch.tensor(total_loss, device=acc.device), "sum")) / max(global_tokens, 1.0),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": global_tokens,
+                "tokens_per_s": global_tokens / dt,
+                "step_time_s": dt,
+                "skipped_steps": skipped,
+            }
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            values.update({k: v / len(micro) for k, v in sums.items()})
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log(cfg.name, step, values)
+            bar.update(1)
+            bar.set_postfix_str(fmt(values, ["loss"] + [k for k in sums][:3]))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run_eval(step)
+            if stop.requested:
+                where = save(step)
+                bar.close()
+                console.print(f"[yellow]stopped by signal at step {step}; checkpoint: {where}[/]")
+                stopped = True
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                save(step)
+    bar.close()
+    if not stopped:
+        run_eval(step)
+    model = acc.unwrap_model(model)
+    return LoopResult(model=model, step=step, best=best, stopped=stopped)
