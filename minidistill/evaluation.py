@@ -1,0 +1,277 @@
+"""Evaluation helpers: batched sampling, ROUGE-L, and the MiniLLM instruction-following protocol.
+
+Protocol (MiniLLM paper): sample with temperature 1, top_p 1, top_k 0, prompts <= 256 tokens,
+no_repeat_ngram_size 6, 5 seeds (10..50) averaged; ROUGE-L F-measure (rouge-score,
+use_stemmer=True), max over references, x100.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from minidistill.data import (
+    Example,
+    collate_prompts,
+    encode_prompt,
+    render_prompt,
+    special_affixes,
+    tokenize_prompts,
+)
+from minidistill.errors import UserError
+
+PAPER_SEEDS = (10, 20, 30, 40, 50)
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+def _context_size(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise UserError(f"{getattr(tokenizer, 'name_or_path', '') or 'tokenizer'}: no EOS token to stop generation")
+    return sorted(ids)
+
+
+def _progress_bar(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt", leave=False, dynamic_ncols=True)
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Sample continuations; returns the new token ids per prompt (up to, not including, EOS), in input order.
+
+    Prompts are sorted by length into left-padded batches; each batch is seeded from ``seed`` and
+    its index (the caller's RNG state is left untouched). temperature 0 means greedy decoding.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size: must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
+    prefix = special_affixes(tokenizer)[0] if any(isinstance(p, str) for p in prompts) else []
+    ids = [encode_prompt(p, tokenizer, prefix) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    if not ids:
+        return []
+    stop = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    ctx = _context_size(model)
+    longest = max(len(x) for x in ids)
+    if ctx is not None and longest + max_new_tokens > ctx:
+        raise UserError(
+            f"max_new_tokens: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {ctx} positions"
+        )
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": temperature > 0,
+        "pad_token_id": pad_id,
+        "eos_token_id": stop,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": no_repeat_ngram_size,
+    }
+    if temperature > 0:
+        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+
+    device = _model_device(model)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: list[list[int]] = [[] for _ in ids]
+    stop_set = set(stop) | {pad_id}
+    was_training = model.training
+    model.eval()
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with (
+            torch.inference_mode(),
+            torch.random.fork_rng(devices=rng_devices),
+            _progress_bar(len(ids), progress, desc) as bar,
+        ):
+            for b, start in enumerate(range(0, len(order), batch_size)):
+                idx = order[start:start + batch_size]
+                input_ids, attention_mask = collate_prompts([ids[i] for i in idx], pad_id)
+                torch.manual_seed((seed * 1_000_003 + b) % (2**63))
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+                )
+                new = out[:, input_ids.shape[1]:].tolist()
+                for i, toks in zip(idx, new):
+                    cut = next((k for k, t in enumerate(toks) if t in stop_set), len(toks))
+                    results[i] = toks[:cut]
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[str]:
+    """Sample continuations and return them as stripped text (special tokens skipped), in input order."""
+    new_ids = generate_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
+        seed=seed, progress=progress,
+    )
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
+
+
+# --------------------------------------------------------------------------------------------
+# ROUGE-L
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
+    """ROUGE-L F-measure x100 (rouge-score, stemmed), max over the references."""
+    refs = [references] if isinstance(references, str) else list(references)
+    if not refs:
+        raise ValueError("rouge_l: no references")
+    scorer = _scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in refs)
+
+
+def mean_rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Mean of rouge_l over pairs (x100)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"mean_rouge_l: {len(predictions)} predictions but {len(references)} reference sets")
+    if not predictions:
+        raise ValueError("mean_rouge_l: no predictions")
+    return sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction-following evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_instructions(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    template: str = "alpaca",
+    seeds: Sequence[int] = PAPER_SEEDS,
+    max_prompt_length: int = 256,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 6,
+    long_prompt: str = "drop",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate for every prompt once per seed and score ROUGE-L against the references.
+
+    Returns rougeL (mean over seeds), rougeL_per_seed, mean_length (generated tokens, EOS excluded),
+    mean_length_per_seed, n_examples, the tokenization stats, and ``generations``: one dict per
+    (seed, example) with seed, index, source, prompt, references, generation, rougeL, length.
+    Long prompts are dropped by default, as the MiniLLM data processing does.
+    """
+    if not seeds:
+        raise UserError("seeds: give at least one seed")
+    ids, refs, stats = tokenize_prompts(
+        examples, tokenizer, template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt
+    )
+    prompt_texts = [render_prompt(examples[i], template, tokenizer) for i in stats.kept_indices]
+    per_seed: dict[int, float] = {}
+    length_per_seed: dict[int, float] = {}
+    generations: list[dict[str, Any]] = []
+    for seed in seeds:
+        new_ids = generate_ids(
+            model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=int(seed), progress=progress, desc=f"seed {seed}",
+        )
+        texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
+        scores = [rouge_l(t, r) for t, r in zip(texts, refs)]
+        per_seed[int(seed)] = sum(scores) / len(scores)
+        length_per_seed[int(seed)] = sum(len(x) for x in new_ids) / len(new_ids)
+        for k, (text, score, toks) in enumerate(zip(texts, scores, new_ids)):
+            i = stats.kept_indices[k]
+            generations.append({
+                "seed": int(seed), "index": i, "source": examples[i].source, "prompt": prompt_texts[k],
+                "references": refs[k], "generation": text, "rougeL": score, "length": len(toks),
+            })
+    rouge = sum(per_seed.values()) / len(per_seed)
+    return {
+        "rougeL": rouge,
+        "rougeL_per_seed": per_seed,
+        "rougeL_std_over_seeds": _std(list(per_seed.values())),
+        "mean_length": sum(length_per_seed.values()) / len(length_per_seed),
+        "mean_length_per_seed": length_per_seed,
+        "n_examples": stats.n_kept,
+        "n_dropped_long_prompt": stats.n_dropped_long_prompt,
+        "n_truncated_prompt": stats.n_truncated_prompt,
+        "generations": generations,
+    }
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
