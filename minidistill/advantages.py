@@ -88,6 +88,19 @@ __all__ = [
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # minidistill's default: the paper's estimator (return from the NEXT token, gamma 1, no
+    # double-counted single-step part, per-step weights) plus whitening over valid tokens, which
+    # only shifts (a baseline) and rescales the advantages, so the official lr/clip transfer.
+    "minidistill": {
+        "include_current": False,
+        "gamma": 1.0,
+        "length_norm": True,
+        "whiten": True,
+        "reward_scale": 1.0,
+        "single_step_importance_weight": True,
+        "clip_eps": 0.2,
+        "mix_alpha": 0.2,
+    },
     "paper": {
         "include_current": False,
         "gamma": 1.0,
@@ -112,7 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def get_preset(name: str) -> dict[str, Any]:
-    """A fresh copy of the named preset ("paper" or "official")."""
+    """A fresh copy of the named preset ("minidistill", "paper" or "official")."""
     if name not in PRESETS:
         raise UserError(f"unknown MiniLLM preset {name!r}: expected one of {sorted(PRESETS)}")
     return dict(PRESETS[name])

@@ -53,6 +53,22 @@ def tiny_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sharp_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny teacher with its (tied) embeddings scaled up: peaked next-token distributions,
+    so a student pruned from it starts measurably far from it (random tiny models are near-uniform)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("sharp_teacher")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def tiny_data(tmp_path) -> dict:
     train = write_jsonl(tmp_path / "train.jsonl", [

@@ -1,0 +1,339 @@
+"""MiniLLM: minimise the reverse KL, KL(q_student || p_teacher), over whole responses.
+
+One iteration, read top to bottom:
+
+1. ``collect``: draw ``num_rollouts`` prompts, sample responses from the mixture
+   p~ = a*p + (1-a)*q (``sampler.sample``; both models keep KV caches) recording per token
+   log q (at sampling time), log p~ and log p. Rewards r_t = log p - log q come from those
+   numbers (no second teacher pass); the return R (from the next token, or including the
+   current one; discount gamma^(t'-t); divided by the number of *valid* remaining tokens) is
+   turned into advantages (optionally whitened with statistics over valid tokens of every
+   process). Padding never enters any of it (``advantages.py``, tested for it).
+2. ``ppo_epochs`` passes over the buffer in shuffled minibatches; each minibatch's loss
+   (``minillm_loss``) is
+       long-term   -min(rho*A, clip(rho, 1-eps, 1+eps)*A),  rho = q_theta(y_t) / p~(y_t)
+     + single-step  KL(q_theta(.|y_<t) || p(.|y_<t)) over the whole vocabulary, exact,
+                    optionally times the per-step importance weight q/p~
+     + lm_coef * L_PT, the LM loss on a plain-text batch (mixed with token-level KD to the
+                    teacher on that text by ``kd_ratio``, as the official code).
+   The teacher's full-vocabulary logits for the single-step term are recomputed per minibatch
+   (one teacher forward): caching them for the buffer would take rollouts x length x vocab
+   floats (6 GB for 256 x 256 x 49k in fp16), and top-k caching would make the term inexact.
+3. Discard the buffer; sample again with the updated student.
+
+Settings come from a named ``preset`` (see ``advantages.PRESETS``); any field set explicitly
+in the recipe overrides the preset. Validation samples responses for the validation prompts
+and scores ROUGE-L against the references; the best model goes to ``<stage>/best``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import advantages as adv
+from .. import checkpoint as ckpt
+from .. import data, evaluation, losses
+from ..batches import ShuffledBatches
+from ..config import TrainConfig, opt
+from ..errors import UserError
+from ..loop import train
+from ..sampler import Rollout, process_logits, sample
+
+
+@dataclass
+class Config(TrainConfig):
+    lr: float = opt(5e-6, "Peak learning rate (paper: 5e-6).", min=0.0)
+    scheduler: str = opt("constant", "LR schedule (official: constant after warm-up).", choices=["constant", "cosine", "linear", "wsd"])
+    warmup_steps: int = opt(100, "Linear warm-up steps (official: 100).", min=0)
+    weight_decay: float = opt(1e-6, "AdamW weight decay (official: 1e-6).", min=0.0)
+    batch_size: int = opt(8, "PPO minibatch size (rollouts per micro-batch).", min=1)
+    preset: str = opt("minidistill", "Named defaults for the fields below that are null: minidistill, paper, official.",
+                      choices=["minidistill", "paper", "official"])
+    # --- sampling ------------------------------------------------------------------------------
+    num_rollouts: int = opt(256, "Rollouts per iteration, all processes together (paper: 256).", min=1)
+    rollout_batch_size: int = opt(16, "Prompts per sampling batch.", min=1)
+    ppo_epochs: int = opt(4, "Passes over each rollout buffer (paper: 4).", min=1)
+    max_new_tokens: int = opt(256, "Response token limit (paper: 512 - prompt).", min=1)
+    mix_alpha: float | None = opt(None, "Teacher share a in the sampling mixture a*p + (1-a)*q (paper: 0.2; 0 = pure student).", min=0.0, max=1.0)
+    temperature: float = opt(1.0, "Sampling temperature (paper: 1).", gt=0.0)
+    top_k: int = opt(0, "Top-k for sampling and log q (0 = off; paper: off).", min=0)
+    top_p: float = opt(1.0, "Top-p for sampling and log q (1 = off; paper: off).", gt=0.0, max=1.0)
+    # --- returns and advantages ----------------------------------------------------------------
+    include_current: bool | None = opt(None, "Return includes r_t (official) instead of starting at r_{t+1} (paper).")
+    gamma: float | None = opt(None, "Discount, applied as gamma^(t'-t) (paper 1.0, official 0.95).", min=0.0, max=1.0)
+    length_norm: bool | None = opt(None, "Divide the return by the number of valid tokens it sums.")
+    whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
+    reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
+    clip_eps: float | None = opt(None, "PPO clip range for rho (0.2); null in a preset keeps it, set 0 to disable.", min=0.0)
+    importance: str = opt("step", "Importance weight for mixed sampling on the long-term term: step (rho = q/p~, paper) "
+                          "or exact (whole-sequence product, unbiased, high variance).", choices=["step", "exact"])
+    # --- loss terms ----------------------------------------------------------------------------
+    single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
+    single_step_importance_weight: bool | None = opt(None, "Weight the single-step term by q/p~ (paper yes, official no).")
+    pg_coef: float = opt(1.0, "Weight of the long-term (policy-gradient) term.", min=0.0)
+    lm_coef: float = opt(1.0, "Weight of L_PT, the LM loss on data.corpus (0 = off).", min=0.0)
+    lm_batch_size: int = opt(8, "Corpus blocks per micro-batch for L_PT.", min=1)
+    kd_ratio: float = opt(0.5, "L_PT = (1-kd_ratio)*CE + kd_ratio*forward KL to the teacher on the text (official 0.5).", min=0.0, max=1.0)
+    # --- validation ----------------------------------------------------------------------------
+    eval_examples: int = opt(64, "Validation prompts scored by sampled ROUGE-L.", min=1)
+    eval_max_new_tokens: int | None = opt(None, "Response limit for validation (default max_new_tokens).", min=1)
+
+    def validate(self, where: str) -> None:
+        for key, value in adv.get_preset(self.preset).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.num_rollouts < self.batch_size:
+            raise UserError(f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. rollouts -> advantages
+# ----------------------------------------------------------------------------------------------
+
+
+def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
+    """Rewards, returns and advantages for a rollout buffer (pure, given the global reduce)."""
+    mask = ro.response_mask
+    r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
+    R = adv.returns(r, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm)
+    A = R
+    if cfg.whiten:
+        stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, mask))
+        A = adv.whiten(R, mask, stats=stats)
+    if cfg.importance == "exact":
+        A = A * adv.sequence_importance_weights(ro.student_logp, ro.mix_logp, mask).long_term
+    w = adv.step_importance_weights(ro.student_logp, ro.mix_logp, mask)
+    return {"rewards": r, "returns": R, "advantages": A, "step_weights": w}
+
+
+class RolloutSource:
+    """The loop's batch source: minibatches of the current buffer; resamples when used up."""
+
+    def __init__(self, run, cfg: Config, student, prompts: list[list[int]], corpus: torch.Tensor | None):
+        acc = run.accelerator
+        self.run, self.cfg, self.student = run, cfg, student
+        self.prompts = prompts
+        self.per_process = max(cfg.batch_size, cfg.num_rollouts // acc.num_processes)
+        self.prompt_order = ShuffledBatches(len(prompts), self.per_process, lambda idx: idx, seed=run.recipe.seed,
+                                            rank=acc.process_index, world=acc.num_processes)
+        self.generator = torch.Generator(device=run.device).manual_seed(run.recipe.seed * 1000 + acc.process_index)
+        self.corpus = None
+        if corpus is not None:
+            self.corpus = ShuffledBatches(len(corpus), cfg.lm_batch_size, lambda idx: corpus[idx], seed=run.recipe.seed + 1,
+                                          rank=acc.process_index, world=acc.num_processes)
+        self.buffer: dict | None = None
+        self.order: list[int] = []
+        self.iteration = 0
+        self.stats: dict = {}
+
+    def minibatches_per_iteration(self) -> int:
+        return self.cfg.ppo_epochs * math.ceil(self.per_process / self.cfg.batch_size)
+
+    def collect(self) -> None:
+        """Sample a fresh buffer with the current student and compute its advantages."""
+        run, cfg, acc = self.run, self.cfg, self.run.accelerator
+        idx = self.prompt_order.next_batch()
+        parts = []
+        for i in range(0, len(idx), cfg.rollout_batch_size):
+            ids, mask = data.collate_prompts([self.prompts[j] for j in idx[i:i + cfg.rollout_batch_size]], run.tokenizer.pad_token_id)
+            with acc.autocast():
+                parts.append(sample(self.student, run.teacher, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                    mix_alpha=cfg.mix_alpha, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
+                                    generator=self.generator))
+        ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
+        buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
+        buf.update(advantages_for(cfg, ro, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum")))
+        self.buffer = buf
+        g = torch.Generator().manual_seed(run.recipe.seed + 7919 * self.iteration)
+        n = ro.batch_size
+        self.order = [int(j) for _ in range(cfg.ppo_epochs) for j in torch.randperm(n, generator=g)]
+        self.order_pos = 0
+        self.iteration += 1
+        m = buf["response_mask"].float()
+        n_tok = m.sum().clamp(min=1)
+        self.stats = {
+            "reward": float((buf["rewards"] * m).sum() / n_tok),
+            "rkl_estimate": float(((buf["student_logp"] - buf["teacher_logp"]) * m).sum() / n_tok),
+            "response_length": float(m.sum(-1).mean()),
+            "eos_rate": float((buf["response_ids"].gather(1, (m.sum(-1).long() - 1).clamp(min=0)[:, None]).squeeze(1)
+                              == run.tokenizer.eos_token_id).float().mean()),
+        }
+
+    def next_batch(self) -> dict:
+        if self.buffer is None or self.order_pos >= len(self.order):
+            self.collect()
+        take = self.order[self.order_pos:self.order_pos + self.cfg.batch_size]
+        # minibatches never straddle two PPO epochs of the buffer
+        epoch_end = (self.order_pos // self.per_epoch() + 1) * self.per_epoch()
+        take = take[: max(1, epoch_end - self.order_pos)]
+        self.order_pos += len(take)
+        rows = torch.tensor(take)
+        batch = {k: v[rows] for k, v in self.buffer.items()}
+        t = int(batch["response_mask"].sum(-1).max())
+        for k in ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp", "rewards", "returns",
+                  "advantages", "step_weights"):
+            batch[k] = batch[k][:, :t]
+        batch["num_tokens"] = int(batch["response_mask"].sum())
+        if self.corpus is not None and self.cfg.lm_coef > 0:
+            batch["lm_ids"] = self.corpus.next_batch().to(self.run.device)
+        batch["stats"] = self.stats
+        return batch
+
+    def per_epoch(self) -> int:
+        return len(self.order) // max(1, self.cfg.ppo_epochs)
+
+    def state_dict(self) -> dict:
+        return {"buffer": {k: v for k, v in (self.buffer or {}).items()}, "order": torch.tensor(self.order, dtype=torch.long),
+                "order_pos": getattr(self, "order_pos", 0), "iteration": self.iteration,
+                "prompt_order": self.prompt_order.state_dict(), "generator": self.generator.get_state(),
+                "corpus": self.corpus.state_dict() if self.corpus is not None else {}, "stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = state["buffer"] or None
+        self.order = state["order"].tolist()
+        self.order_pos = int(state["order_pos"])
+        self.iteration = int(state["iteration"])
+        self.prompt_order.load_state_dict(state["prompt_order"])
+        self.generator.set_state(state["generator"])
+        if self.corpus is not None and state["corpus"]:
+            self.corpus.load_state_dict(state["corpus"])
+        self.stats = state["stats"]
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of different prompt/response widths (prompts left-, responses right-padded)."""
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.response_ids.shape[1] for p in parts)
+
+    def pad(x, width, value, left):
+        extra = width - x.shape[1]
+        if extra == 0:
+            return x
+        filler = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+        return torch.cat([filler, x] if left else [x, filler], dim=1)
+
+    return Rollout(
+        prompt_ids=torch.cat([pad(p.prompt_ids, P, pad_id, True) for p in parts]),
+        prompt_mask=torch.cat([pad(p.prompt_mask, P, 0, True) for p in parts]),
+        response_ids=torch.cat([pad(p.response_ids, T, pad_id, False) for p in parts]),
+        response_mask=torch.cat([pad(p.response_mask, T, 0, False) for p in parts]),
+        student_logp=torch.cat([pad(p.student_logp, T, 0.0, False) for p in parts]),
+        mix_logp=torch.cat([pad(p.mix_logp, T, 0.0, False) for p in parts]),
+        teacher_logp=torch.cat([pad(p.teacher_logp, T, 0.0, False) for p in parts]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the loss of one minibatch
+# ----------------------------------------------------------------------------------------------
+
+
+def response_logits(model, batch: dict, vocab: int) -> torch.Tensor:
+    """Logits that predict each response token: (B, T, V), position P-1+t predicts y_t."""
+    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    P, T = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    return logits[:, P - 1:P - 1 + T, :vocab]
+
+
+def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
+    mask = batch["response_mask"]
+    logits = response_logits(model, batch, vocab)  # (B, T, V)
+    logq = torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), -1)
+    logq = logq.gather(-1, batch["response_ids"][..., None]).squeeze(-1)  # (B, T)
+    logq = torch.where(mask.bool(), logq, torch.zeros_like(logq))
+
+    pg_sum, n, clip_frac = adv.pg_loss(logq, batch["mix_logp"], batch["advantages"], mask,
+                                       clip_eps=cfg.clip_eps if cfg.clip_eps else None)
+    loss = cfg.pg_coef * pg_sum
+    metrics = {"pg_loss": float(pg_sum.detach()) / max(int(n), 1), "clip_frac": float(clip_frac)}
+    if cfg.single_step:
+        with torch.no_grad():
+            t_logits = response_logits(teacher, batch, vocab)
+        weights = batch["step_weights"] if cfg.single_step_importance_weight else None
+        # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
+        ss_sum, _ = adv.single_step_kl(logits.float() / cfg.temperature, t_logits.float() / cfg.temperature, mask, weights=weights)
+        loss = loss + ss_sum
+        metrics["single_step_kl"] = float(ss_sum.detach()) / max(int(n), 1)
+    if "lm_ids" in batch:
+        lm = pretrain_loss(model, teacher, batch["lm_ids"], cfg.kd_ratio, vocab)
+        loss = loss + cfg.lm_coef * lm * batch["num_tokens"]  # the loop divides by response tokens
+        metrics["lm_loss"] = float(lm.detach())
+    metrics.update(batch["stats"])
+    ratio = torch.exp((logq.detach() - batch["student_logp"]) * mask)
+    metrics["ratio_new_old"] = float((ratio * mask).sum() / mask.sum().clamp(min=1))
+    return loss, metrics
+
+
+def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int) -> torch.Tensor:
+    """L_PT on plain text: per-token mean of (1-kd_ratio)*CE + kd_ratio*KL(p||q)."""
+    logits = model(input_ids=ids).logits[:, :-1, :vocab]
+    mask = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    ce, count = losses.lm_loss(logits, ids[:, 1:], mask)
+    total = (1 - kd_ratio) * ce
+    if kd_ratio > 0:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab]
+        kd, _ = losses.token_divergence(logits, t_logits, mask, kind="fkl")
+        total = total + kd_ratio * kd
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. validation and the stage
+# ----------------------------------------------------------------------------------------------
+
+
+def make_evaluate(run, cfg: Config, examples: list):
+    acc = run.accelerator
+    d = run.recipe.data
+    mine = examples[: cfg.eval_examples][acc.process_index::acc.num_processes]
+
+    def evaluate(model) -> dict:
+        with acc.autocast():
+            res = evaluation.evaluate_instructions(
+                model, run.tokenizer, mine, template=d.template, seeds=[run.recipe.seed],
+                max_prompt_length=d.max_prompt_length, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                batch_size=cfg.rollout_batch_size, progress=False)
+        n = torch.tensor(float(res["n_examples"]), device=acc.device)
+        score = torch.tensor(res["rougeL"] * res["n_examples"], device=acc.device)
+        length = torch.tensor(res["mean_length"] * res["n_examples"], device=acc.device)
+        n, score, length = acc.reduce(n, "sum"), acc.reduce(score, "sum"), acc.reduce(length, "sum")
+        return {"rougeL": float(score / n.clamp(min=1)), "mean_length": float(length / n.clamp(min=1))}
+
+    return evaluate
+
+
+def run(run, cfg: Config, student):
+    d = run.recipe.data
+    train_examples = run.instructions("train")
+    prompts, _, _ = data.tokenize_prompts(train_examples, run.tokenizer, template=d.template,
+                                       max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+    corpus = run.corpus()[0] if cfg.lm_coef > 0 and d.corpus else None
+    if cfg.lm_coef > 0 and not d.corpus:
+        raise UserError(f"stage '{cfg.name}'.lm_coef: L_PT needs data.corpus (plain text); set lm_coef=0 to run without it")
+    source = RolloutSource(run, cfg, student, prompts, corpus)
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        iters = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts))
+        total = max(1, iters * source.minibatches_per_iteration() // cfg.grad_accum)
+    valid = run.instructions("valid")
+    best_dir = run.stage_dir(cfg.name) / "best"
+
+    def on_best(model):
+        if run.accelerator.is_main_process:
+            ckpt.export_hf(model, run.tokenizer, best_dir)
+
+    def loss_fn(model, batch):
+        return minillm_loss(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
+
+    return train(run, cfg, student, source, loss_fn, total,
+                 evaluate=make_evaluate(run, cfg, valid) if valid else None,
+                 best_key="rougeL", best_mode="max", on_best=on_best)
