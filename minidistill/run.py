@@ -230,6 +230,13 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         finals[cfg.name] = final
         console.print(f"stage '{cfg.name}' done: {final}")
     run.metrics.close()
+    if run.accelerator.is_main_process:
+        try:
+            from .report import write_report
+
+            console.print(f"report: {write_report(run.out_dir)}")
+        except Exception as e:  # a plotting problem must not fail a finished run
+            console.print(f"[yellow]report not written: {type(e).__name__}: {e}[/]")
     return finals
 
 
