@@ -148,6 +148,8 @@ STAGE_MODULES = {
     "pd": "minidistill.stages.pd",
     "pd_store": "minidistill.stages.pd_store",
     "minillm": "minidistill.stages.minillm",
+    "generate": "minidistill.stages.generate",
+    "evaluate": "minidistill.stages.evaluate",
 }
 
 

@@ -73,8 +73,11 @@ class Example:
         return self.outputs[0] if self.outputs else ""
 
 
-def load_instructions(source: str | Path, *, split: str = "train") -> list[Example]:
-    """Load instruction examples from a .jsonl/.json file or a ``datasets`` hub name (owner/name)."""
+def load_instructions(source: str | Path, *, split: str = "train", require_output: bool = True) -> list[Example]:
+    """Load instruction examples from a .jsonl/.json file or a ``datasets`` hub name (owner/name).
+
+    ``require_output=False`` accepts prompt-only records (``outputs`` empty), for pipelines where
+    the teacher writes the responses (the ``generate`` stage)."""
     path = Path(source)
     shown = str(source)
     if path.is_dir():
@@ -93,7 +96,7 @@ def load_instructions(source: str | Path, *, split: str = "train") -> list[Examp
         records = _read_hub(shown, split)
     examples: list[Example] = []
     for where, rec in records:
-        examples.extend(parse_record(rec, where))
+        examples.extend(parse_record(rec, where, require_output=require_output))
     if not examples:
         raise UserError(f"{shown}: no instruction records found")
     return examples
@@ -172,7 +175,7 @@ def _outputs(value: Any, key: str, where: str) -> list[str]:
     raise UserError(f"{where}: field '{key}' must be a string or a non-empty list of strings, got {_json_type(value)}")
 
 
-def parse_record(rec: Any, where: str) -> list[Example]:
+def parse_record(rec: Any, where: str, require_output: bool = True) -> list[Example]:
     """Turn one raw record into examples (one, or one per instance for Self-Instruct seed tasks)."""
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object (a record), got {_json_type(rec)}")
@@ -193,6 +196,8 @@ def parse_record(rec: Any, where: str) -> list[Example]:
     else:
         if isinstance(rec.get("instances"), list) and has_instruction:
             return _parse_instances(rec["instances"], instruction, where)
+        if not require_output and (has_instruction or prompt is not None):
+            return [Example(instruction=instruction, input=inp, outputs=[], prompt=prompt, source=where)]
         raise UserError(
             f"{where}: record has no 'output' or 'response' field (or 'messages' with a final assistant turn)"
         )

@@ -75,9 +75,11 @@ class Run:
         def load():
             if d.train is None:
                 raise UserError("recipe.data.train: required by this stage (instruction data path)")
-            train = data.load_instructions(d.train)
+            # prompt-only data is fine when a generate stage lets the teacher write the responses
+            need = not any(st.type == "generate" for st in self.recipe.stages)
+            train = data.load_instructions(d.train, require_output=need)
             if d.valid:
-                valid = data.load_instructions(d.valid)
+                valid = data.load_instructions(d.valid, require_output=need)
             elif d.valid_size:
                 train, valid = train[d.valid_size:], train[: d.valid_size]
             else:
@@ -90,16 +92,32 @@ class Run:
 
         return self.cached("instructions", load)[split]
 
+    def set_instructions(self, split: str, examples: list) -> None:
+        """Replace a split's examples for the stages that follow (e.g. with teacher responses)."""
+        self.instructions(split)  # load the other split first
+        self._cache["instructions"][split] = examples
+        for key in [k for k in self._cache if k.startswith(("sft_rows/", "seqkd_prompts/"))]:
+            del self._cache[key]
+
+    def set_corpus_texts(self, texts: list[str]) -> None:
+        """Use these documents as the plain-text corpus for the stages that follow."""
+        self._corpus_texts = list(texts)
+        self._cache.pop("corpus", None)
+
     def corpus(self):
-        """(train_blocks, valid_blocks) packed from data.corpus."""
+        """(train_blocks, valid_blocks) packed from data.corpus (or texts a stage provided)."""
         from . import data
 
         d = self.recipe.data
 
         def load():
-            if not d.corpus:
-                raise UserError("recipe.data.corpus: required by this stage (plain-text files)")
-            blocks = data.pack_blocks(data.load_texts(d.corpus), self.tokenizer, d.block_len)
+            texts = getattr(self, "_corpus_texts", None)
+            if texts is None:
+                if not d.corpus:
+                    raise UserError("recipe.data.corpus: this stage needs plain text (PD, or MiniLLM's L_PT with lm_coef > 0): "
+                                    "list text files, or add a generate stage with corpus: true")
+                texts = data.load_texts(d.corpus)
+            blocks = data.pack_blocks(texts, self.tokenizer, d.block_len)
             if d.valid_blocks:
                 if d.valid_blocks >= len(blocks):
                     raise UserError(f"recipe.data.valid_blocks: {d.valid_blocks} held-out blocks leave no training text (the corpus packs into {len(blocks)} blocks of {d.block_len} tokens)")
@@ -217,8 +235,12 @@ def run_recipe(recipe: RecipeConfig) -> dict:
             finals[cfg.name] = final
             continue
         console.rule(f"stage {cfg.name} ({cfg.type})")
+        module = stage_module(cfg.type)
+        if not getattr(module, "TRAINS", True):  # generate / evaluate: no student update, no final/
+            module.run(run, cfg, student)
+            continue
         student = prepare_for_stage(run, student)
-        result = stage_module(cfg.type).run(run, cfg, student)
+        result = module.run(run, cfg, student)
         if result.stopped:
             raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}; run again with resume=auto to continue")
         if run.accelerator.is_main_process:

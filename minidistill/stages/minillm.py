@@ -315,9 +315,7 @@ def run(run, cfg: Config, student):
     train_examples = run.instructions("train")
     prompts, _, _ = data.tokenize_prompts(train_examples, run.tokenizer, template=d.template,
                                        max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
-    corpus = run.corpus()[0] if cfg.lm_coef > 0 and d.corpus else None
-    if cfg.lm_coef > 0 and not d.corpus:
-        raise UserError(f"stage '{cfg.name}'.lm_coef: L_PT needs data.corpus (plain text); set lm_coef=0 to run without it")
+    corpus = run.corpus()[0] if cfg.lm_coef > 0 else None  # L_PT text
     source = RolloutSource(run, cfg, student, prompts, corpus)
     if cfg.max_steps is not None:
         total = cfg.max_steps

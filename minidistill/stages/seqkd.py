@@ -60,16 +60,16 @@ class Config(kd.Config):
 # ---- sampling ---------------------------------------------------------------------------------
 
 
-def prompts(run) -> tuple[list[list[int]], list[int]]:
-    """Prompt ids of the training examples (as tokenize_prompts keeps them) and their example indices."""
+def prompts(run, split: str = "train") -> tuple[list[list[int]], list[int]]:
+    """Prompt ids of a split's examples (as tokenize_prompts keeps them) and their example indices."""
     d = run.recipe.data
 
     def make():
-        ids, _, stats = data.tokenize_prompts(run.instructions("train"), run.tokenizer, template=d.template,
+        ids, _, stats = data.tokenize_prompts(run.instructions(split), run.tokenizer, template=d.template,
                                               max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
         return ids, list(stats.kept_indices)
 
-    return run.cached("seqkd_prompts", make)
+    return run.cached(f"seqkd_prompts/{split}", make)
 
 
 def max_new_tokens(run, cfg) -> int:
@@ -165,13 +165,13 @@ def save_responses(stage_dir, settings: dict, records: list[dict], stats: dict) 
     ckpt.write_json_atomic(side, {"settings": settings, "sha256": _sha256(text), "n_records": len(records), **stats})
 
 
-def teacher_responses(run, cfg) -> list[dict]:
-    """The teacher's responses for every training prompt: loaded if saved with these settings, else sampled."""
+def teacher_responses(run, cfg, split: str = "train") -> list[dict]:
+    """The teacher's responses for every prompt of ``split``: loaded if saved with these settings, else sampled."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     acc = run.accelerator
-    stage_dir = run.stage_dir(cfg.name)
-    prompt_ids, kept = prompts(run)
+    stage_dir = run.stage_dir(cfg.name) if split == "train" else run.stage_dir(cfg.name) / split
+    prompt_ids, kept = prompts(run, split)
     settings = sampling_settings(run, cfg, prompt_ids)
     found = [None]
     if acc.is_main_process:
@@ -192,7 +192,7 @@ def teacher_responses(run, cfg) -> list[dict]:
         pieces = gather_object(pieces)
     seconds = time.perf_counter() - t0
     new_ids = dict(pieces)
-    examples = run.instructions("train")
+    examples = run.instructions(split)
     d = run.recipe.data
     records = []
     for k, i in enumerate(kept):

@@ -1,0 +1,46 @@
+"""The quickstart pipeline shape on tiny models: teacher data -> PD -> SFT -> MiniLLM -> evaluate,
+from prompts alone (no reference outputs, no corpus file), ending in an evaluation table and a report."""
+
+from __future__ import annotations
+
+import json
+
+from transformers import AutoModelForCausalLM
+
+from conftest import write_jsonl
+from minidistill.run import main
+
+
+def test_prompts_only_pipeline(recipe_file, tmp_path):
+    prompts = [{"instruction": f"Write something about topic {i}.", "input": ""} for i in range(12)]
+    train = write_jsonl(tmp_path / "prompts.jsonl", prompts[:8])
+    valid = write_jsonl(tmp_path / "heldout.jsonl", prompts[8:])
+    common = {"warmup_steps": 0, "scheduler": "constant", "batch_size": 4}
+    stages = [
+        {"type": "generate", "name": "teacher_data", "max_new_tokens": 12, "gen_batch_size": 8},
+        {"type": "pd", "name": "pd", "max_steps": 2, "lr": 1e-3, **common},
+        {"type": "sft", "name": "sft", "max_steps": 2, "lr": 1e-3, **common},
+        {"type": "minillm", "name": "minillm", "max_steps": 2, "lr": 1e-3, "num_rollouts": 4, "rollout_batch_size": 4,
+         "ppo_epochs": 1, "max_new_tokens": 8, "lm_batch_size": 2, "eval_examples": 2, "eval_max_new_tokens": 4,
+         **common},
+        {"type": "evaluate", "name": "eval", "models": ["teacher", "sft", "student"], "max_examples": 4,
+         "max_new_tokens": 8, "batch_size": 4},
+    ]
+    data = {"train": str(train), "valid": str(valid), "max_prompt_length": 224, "max_length": 288, "block_len": 16,
+            "valid_blocks": 1}
+    path = recipe_file(stages, data=data)
+    assert main([str(path)]) == 0
+    out = path.parent / "run"
+    saved = [json.loads(l) for l in (out / "teacher_data" / "teacher_responses.jsonl").read_text().splitlines()]
+    assert len(saved) == 8 and all("output" in r for r in saved)
+    assert (out / "teacher_data" / "valid" / "teacher_responses.jsonl").is_file()
+    for stage in ("pd", "sft", "minillm"):
+        AutoModelForCausalLM.from_pretrained(out / stage / "final")
+    table = json.loads((out / "eval_table.json").read_text())
+    assert [r["model"] for r in table] == ["teacher", "sft", "student"]
+    assert table[0]["reverse_kl"] == 0.0 and table[1]["reverse_kl"] > 0.0 and table[1]["forward_kl"] > 0.0
+    assert all(0.0 <= r["rougeL"] <= 100.0 and r["mean_length"] > 0 for r in table)
+    report = (out / "report.md").read_text()
+    assert "student" in report
+    pngs = list((out / "plots").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
