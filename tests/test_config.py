@@ -96,3 +96,27 @@ def test_cli_exit_2_and_nothing_written(recipe_file):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "lrr" in lines[0] and "did you mean 'lr'" in lines[0]
     assert not (path.parent / "run").exists()
+
+
+def test_recipe_reference_is_current():
+    """docs/recipe-reference.md is generated from the dataclasses; regenerate it when a field changes."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recipe_reference", root / "tools" / "recipe_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (root / "docs" / "recipe-reference.md").read_text() == mod.render(), "run: python tools/recipe_reference.py"
+
+
+def test_shipped_recipes_parse(tmp_path):
+    """Every recipe under recipes/ validates (models and data are not loaded)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted((root / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.stages and r.output_dir

@@ -67,6 +67,7 @@ class Config(TrainConfig):
     length_norm: bool | None = opt(None, "Divide the return by the number of valid tokens it sums.")
     whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
     reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
+    reward_clip: float = opt(100.0, "Clip each token's reward to +-this (official: 100; catches log p = -inf under top-k/top-p).", gt=0.0)
     clip_eps: float | None = opt(None, "PPO clip range for rho (0.2); null in a preset keeps it, set 0 to disable.", min=0.0)
     importance: str = opt("step", "Importance weight for mixed sampling on the long-term term: step (rho = q/p~, paper) "
                           "or exact (whole-sequence product, unbiased, high variance).", choices=["step", "exact"])
@@ -85,6 +86,9 @@ class Config(TrainConfig):
         for key, value in adv.get_preset(self.preset).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if (self.top_k > 0 or self.top_p < 1.0) and self.mix_alpha > 0:
+            raise UserError(f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
+                            f"can lie outside the student's kept set, where log q = -inf); got mix_alpha={self.mix_alpha}")
         if self.num_rollouts < self.batch_size:
             raise UserError(f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})")
 
@@ -98,6 +102,7 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     """Rewards, returns and advantages for a rollout buffer (pure, given the global reduce)."""
     mask = ro.response_mask
     r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
+    r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
     R = adv.returns(r, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm)
     A = R
     if cfg.whiten:
