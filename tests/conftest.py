@@ -29,6 +29,18 @@ INSTRUCTIONS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a busy 2-core machine OpenMP spinning makes
+    2 threads many times slower than 1: run the suite on one thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

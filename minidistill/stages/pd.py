@@ -1,0 +1,321 @@
+"""Pre-training distillation (PD, Peng et al. arXiv 2410.16215) on a packed plain-text corpus.
+
+Per token: ``(1 - alpha) * CE(next token) + alpha * D(teacher target || student)`` (per-token means,
+no tau**2 unless ``student_temperature``). The student keeps its full softmax; the teacher target
+is ``softmax(Truncate_top_p_k(z) / tau)``: the smallest descending set reaching ``top_p``, capped at
+``top_k`` tokens, renormalised, then tempered (``top_k: 0`` or null: the full teacher
+distribution, online only). ``alpha`` follows ``alpha_schedule`` (``minidistill.schedules``), a pure
+function of the optimizer step, so resume restores it exactly.
+
+Teacher logits come ``online`` (a teacher forward under ``no_grad`` inside the loss; the loop's
+autocast applies to both models; gradients reach only the student) or ``offline`` from a logit store
+written by a ``pd_store`` stage (``minidistill.logit_store``): ``store`` names its folder, by default
+the folder of the closest ``pd_store`` stage before this one. The store must match this run's
+tokenizer, block length, corpus blocks, top_p and top_k, or the stage refuses it.
+
+Logged per step: lm_loss, kd_loss, alpha, teacher_kept_mass (teacher probability inside the kept
+set before renormalising), student_kept_mass (student probability on the kept set). Evaluation:
+held-out perplexity of the student on the corpus's validation blocks (``data.valid_blocks``) and the
+KD loss there (always against the live teacher: the store covers training blocks only). The
+lowest-perplexity model goes to ``<stage>/best/``, the last to ``<stage>/final/``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoint as ckpt
+from .. import data, logit_store
+from ..batches import ShuffledBatches
+from ..config import TrainConfig, opt
+from ..errors import UserError
+from ..logit_store import LogitStore, truncate_raw
+from ..losses import _FULL, NEG_INF, Truncated, _truncated_div, lm_loss, token_divergence
+from ..loop import train
+from ..schedules import alpha_at
+from ..tracking import console
+
+
+@dataclass
+class Config(TrainConfig):
+    lr: float = opt(5e-4, "Peak learning rate (AdamW).", min=0.0)
+    scheduler: Literal["constant", "cosine", "linear", "wsd"] = opt(
+        "wsd", "LR schedule after warm-up (the PD paper's best: wsd, with alpha_schedule wsd).")
+    kd_kind: Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse"] = opt(
+        "fkl", "Divergence (losses.token_divergence); with truncation not rkl/mse (infinite or undefined).")
+    top_p: float = opt(0.95, "Teacher truncation: keep the smallest set reaching this probability...", gt=0.0, max=1.0)
+    top_k: int | None = opt(50, "...capped at this many tokens (0 or null: no truncation, top_p ignored: the full teacher distribution, online only).", min=0)
+    temperature: float = opt(1.0, "tau: teacher target softmax(truncated log-probs / tau).", gt=0.0)
+    student_temperature: bool = opt(False, "Also divide the student logits by tau and scale the KD loss by tau**2 (Hinton).")
+    alpha: float = opt(0.9, "KD weight (the peak of a schedule): loss = (1-alpha)*LM + alpha*KD.", min=0.0, max=1.0)
+    alpha_schedule: Literal["constant", "linear_increase", "linear_decrease", "wsd"] = opt(
+        "constant", "constant | linear_increase (alpha_min->alpha) | linear_decrease (alpha->alpha_min) | "
+        "wsd (alpha_min->alpha over warmup_steps, alpha, cosine back to alpha_min over decay_steps, like the WSD LR).")
+    alpha_min: float = opt(0.0, "Lowest alpha of a schedule.", min=0.0, max=1.0)
+    teacher_logits: Literal["online", "offline"] = opt("online", "online: run the teacher per batch; offline: read a pd_store.")
+    store: str | None = opt(None, "offline: logit store folder (default: the closest earlier pd_store stage's folder).")
+    skew: float = opt(0.1, "skew_fkl / skew_rkl mixing weight.", min=0.0, max=1.0)
+    beta: float = opt(0.5, "jsd beta (TRL convention: 0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0)
+    keep_best: bool = opt(True, "Also export the lowest held-out-perplexity model to <stage>/best/.")
+    eval_at_start: bool = opt(True, "Evaluate once before the first step (logged at step 0; not a 'best' candidate).")
+
+    def validate(self, where: str) -> None:
+        truncated = bool(self.top_k)
+        if self.teacher_logits == "offline" and not truncated:
+            raise UserError(f"{where}.top_k: teacher_logits 'offline' needs top_k >= 1 (a store holds truncated distributions)")
+        reverse = self.kd_kind == "rkl" or (self.kd_kind == "jsd" and self.beta == 1) or (self.kd_kind == "skew_rkl" and self.skew == 0)
+        if truncated and (reverse or self.kd_kind == "mse"):
+            why = "needs full teacher logits" if self.kd_kind == "mse" else "is reverse KL, infinite against a truncated teacher"
+            raise UserError(f"{where}.kd_kind: {self.kd_kind!r} {why}; set top_k: 0 (online) or use fkl/skew_fkl/skew_rkl/jsd/tv/ce")
+        if self.alpha_schedule != "constant" and self.alpha_min > self.alpha:
+            raise UserError(f"{where}.alpha_min: {self.alpha_min} is above alpha {self.alpha} (alpha is the schedule's peak)")
+        if self.teacher_logits == "online" and self.store:
+            raise UserError(f"{where}.store: only used with teacher_logits 'offline'")
+
+
+# ---------------------------------------------------------------- data
+
+
+class BlockBatches:
+    """Shuffled corpus blocks; each batch carries its optimizer ``step`` (0-based), restored on resume."""
+
+    def __init__(self, inner: ShuffledBatches, grad_accum: int):
+        self.inner, self.grad_accum, self.drawn = inner, grad_accum, 0
+
+    def steps_per_epoch(self) -> int:
+        return self.inner.steps_per_epoch()
+
+    def next_batch(self) -> dict:
+        batch = self.inner.next_batch()
+        batch["step"] = self.drawn // self.grad_accum
+        self.drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.drawn = int(state["drawn"])
+
+
+def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) -> BlockBatches:
+    acc = run.accelerator
+
+    def make(idx: list[int]) -> dict:
+        ids = blocks[idx].to(run.device)  # (B, T)
+        batch = {"input_ids": ids, "num_tokens": ids.shape[0] * (ids.shape[1] - 1)}
+        if store is not None:
+            batch["teacher"] = store.truncated(idx, run.device)  # (B, T-1, K)
+        return batch
+
+    inner = ShuffledBatches(len(blocks), cfg.batch_size, make, seed=run.recipe.seed,
+                            rank=acc.process_index, world=acc.num_processes)
+    return BlockBatches(inner, cfg.grad_accum)
+
+
+def total_steps(cfg, source: BlockBatches) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * source.steps_per_epoch() / cfg.grad_accum))
+
+
+def store_folder(run, cfg) -> Path:
+    """``cfg.store``, else the folder of the closest pd_store stage before this one."""
+    if cfg.store:
+        return Path(cfg.store)
+    names = [s.name for s in run.recipe.stages]
+    here = names.index(cfg.name) if cfg.name in names else len(names)
+    for s in reversed(run.recipe.stages[:here]):
+        if s.type == "pd_store":
+            return run.stage_dir(s.name)
+    raise UserError(f"stages.{cfg.name}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
+                    "or put a pd_store stage before this stage")
+
+
+def expected_identity(run, cfg, blocks: torch.Tensor) -> dict:
+    """The store fields this run needs (see ``logit_store.CHECKED``)."""
+    return {"tokenizer_hash": logit_store.tokenizer_hash(run.tokenizer), "vocab_size": int(run.vocab_size),
+            "block_len": int(blocks.shape[1]), "n_blocks": int(blocks.shape[0]),
+            "corpus_fingerprint": data.corpus_fingerprint(blocks), "top_p": float(cfg.top_p), "top_k": int(cfg.top_k)}
+
+
+def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
+    store = LogitStore(store_folder(run, cfg))
+    store.check(expected_identity(run, cfg, blocks))
+    teacher = store.header.get("teacher")
+    if teacher and teacher != run.recipe.teacher.model:
+        console.print(f"[yellow]logit store {store.folder}: built from teacher {teacher!r}, this run's teacher is "
+                      f"{run.recipe.teacher.model!r}[/]")
+    return store
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    z = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V'): position t predicts token t+1
+    return z[..., :vocab] if z.shape[-1] > vocab else z  # padded head rows are not tokens
+
+
+def teacher_target(run, cfg, ids: torch.Tensor) -> torch.Tensor | Truncated:
+    """Online teacher target for blocks ``ids`` (B, T): Truncated (B, T-1, K) raw log-probs, or full logits."""
+    with torch.no_grad():
+        z = _logits(run.teacher, ids, run.vocab_size)  # (B, T-1, V)
+        return truncate_raw(z, cfg.top_p, cfg.top_k) if cfg.top_k else z
+
+
+def teacher_kept_mass(target: Truncated) -> torch.Tensor:
+    return target.logprobs.float().logsumexp(-1).exp().mean()  # raw (tau = 1) log-probs: the kept mass
+
+
+def pd_losses(cfg, logits: torch.Tensor, labels: torch.Tensor, target, *, chunk_size: int = 1024):
+    """(lm_sum, kd_sum, student_kept_sum) over all positions of ``logits`` (B, T, V).
+
+    The same values as ``losses.lm_loss`` + ``losses.token_divergence`` (pinned by a test), but one
+    float32 log-softmax of the student per chunk serves both terms (and the student's mass on the
+    kept set, a no-grad by-product), instead of two full-vocabulary passes and two backward passes
+    through them: about 15-20% of a CPU training step. ``student_temperature`` and ``mse`` (which
+    need other student transforms) take the two separate calls. ``student_kept_sum`` is None
+    unless the target is ``Truncated``.
+    """
+    B, T, V = logits.shape
+    if cfg.student_temperature or cfg.kd_kind == "mse":
+        mask = torch.ones((B, T), dtype=torch.bool, device=logits.device)
+        kd, _ = token_divergence(logits, target, mask, cfg.kd_kind, temperature=cfg.temperature,
+                                 student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta)
+        return lm_loss(logits, labels, mask)[0], kd, None
+    truncated = isinstance(target, Truncated)
+    tau = float(cfg.temperature)
+    rows = logits.reshape(-1, V).split(chunk_size)  # (n, V) chunks
+    ys = labels.reshape(-1, 1).long().split(chunk_size)
+    if truncated:
+        K = target.indices.shape[-1]
+        t_idx = target.indices.reshape(-1, K).long().split(chunk_size)
+        t_rows = target.logprobs.detach().reshape(-1, K).split(chunk_size)
+    else:
+        t_rows = target.detach().reshape(-1, V).split(chunk_size)
+    lm = kd = None
+    kept = torch.zeros((), device=logits.device) if truncated else None
+    for i, chunk in enumerate(rows):
+        lq = F.log_softmax(chunk.float(), -1)  # (n, V) student log-probs
+        lp = F.log_softmax(t_rows[i].float() / tau if tau != 1 else t_rows[i].float(), -1)  # teacher target
+        ce = -lq.gather(-1, ys[i]).sum()
+        if truncated:
+            d = _truncated_div(cfg.kd_kind, lq, t_idx[i], lp, cfg.skew, cfg.beta).sum()
+            with torch.no_grad():
+                kept += torch.where(lp > NEG_INF, lq.gather(-1, t_idx[i]).exp(), 0.0).sum()
+        else:
+            d = _FULL[cfg.kd_kind](lq, lp, cfg.skew, cfg.beta).sum()
+        lm, kd = (ce, d) if lm is None else (lm + ce, kd + d)
+    return lm, kd, kept
+
+
+def lm_only(cfg) -> bool:
+    """alpha is 0 at every step: a plain LM baseline, the teacher is never run."""
+    return cfg.alpha == 0 and (cfg.alpha_schedule == "constant" or cfg.alpha_min == 0)
+
+
+def make_loss_fn(run, cfg, total: int):
+    def alpha_for(step: int) -> float:
+        return alpha_at(step, total, schedule=cfg.alpha_schedule, alpha=cfg.alpha, alpha_min=cfg.alpha_min,
+                        warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
+
+    def pd_loss(model, batch):
+        a = alpha_for(batch["step"])
+        ids = batch["input_ids"]  # (B, T)
+        logits = _logits(model, ids, run.vocab_size)  # (B, T-1, V)
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        n = logits.shape[0] * logits.shape[1]
+        if lm_only(cfg):
+            mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            lm, _ = lm_loss(logits, ids[:, 1:], mask)
+            return lm, {"alpha": a, "lm_loss": float(lm.detach()) / n}
+        target = batch["teacher"] if "teacher" in batch else teacher_target(run, cfg, ids)
+        lm, kd, kept = pd_losses(cfg, logits, ids[:, 1:], target)
+        metrics = {"alpha": a, "lm_loss": float(lm.detach()) / n, "kd_loss": float(kd.detach()) / n}
+        if isinstance(target, Truncated):
+            metrics["teacher_kept_mass"] = float(teacher_kept_mass(target))
+            if kept is not None:
+                metrics["student_kept_mass"] = float(kept) / n
+        return (1 - a) * lm + a * kd, metrics
+
+    pd_loss.alpha_for = alpha_for  # for tests and logging
+    return pd_loss
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def make_evaluate(run, cfg, blocks: torch.Tensor):
+    """Held-out perplexity (and KD loss against the live teacher) on ``blocks`` (N, T).
+
+    Truncated teacher targets of the held-out blocks are computed once and kept (a few MB);
+    full-distribution targets (top_k 0) are recomputed each time (too big to keep)."""
+    acc = run.accelerator
+    targets: dict[int, Truncated] = {}
+
+    def target_for(i: int, ids: torch.Tensor):
+        if i in targets:
+            return targets[i]
+        t = teacher_target(run, cfg, ids)
+        if isinstance(t, Truncated):
+            targets[i] = t
+        return t
+
+    def evaluate(model) -> dict:
+        mine = blocks[acc.process_index::acc.num_processes]
+        lm_tot = torch.zeros((), device=run.device)
+        kd_tot = torch.zeros((), device=run.device)
+        tokens = torch.zeros((), device=run.device)
+        for n, i in enumerate(range(0, len(mine), cfg.batch_size)):
+            if cfg.eval_batches is not None and n >= cfg.eval_batches:
+                break
+            ids = mine[i:i + cfg.batch_size].to(run.device)
+            with torch.no_grad(), acc.autocast():
+                logits = _logits(model, ids, run.vocab_size)
+                lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
+            lm_tot += lm.float()
+            kd_tot += kd.float()
+            tokens += logits.shape[0] * logits.shape[1]
+        lm_tot, kd_tot, tokens = acc.reduce(lm_tot, "sum"), acc.reduce(kd_tot, "sum"), acc.reduce(tokens, "sum")
+        loss = float(lm_tot / tokens.clamp(min=1))
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "kd_loss": float(kd_tot / tokens.clamp(min=1))}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(run, cfg: Config, student):
+    train_blocks, valid_blocks = run.corpus()
+    store = None
+    if cfg.teacher_logits == "offline" and not lm_only(cfg):
+        store = open_store(run, cfg, train_blocks)
+        console.print(f"PD offline: logit store {store.folder} ({store.bytes_per_token:.0f} bytes/token)")
+    source = source_for(run, cfg, train_blocks, store)
+    steps = total_steps(cfg, source)
+    evaluate = make_evaluate(run, cfg, valid_blocks) if len(valid_blocks) else None
+    best_dir = run.stage_dir(cfg.name) / "best"
+
+    def on_best(model):
+        if cfg.keep_best and run.accelerator.is_main_process:
+            ckpt.export_hf(model, run.tokenizer, best_dir)
+
+    fresh = not (run.recipe.resume == "auto"
+                 and ckpt.list_complete(run.stage_dir(cfg.name) / "checkpoints", report=lambda m: None))
+    if evaluate is not None and cfg.eval_at_start and fresh:
+        student.eval()
+        values = evaluate(student)
+        student.train()
+        run.log(cfg.name, 0, {f"valid/{k}": v for k, v in values.items()})
+        console.print(f"[cyan]{cfg.name} step 0 valid: ppl {values['ppl']:.4g}, kd_loss {values['kd_loss']:.4g}[/]")
+    return train(run, cfg, student, source, make_loss_fn(run, cfg, steps), steps, evaluate=evaluate,
+                 best_key="ppl", best_mode="min", on_best=on_best)
