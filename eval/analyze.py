@@ -47,13 +47,9 @@ def _int_list(text: str, flag: str, example: str, minimum: int | None = None) ->
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write a temp file beside ``path``, then rename it over ``path`` (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from minidistill.checkpoint import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

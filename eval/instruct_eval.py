@@ -68,13 +68,9 @@ def _seeds(text: str) -> list[int]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write a temp file beside ``path``, then rename it over ``path`` (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from minidistill.checkpoint import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -182,14 +182,15 @@ def merged_copy(peft_model):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temp file beside ``path``, then rename it over ``path`` (readers never see half a file)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .losses import NEG_INF, Truncated
+from .losses import NEG_INF, Truncated, truncate_top_p_k
 
 FORMAT = "minidistill-logit-store"
 VERSION = 1
@@ -72,33 +72,8 @@ def index_dtype(vocab_size: int) -> np.dtype:
 
 def truncate_raw(teacher_logits: torch.Tensor, top_p: float, top_k: int, *, chunk_rows: int = 32) -> Truncated:
     """Top-p-k truncation with the teacher's full-softmax log-probs at tau = 1 on the kept slots
-    (not renormalised; -inf on unused slots, index 0); (B, T, V) -> (B, T, K = top_k).
-
-    The kept set is exactly ``losses.truncate_top_p_k``'s (same operations, pinned by a test); this
-    version upcasts ``chunk_rows`` positions at a time (a float32 chunk that stays in cache) and
-    takes the logsumexp once, about 2x faster on CPU for a 49k vocabulary."""
-    if not (0 < top_p <= 1 and top_k >= 1):
-        raise ValueError(f"need 0 < top_p <= 1 and top_k >= 1; got {top_p=}, {top_k=}")
-    *lead, V = teacher_logits.shape
-    k = min(top_k, V)
-    vals, idxs = [], []
-    for chunk in teacher_logits.detach().reshape(-1, V).split(chunk_rows):
-        z = chunk.float()  # (n, V)
-        v, i = z.topk(k, dim=-1)  # (n, k) sorted descending
-        vals.append(v - z.logsumexp(-1, keepdim=True))  # log-probs at tau = 1
-        idxs.append(i)
-    lp, idx = torch.cat(vals).reshape(*lead, k), torch.cat(idxs).reshape(*lead, k)
-    keep = lp > NEG_INF
-    if top_p < 1:
-        cum = lp.exp().cumsum(-1)
-        before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)  # mass of better tokens
-        keep &= before < top_p  # slot 0 always kept
-    lp = lp.masked_fill(~keep, NEG_INF)
-    idx = idx.masked_fill(~keep, 0)
-    if k < top_k:
-        idx = torch.nn.functional.pad(idx, (0, top_k - k), value=0)
-        lp = torch.nn.functional.pad(lp, (0, top_k - k), value=NEG_INF)
-    return Truncated(idx, lp)
+    (not renormalised; -inf on unused slots, index 0); (B, T, V) -> (B, T, K = top_k)."""
+    return truncate_top_p_k(teacher_logits, top_p, top_k, renormalize=False, chunk_rows=chunk_rows)
 
 
 def identity(*, tokenizer_hash: str, vocab_size: int, block_len: int, n_blocks: int, corpus_fingerprint: str,

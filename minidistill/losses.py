@@ -234,24 +234,37 @@ def lm_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 1
 # ---------------------------------------------------------------- truncation (PD "top-p-k")
 
 
-def truncate_top_p_k(teacher_logits: Tensor, top_p: float = 0.95, top_k: int = 50) -> Truncated:
+def truncate_top_p_k(teacher_logits: Tensor, top_p: float = 0.95, top_k: int = 50, *, renormalize: bool = True,
+                     chunk_rows: int = 32) -> Truncated:
     """Keep, per position, the smallest descending prefix whose probability reaches ``top_p``
-    (at least 1 token, at most ``top_k``; top_p = 1 keeps all top_k). Log-probs are renormalised
-    over the kept set at tau = 1. Width K = top_k always (padded); unused slots: index 0, -inf.
+    (at least 1 token, at most ``top_k``; top_p = 1 keeps all top_k). Log-probs at tau = 1 are
+    renormalised over the kept set (``renormalize=False``: the teacher's full-softmax log-probs on
+    the kept slots, as the offline store keeps them). Width K = top_k always (padded); unused
+    slots: index 0, -inf. Upcasts ``chunk_rows`` positions at a time (one small float32 chunk).
     """
     if not (0 < top_p <= 1 and top_k >= 1):
         raise ValueError(f"need 0 < top_p <= 1 and top_k >= 1; got {top_p=}, {top_k=}")
-    logits = teacher_logits.detach().float()  # (B, T, V)
-    k = min(top_k, logits.shape[-1])
-    vals, idx = logits.topk(k, dim=-1)  # (B, T, k) sorted descending
-    lp = vals - logits.logsumexp(-1, keepdim=True)  # (B, T, k) log-probs at tau = 1
+    *lead, V = teacher_logits.shape
+    k = min(top_k, V)
+    vals, idxs = [], []
+    for chunk in teacher_logits.detach().reshape(-1, V).split(chunk_rows):
+        z = chunk.float()  # (n, V)
+        v, i = z.topk(k, dim=-1)  # (n, k) sorted descending
+        vals.append(v - z.logsumexp(-1, keepdim=True))  # log-probs at tau = 1
+        idxs.append(i)
+    if vals:
+        lp, idx = torch.cat(vals).reshape(*lead, k), torch.cat(idxs).reshape(*lead, k)
+    else:
+        lp = teacher_logits.new_zeros((*lead, k), dtype=torch.float32)
+        idx = torch.zeros((*lead, k), dtype=torch.long, device=teacher_logits.device)
     keep = lp > NEG_INF
     if top_p < 1:
         cum = lp.exp().cumsum(-1)
         before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], -1)  # mass of better tokens
         keep &= before < top_p  # slot 0 always kept
     lp = lp.masked_fill(~keep, NEG_INF)
-    lp = lp - lp.logsumexp(-1, keepdim=True)
+    if renormalize:
+        lp = lp - lp.logsumexp(-1, keepdim=True)
     idx = idx.masked_fill(~keep, 0)
     if k < top_k:
         idx = F.pad(idx, (0, top_k - k), value=0)

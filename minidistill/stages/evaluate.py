@@ -53,7 +53,7 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
         raise UserError(f"stage '{cfg.name}'.split: the '{cfg.split}' split is empty (set data.valid or data.valid_size)")
     prompts, refs, _ = data.tokenize_prompts(examples, run.tokenizer, template=d.template,
                                              max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
-    common = dict(seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+    common = dict(seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=True,
                   no_repeat_ngram_size=cfg.no_repeat_ngram_size, vocab_size=run.vocab_size)
     teacher = run.teacher
     with torch.no_grad():
