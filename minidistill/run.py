@@ -167,7 +167,8 @@ def build_student(run: Run):
 def prepare_for_stage(run: Run, student):
     s = run.recipe.student
     if s.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s.lora.enabled:
             student.enable_input_require_grads()
     if s.lora.enabled:
@@ -248,7 +249,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         run.accelerator.wait_for_everyone()
         student = result.model.merge_and_unload() if models.is_peft(result.model) else result.model
         if getattr(student, "is_activation_checkpointing", False):
-            student.gradient_checkpointing_disable()
+            (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
         finals[cfg.name] = final
         console.print(f"stage '{cfg.name}' done: {final}")
     run.metrics.close()

@@ -118,3 +118,20 @@ def test_tiny_minillm_run_lowers_reverse_kl(recipe_file, sharp_dir):
         assert key in train_rows[0]
     assert any("valid/rougeL" in r for r in rows)
     assert (out / "minillm" / "best" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_minillm_runs_with_lora_and_gradient_checkpointing(recipe_file, precision):
+    stages = [{"type": "minillm", "name": "minillm", "max_steps": 2, "lr": 1e-3, "warmup_steps": 0,
+               "num_rollouts": 4, "rollout_batch_size": 4, "batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+               "lm_coef": 0.5, "lm_batch_size": 2, "eval_examples": 2, "eval_max_new_tokens": 4, "save_every": 1}]
+    student = {"init": "prune", "keep_layers": [0, 3], "gradient_checkpointing": True,
+               "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    path = recipe_file(stages, student=student, precision=precision)
+    assert main([str(path)]) == 0
+    final = path.parent / "run" / "minillm" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in k for k in merged.state_dict())
+    rows = [r for r in read_metrics(path.parent / "run" / "metrics.jsonl") if "pg_loss" in r]
+    assert len(rows) == 2 and all(r["skipped_steps"] == 0 for r in rows)
