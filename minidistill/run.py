@@ -167,8 +167,10 @@ def build_student(run: Run):
 def prepare_for_stage(run: Run, student):
     s = run.recipe.student
     if s.gradient_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s.lora.enabled:
             student.enable_input_require_grads()
     if s.lora.enabled:
