@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,25 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from minidistill.checkpoint import write_text_atomic  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
-
-
-def _int_list(text: str, flag: str, example: str, minimum: int | None = None) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated integers like {example}, got '{text}'") from None
-    if not values:
-        raise UserError(f"{flag}: give at least one value")
-    if minimum is not None and min(values) < minimum:
-        raise UserError(f"{flag}: values must be at least {minimum}, got {text}")
-    return values
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from minidistill.checkpoint import write_text_atomic
-
-    write_text_atomic(path, text)
+from minidistill.evaluation import parse_int_list  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int]]:
-    seeds = _int_list(args.seeds, "--seeds", "10,20,30")
-    lengths = sorted(set(_int_list(args.lengths, "--lengths", "16,32,64,128", minimum=1)))
+    seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
+    lengths = sorted(set(parse_int_list(args.lengths, "--lengths", "16,32,64,128", minimum=1)))
     for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size),
                         ("--max-new-tokens", args.max_new_tokens), ("--n-bins", args.n_bins)):
         if value is not None and value < 1:
@@ -202,8 +185,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": seed, "index": stats.kept_indices[i], "prompt": prompt_texts[i], "generation": texts[k],
             "length": len(resp), "ended": ended, "reverse_kl": sum(rkl) / max(len(rkl), 1),
         }, ensure_ascii=False) + "\n")
-    _write_atomic(out / "samples.jsonl", "".join(lines))
-    _write_atomic(out / "analysis.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "samples.jsonl", "".join(lines))
+    write_text_atomic(out / "analysis.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from minidistill.checkpoint import write_text_atomic  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
+from minidistill.evaluation import parse_int_list  # noqa: E402
 
 
 def _fallback_load_model(path: str, *, gguf_file: str | None = None, dtype: str = "fp32", device: str = "cpu"):
@@ -57,22 +58,6 @@ def _load_model(path: str, *, gguf_file: str | None, dtype: str, device: str):
     return load_model(path, gguf_file=gguf_file, dtype=dtype, device=device)
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds: expected comma-separated integers like 10,20,30, got '{text}'") from None
-    if not seeds:
-        raise UserError("--seeds: give at least one seed")
-    return seeds
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from minidistill.checkpoint import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model: HF folder, .gguf file, hub id or pkg:<package>")
@@ -101,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from minidistill.data import load_instructions
     from minidistill.evaluation import evaluate_instructions
 
-    seeds = _seeds(args.seeds)
+    seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
     if args.max_examples is not None and args.max_examples < 1:
         raise UserError(f"--max-examples: must be at least 1, got {args.max_examples}")
     examples = load_instructions(args.data)
@@ -143,8 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": settings,
         "seconds": round(time.time() - start, 2),
     }
-    _write_atomic(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 

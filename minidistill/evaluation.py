@@ -275,3 +275,16 @@ def _std(values: list[float]) -> float:
         return 0.0
     m = sum(values) / len(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def parse_int_list(text: str, flag: str, example: str, minimum: int | None = None) -> list[int]:
+    """Parse a comma-separated list of integers from a command-line flag (UserError naming the flag)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers like {example}, got '{text}'") from None
+    if not values:
+        raise UserError(f"{flag}: give at least one value")
+    if minimum is not None and min(values) < minimum:
+        raise UserError(f"{flag}: values must be at least {minimum}, got {text}")
+    return values
