@@ -32,15 +32,6 @@ from minidistill.errors import UserError
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors only: intra-op threads just add synchronisation cost (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _mask(lengths: list[int], T: int) -> torch.Tensor:
     """(B, T) right-padded 0/1 mask with the given valid lengths."""
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(torch.long)

@@ -24,15 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Hello there", "A", "The quick brown fox jumps", "Once upon a time"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads make them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()

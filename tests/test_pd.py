@@ -19,15 +19,6 @@ from minidistill.stages import pd
 from minidistill.tracking import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pd_stage(**kw) -> dict:
     stage = {"type": "pd", "name": "pd", "max_steps": 20, "batch_size": 4, "lr": 3e-3, "scheduler": "constant",
              "warmup_steps": 0, "eval_at_start": False}

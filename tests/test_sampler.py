@@ -23,15 +23,6 @@ def tiny_llama(seed: int, layers: int = 2, init: float = 0.3) -> LlamaForCausalL
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster and avoids stalls when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     return tiny_llama(0, layers=2), tiny_llama(1, layers=3)
