@@ -27,7 +27,6 @@ teacher in lockstep; such runs fall back to this implementation.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -40,7 +39,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-__all__ = ["Rollout", "process_logits", "sample"]
+from .logits import accepts_logits_to_keep, response_hidden, response_logits, split_head
+
+__all__ = ["Rollout", "process_logits", "sample", "score"]
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Rollout:
     student_logp: torch.Tensor  # (B, T) float32 log q(y_t), 0 at padding
     mix_logp: torch.Tensor  # (B, T) float32 log p~(y_t), 0 at padding
     teacher_logp: torch.Tensor  # (B, T) float32 log p(y_t), 0 at padding
+    # (B, T, H) the teacher's final hidden states predicting each y_t (model dtype), or None; the
+    # loss rebuilds the teacher logits from them with the LM head (see minidistill.logits)
+    teacher_hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -67,7 +71,7 @@ class Rollout:
 
     def to(self, device: torch.device | str) -> Rollout:
         """Return a copy with every tensor on ``device``."""
-        return Rollout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Rollout(**{f.name: _maybe(getattr(self, f.name), lambda x: x.to(device)) for f in fields(self)})
 
     def select(self, rows: slice | Sequence[int] | torch.Tensor) -> Rollout:
         """Return the rows ``rows`` (a slice, index list/tensor or bool mask), e.g. a minibatch.
@@ -76,10 +80,10 @@ class Rollout:
         """
         if not isinstance(rows, slice):
             rows = torch.as_tensor(rows, device=self.prompt_ids.device)
-        out = {f.name: getattr(self, f.name)[rows] for f in fields(self)}
+        out = {f.name: _maybe(getattr(self, f.name), lambda x: x[rows]) for f in fields(self)}
         t = int(out["response_mask"].sum(-1).max().item()) if out["response_mask"].numel() else 0
-        for name in ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp"):
-            out[name] = out[name][:, :t]
+        for name in RESPONSE_FIELDS:
+            out[name] = _maybe(out[name], lambda x: x[:, :t])
         return Rollout(**out)
 
     def split(self, minibatch_size: int) -> list[Rollout]:
@@ -88,6 +92,13 @@ class Rollout:
             self.select(slice(i, i + minibatch_size))
             for i in range(0, self.batch_size, minibatch_size)
         ]
+
+
+RESPONSE_FIELDS = ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp", "teacher_hidden")
+
+
+def _maybe(x, fn):
+    return None if x is None else fn(x)
 
 
 def process_logits(
@@ -115,11 +126,6 @@ def process_logits(
     return x.reshape(shape)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (all HF causal LMs in v5 do)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a DDP/accelerate wrapper (``.module``), else the model itself."""
     while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -131,26 +137,32 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    pos: torch.Tensor,
-    cache: DynamicCache,
-    last_only: bool,
-) -> torch.Tensor:
-    """One cached forward; returns the last position's raw logits. # (B, V)"""
-    dev = _device_of(model)
-    kw = {"logits_to_keep": 1} if last_only else {}
-    out = model(
-        input_ids=ids.to(dev),
-        attention_mask=mask.to(dev),
-        position_ids=pos.to(dev),
-        past_key_values=cache,
-        use_cache=True,
-        **kw,
-    )
-    return out.logits[:, -1, :]
+class _Stepper:
+    """One model's cached token-by-token forward: last-position logits (and final hidden state).
+
+    With a :func:`~minidistill.logits.split_head` split it runs the backbone and applies the LM
+    head to the last position only, keeping the hidden state; otherwise the model's own forward
+    with ``logits_to_keep=1`` (when ``last_only``).
+    """
+
+    def __init__(self, model: torch.nn.Module, last_only: bool, keep_hidden: bool):
+        self.model = model
+        self.cache = DynamicCache(config=getattr(model, "config", None))
+        self.split = split_head(model) if keep_hidden else None
+        self.kw = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(model) else {}
+        self.dev = _device_of(model)
+
+    def __call__(self, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor | None]:
+        args = dict(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), position_ids=pos.to(self.dev),
+                    past_key_values=self.cache, use_cache=True)
+        if self.split is not None:
+            backbone, head = self.split
+            h = backbone(**args).last_hidden_state[:, -1, :]  # (Ba, H)
+            return head(h), h
+        return self.model(**args, **self.kw).logits[:, -1, :], None  # (Ba, V)
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        self.cache.batch_select_indices(idx.to(self.dev))
 
 
 def _log_mix(logq: torch.Tensor, logp: torch.Tensor, a: float) -> torch.Tensor:
@@ -176,8 +188,11 @@ def sample(
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    keep_teacher_hidden: bool = True,
+    score_chunk: int = 8,
     _skip_finished: bool = True,
     _last_logits_only: bool = True,
+    _teacher_after: bool = True,
 ) -> Rollout:
     """Sample responses from p~ = a*p + (1-a)*q, recording log q, log p~ and log p per token.
 
@@ -185,8 +200,14 @@ def sample(
     a valid token) or after ``max_new_tokens``; T is the longest response. Both models run in
     eval mode under ``no_grad`` (their training flags are restored). ``generator`` must live on
     the student's device. With top_k/top_p, a token drawn from one model's support may lie
-    outside the other's: its log-prob is then -inf. The private flags turn off the
-    optimisations (finished-row skipping, last-position-only logits) for testing.
+    outside the other's: its log-prob is then -inf.
+
+    At a = 0 the teacher does not step along: it scores the finished responses in one
+    teacher-forced pass (``score_chunk`` rows at a time), which draws the same tokens and gives
+    the same log p up to float rounding, for far fewer, larger matmuls. ``keep_teacher_hidden``
+    stores the teacher's final hidden states in the rollout (when the teacher's logits are
+    head(hidden), see :mod:`minidistill.logits`). The private flags turn the optimisations off
+    for testing (finished-row skipping, last-position-only logits, the a = 0 teacher pass).
     """
     if teacher is None:
         raise ValueError("sample() needs a teacher: the MiniLLM reward uses teacher_logp")
@@ -207,48 +228,84 @@ def sample(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev
     )
     a = float(mix_alpha)
+    settings = (temperature, top_k, top_p)
     flags = (student.training, teacher.training)
     student.eval()
     teacher.eval()
     try:
         with torch.no_grad():
-            return _sample_loop(
-                student, teacher, prompt_ids, prompt_mask, max_new_tokens, a,
-                temperature, top_k, top_p, eos, pad_token_id, generator,
-                _skip_finished, _last_logits_only,
+            teacher_steps = not (a == 0.0 and _teacher_after)
+            ro = _sample_loop(
+                student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
+                settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden,
             )  # fmt: skip
+            if not teacher_steps:
+                ro.teacher_logp, ro.teacher_hidden = score(teacher, ro, settings, keep_teacher_hidden, score_chunk)
+            return ro
     finally:
         student.train(flags[0])
         teacher.train(flags[1])
 
 
+def score(
+    model: torch.nn.Module,
+    ro: Rollout,
+    settings: tuple[float, int, float] = (1.0, 0, 1.0),
+    keep_hidden: bool = True,
+    chunk: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced log p(y_t) of a rollout's tokens under the processed distribution, and the
+    final hidden states when ``keep_hidden`` and the model splits (else None). (B, T), (B, T, H)
+
+    Runs ``chunk`` rows at a time under ``no_grad``; only response positions reach the LM head.
+    """
+    dev = _device_of(model)
+    split = split_head(model) if keep_hidden else None
+    logps, hiddens = [], []
+    with torch.no_grad():
+        for i in range(0, ro.batch_size, max(1, chunk)):
+            part = [x[i:i + chunk].to(dev) for x in (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)]
+            if split is not None:
+                h = response_hidden(model, *part)  # (b, T, H)
+                logits = split[1](h)
+                hiddens.append(h * part[3][..., None].to(h.dtype))  # zero at padding
+            else:
+                logits = response_logits(model, *part)
+            logp = torch.log_softmax(process_logits(logits, *settings), -1)  # (b, T, V)
+            lp = logp.gather(-1, part[2][..., None])[..., 0]  # (b, T)
+            logps.append(torch.where(part[3].bool(), lp, torch.zeros_like(lp)))
+    out = torch.cat(logps).to(ro.response_ids.device)
+    return out, (torch.cat(hiddens).to(ro.response_ids.device) if split is not None else None)
+
+
 def _sample_loop(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | None,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
     a: float,
-    temperature: float,
-    top_k: int,
-    top_p: float,
+    settings: tuple[float, int, float],
     eos: torch.Tensor,
     pad_token_id: int,
     generator: torch.Generator | None,
     skip_finished: bool,
     last_only: bool,
+    keep_hidden: bool,
 ) -> Rollout:
-    """The token-by-token loop behind :func:`sample` (called under no_grad)."""
+    """The token-by-token loop behind :func:`sample` (called under no_grad). Without a teacher
+    (a = 0, scored afterwards) ``teacher_logp`` is left at 0."""
     dev = prompt_ids.device
     B = prompt_ids.shape[0]
     N = max_new_tokens
-    models = (student, teacher)
-    caches = [DynamicCache(config=getattr(m, "config", None)) for m in models]
-    last = [last_only and _accepts_logits_to_keep(m) for m in models]
+    steppers = [_Stepper(student, last_only, keep_hidden=False)]
+    if teacher is not None:
+        steppers.append(_Stepper(teacher, last_only, keep_hidden))
 
     resp = torch.full((B, N), pad_token_id, dtype=prompt_ids.dtype, device=dev)  # (B, N)
     rmask = torch.zeros((B, N), dtype=prompt_mask.dtype, device=dev)  # (B, N)
     logps = torch.zeros((3, B, N), dtype=torch.float32, device=dev)  # (3, B, N): q, p~, p
+    hidden = None  # (B, N, H) teacher hidden states, allocated at the first step
     done = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
     rows = torch.arange(B, device=dev)  # (Ba,) original index of each row still in the batch
 
@@ -258,13 +315,15 @@ def _sample_loop(
     next_pos = prompt_mask.long().sum(-1, keepdim=True)  # (Ba, 1)
     T = 0
     for t in range(N):
-        s_logits, t_logits = [
-            _forward(m, ids, mask, pos, c, lo) for m, c, lo in zip(models, caches, last)
-        ]  # (Ba, V) each
-        logq = torch.log_softmax(process_logits(s_logits, temperature, top_k, top_p), -1)  # (Ba, V)
-        logp = torch.log_softmax(
-            process_logits(t_logits.to(dev), temperature, top_k, top_p), -1
-        )  # (Ba, V)
+        outs = [st(ids, mask, pos) for st in steppers]
+        logq = torch.log_softmax(process_logits(outs[0][0], *settings), -1)  # (Ba, V)
+        if teacher is not None:
+            logp = torch.log_softmax(process_logits(outs[1][0].to(dev), *settings), -1)  # (Ba, V)
+            h = outs[1][1]
+            if h is not None:
+                if hidden is None:
+                    hidden = torch.zeros((B, N, h.shape[-1]), dtype=h.dtype, device=dev)
+                hidden[rows, t] = h.to(dev)
         if a == 0.0:
             probs = logq.exp()
         elif a == 1.0:
@@ -283,7 +342,7 @@ def _sample_loop(
         alive = ~done[rows]  # (Ba,) all True when finished rows are skipped
         y = torch.where(alive, y, torch.full_like(y, pad_token_id))
         lq = logq.gather(-1, y[:, None])[:, 0]  # (Ba,)
-        lp = logp.gather(-1, y[:, None])[:, 0]  # (Ba,)
+        lp = logp.gather(-1, y[:, None])[:, 0] if teacher is not None else torch.zeros_like(lq)  # (Ba,)
         lm = _log_mix(lq, lp, a)  # (Ba,)
         zero = torch.zeros_like(lq)
         resp[rows, t] = y.to(resp.dtype)
@@ -296,18 +355,20 @@ def _sample_loop(
         if t == N - 1 or bool(done.all()):
             break
 
-        if skip_finished and all(hasattr(c, "batch_select_indices") for c in caches):
+        if skip_finished:
             keep = ~done[rows]  # (Ba,)
             if not bool(keep.all()):
                 idx = keep.nonzero()[:, 0]  # (Ba',)
-                for m, c in zip(models, caches):
-                    c.batch_select_indices(idx.to(_device_of(m)))
+                for st in steppers:
+                    st.keep_rows(idx)
                 rows, y, mask, next_pos = rows[idx], y[idx], mask[idx], next_pos[idx]
         ids = y[:, None].to(prompt_ids.dtype)  # (Ba, 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (Ba, L + 1)
         pos = next_pos
         next_pos = next_pos + 1
 
+    if hidden is not None:
+        hidden = hidden[:, :T] * rmask[:, :T, None].to(hidden.dtype)  # zero at padding
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -316,4 +377,5 @@ def _sample_loop(
         student_logp=logps[0, :, :T].contiguous(),
         mix_logp=logps[1, :, :T].contiguous(),
         teacher_logp=logps[2, :, :T].contiguous(),
+        teacher_hidden=hidden.contiguous() if hidden is not None else None,
     )

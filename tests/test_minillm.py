@@ -43,9 +43,11 @@ def _rollout_batch(seed=0, pad_extra=0):
                 pad_token_id=tok.pad_token_id, generator=g)
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
     if pad_extra:
-        for k in ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp"):
+        assert batch["teacher_hidden"] is not None  # the tiny Llama splits into backbone + head
+        for k in minillm.RESPONSE_FIELDS:
             fill = tok.pad_token_id if k == "response_ids" else 0
-            batch[k] = torch.cat([batch[k], torch.full((batch[k].shape[0], pad_extra), fill, dtype=batch[k].dtype)], 1)
+            x = batch[k]
+            batch[k] = torch.cat([x, torch.full((x.shape[0], pad_extra, *x.shape[2:]), fill, dtype=x.dtype)], 1)
     return student, teacher, batch
 
 

@@ -36,11 +36,12 @@ import torch
 from .. import advantages as adv
 from .. import checkpoint as ckpt
 from .. import data, evaluation, losses
+from .. import logits as fwd
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..loop import train
-from ..sampler import Rollout, process_logits, sample
+from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample
 
 
 @dataclass
@@ -150,7 +151,7 @@ class RolloutSource:
                                     eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
                                     generator=self.generator))
         ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
-        buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
+        buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
         buf.update(advantages_for(cfg, ro, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum")))
         self.buffer = buf
         g = torch.Generator().manual_seed(run.recipe.seed + 7919 * self.iteration)
@@ -179,9 +180,9 @@ class RolloutSource:
         rows = torch.tensor(take)
         batch = {k: v[rows] for k, v in self.buffer.items()}
         t = int(batch["response_mask"].sum(-1).max())
-        for k in ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp", "rewards", "returns",
-                  "advantages", "step_weights"):
-            batch[k] = batch[k][:, :t]
+        for k in (*RESPONSE_FIELDS, "rewards", "returns", "advantages", "step_weights"):
+            if k in batch:
+                batch[k] = batch[k][:, :t]
         batch["num_tokens"] = int(batch["response_mask"].sum())
         if self.corpus is not None and self.cfg.lm_coef > 0:
             batch["lm_ids"] = self.corpus.next_batch().to(self.run.device)
@@ -218,9 +219,12 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         extra = width - x.shape[1]
         if extra == 0:
             return x
-        filler = torch.full((x.shape[0], extra), value, dtype=x.dtype, device=x.device)
+        filler = torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
         return torch.cat([filler, x] if left else [x, filler], dim=1)
 
+    hidden = None
+    if all(p.teacher_hidden is not None for p in parts):
+        hidden = torch.cat([pad(p.teacher_hidden, T, 0.0, False) for p in parts])
     return Rollout(
         prompt_ids=torch.cat([pad(p.prompt_ids, P, pad_id, True) for p in parts]),
         prompt_mask=torch.cat([pad(p.prompt_mask, P, 0, True) for p in parts]),
@@ -229,6 +233,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         student_logp=torch.cat([pad(p.student_logp, T, 0.0, False) for p in parts]),
         mix_logp=torch.cat([pad(p.mix_logp, T, 0.0, False) for p in parts]),
         teacher_logp=torch.cat([pad(p.teacher_logp, T, 0.0, False) for p in parts]),
+        teacher_hidden=hidden,
     )
 
 
@@ -239,12 +244,17 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 def response_logits(model, batch: dict, vocab: int) -> torch.Tensor:
     """Logits that predict each response token: (B, T, V), position P-1+t predicts y_t."""
-    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    P, T = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    return logits[:, P - 1:P - 1 + T, :vocab]
+    return fwd.response_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                  batch["response_mask"], vocab)
+
+
+def teacher_response_logits(teacher, batch: dict, vocab: int) -> torch.Tensor:
+    """The teacher's (B, T, V) response logits: from the hidden states the sampler kept (one LM
+    head matmul) when there are any, else a teacher forward."""
+    with torch.no_grad():
+        if "teacher_hidden" in batch and fwd.split_head(teacher) is not None:
+            return fwd.head_logits(teacher, batch["teacher_hidden"], vocab)
+        return response_logits(teacher, batch, vocab)
 
 
 def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
@@ -259,8 +269,7 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
     loss = cfg.pg_coef * pg_sum
     metrics = {"pg_loss": float(pg_sum.detach()) / max(int(n), 1), "clip_frac": float(clip_frac)}
     if cfg.single_step:
-        with torch.no_grad():
-            t_logits = response_logits(teacher, batch, vocab)
+        t_logits = teacher_response_logits(teacher, batch, vocab)
         weights = batch["step_weights"] if cfg.single_step_importance_weight else None
         # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
         ss_sum, _ = adv.single_step_kl(logits.float() / cfg.temperature, t_logits.float() / cfg.temperature, mask, weights=weights)

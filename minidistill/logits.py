@@ -1,0 +1,97 @@
+"""Forward passes that compute only the logits a distillation loss reads.
+
+A distillation loss on a response needs the next-token logits at the T positions that predict
+the response tokens, not at the P prompt positions; on a 49k-word vocabulary the LM head is a
+third or more of a small model's FLOPs, so :func:`response_logits` asks the model for the last
+T+1 positions only (``logits_to_keep``, which every HF causal LM in transformers v5 accepts).
+
+A frozen teacher's numbers are reused instead of recomputed: :func:`split_head` splits a model
+into its backbone (up to the final norm) and its LM head when ``logits == head(hidden)`` holds.
+The sampler keeps the teacher's final hidden states of each response (B, T, H) -- a few MB,
+where the logits would be B*T*V -- and the loss rebuilds the teacher logits with one matmul
+(:func:`head_logits`) instead of a teacher forward per minibatch and PPO epoch. Models whose
+logits are not a plain head(hidden) (soft-capping, logit scales, wrapped/sharded teachers) fall
+back to full forwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["hf_model", "split_head", "head_logits", "response_logits", "response_hidden"]
+
+# config attributes of models whose logits are not head(hidden) (Gemma soft-capping, Cohere
+# logit_scale, Granite logits_scaling, ...): no split for those
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/accelerate (``.module``) and peft wrappers."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
+
+
+def split_head(model: torch.nn.Module):
+    """``(backbone, head)`` with ``model(x).logits == head(backbone(x).last_hidden_state)``, else None.
+
+    Only for plain (unwrapped) transformers models: a DDP/FSDP/DeepSpeed-wrapped teacher must run
+    through its wrapper's forward, so it gets None.
+    """
+    if not hasattr(model, "config") or hasattr(model, "get_base_model"):
+        return None
+    backbone = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+    """Logits from final hidden states: ``head(hidden)[..., :vocab]``. # (..., V)"""
+    _, head = split_head(model)
+    out = head(hidden.to(head.weight.dtype))
+    return out if vocab is None else out[..., :vocab]
+
+
+def _inputs(prompt_ids, prompt_mask, response_ids, response_mask):
+    ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P+T)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+T)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+    return ids, mask, pos
+
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, vocab: int | None = None):
+    """Logits predicting each response token: (B, T, V); position P-1+t predicts y_t.
+
+    Prompts LEFT-padded (B, P), responses RIGHT-padded (B, T). Only the last T+1 positions go
+    through the LM head when the model takes ``logits_to_keep``.
+    """
+    ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    if accepts_logits_to_keep(model):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, P - 1:P - 1 + T]
+    return logits if vocab is None else logits[..., :vocab]
+
+
+def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """Final hidden states predicting each response token (needs :func:`split_head`). # (B, T, H)"""
+    backbone, _ = split_head(model)
+    ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    return h[:, P - 1:P - 1 + T]
