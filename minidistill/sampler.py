@@ -39,7 +39,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .logits import accepts_logits_to_keep, response_hidden, response_logits, split_head
+from .logits import accepts_logits_to_keep, length_chunks, response_hidden, response_logits, split_head
 
 __all__ = ["Rollout", "process_logits", "sample", "score"]
 
@@ -257,25 +257,32 @@ def score(
     """Teacher-forced log p(y_t) of a rollout's tokens under the processed distribution, and the
     final hidden states when ``keep_hidden`` and the model splits (else None). (B, T), (B, T, H)
 
-    Runs ``chunk`` rows at a time under ``no_grad``; only response positions reach the LM head.
+    Runs ``chunk`` rows of similar prompt length at a time under ``no_grad``, without their
+    all-padding columns; only response positions reach the LM head.
     """
     dev = _device_of(model)
     split = split_head(model) if keep_hidden else None
-    logps, hiddens = [], []
+    B, T = ro.response_ids.shape
+    logp_out = torch.zeros((B, T), dtype=torch.float32, device=dev)
+    hidden_out = None
     with torch.no_grad():
-        for i in range(0, ro.batch_size, max(1, chunk)):
-            part = [x[i:i + chunk].to(dev) for x in (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask)]
+        for rows, p0, t1 in length_chunks(ro.prompt_mask, ro.response_mask, chunk):
+            rows = rows.to(ro.prompt_ids.device)
+            pi, pm = ro.prompt_ids[rows, p0:].to(dev), ro.prompt_mask[rows, p0:].to(dev)
+            ri, rm = ro.response_ids[rows, :t1].to(dev), ro.response_mask[rows, :t1].to(dev)
             if split is not None:
-                h = response_hidden(model, *part)  # (b, T, H)
+                h = response_hidden(model, pi, pm, ri, rm) * rm[..., None]  # (b, t1, H), zero at padding
                 logits = split[1](h)
-                hiddens.append(h * part[3][..., None].to(h.dtype))  # zero at padding
+                if hidden_out is None:
+                    hidden_out = torch.zeros((B, T, h.shape[-1]), dtype=h.dtype, device=dev)
+                hidden_out[rows.to(dev), :t1] = h
             else:
-                logits = response_logits(model, *part)
-            logp = torch.log_softmax(process_logits(logits, *settings), -1)  # (b, T, V)
-            lp = logp.gather(-1, part[2][..., None])[..., 0]  # (b, T)
-            logps.append(torch.where(part[3].bool(), lp, torch.zeros_like(lp)))
-    out = torch.cat(logps).to(ro.response_ids.device)
-    return out, (torch.cat(hiddens).to(ro.response_ids.device) if split is not None else None)
+                logits = response_logits(model, pi, pm, ri, rm)
+            logp = torch.log_softmax(process_logits(logits, *settings), -1)  # (b, t1, V)
+            lp = logp.gather(-1, ri[..., None])[..., 0]  # (b, t1)
+            logp_out[rows.to(dev), :t1] = torch.where(rm.bool(), lp, torch.zeros_like(lp))
+    out_dev = ro.response_ids.device
+    return logp_out.to(out_dev), (hidden_out.to(out_dev) if hidden_out is not None else None)
 
 
 def _sample_loop(
