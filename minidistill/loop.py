@@ -12,7 +12,9 @@ Per optimizer step the loop draws ``grad_accum`` micro-batches, all-reduces thei
 and back-propagates ``loss_sum / global_tokens`` (times the process count, which DDP's gradient
 averaging divides out), so the update is the per-token mean over the whole global batch no
 matter how it is split into micro-batches or processes. Then: gradient clipping, a NaN/inf
-guard, AdamW, the LR schedule, logging, evaluation, checkpoints.
+guard, AdamW, the LR schedule, logging, evaluation, checkpoints. Logged values are global:
+the loss over all processes' tokens, stage metrics averaged over processes; only the main
+process writes them.
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ class GracefulStop:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def mean_over_processes(acc, metrics: dict) -> dict:
+    """Each stage metric averaged over the processes (every process calls this, same keys)."""
+    if acc.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device), "mean")
+    return dict(zip(keys, t.tolist()))
 
 
 def train(
@@ -189,7 +200,7 @@ def train(
             }
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm
-            values.update({k: v / len(micro) for k, v in sums.items()})
+            values.update(mean_over_processes(acc, {k: v / len(micro) for k, v in sums.items()}))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log(cfg.name, step, values)
             bar.update(1)
