@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -115,6 +116,9 @@ def train(
 ) -> LoopResult:
     """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model."""
     acc = run.accelerator
+    if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
+        raise UserError(f"stage '{cfg.name}': grad_accum {cfg.grad_accum} under DeepSpeed; use grad_accum: 1 and a larger "
+                        "batch_size (DeepSpeed steps the optimizer inside backward, not after the loop's micro-batches)")
     stage_dir = run.stage_dir(cfg.name)
     ckpt_root = stage_dir / "checkpoints"
     optimizer = make_optimizer(model, cfg)
@@ -174,7 +178,8 @@ def train(
                     sums[k] = sums.get(k, 0.0) + float(v)
             grad_norm = None
             if cfg.grad_clip is not None and cfg.grad_clip > 0:
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # None under DeepSpeed before its first step
+                grad_norm = None if norm is None else float(norm)
             finite = math.isfinite(total_loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
                 optimizer.step()

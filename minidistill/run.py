@@ -52,6 +52,34 @@ class Run:
         self._cache: dict = {}
 
     @property
+    def fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: every process holds only a shard of the student's weights."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            return int(getattr(acc.state.deepspeed_plugin, "zero_stage", 0) or 0) == 3
+        return self.fsdp
+
+    def export(self, model, out: Path) -> None:
+        """Write a Hugging Face folder of ``model`` (every process calls this; under FSDP the full
+        weights are gathered first, then the main process writes)."""
+        acc = self.accelerator
+        state = None
+        if self.sharded:  # DeepSpeed gathers through its engine, the prepared wrapper of ``model``
+            prepared = next((m for m in acc._models if getattr(m, "module", None) is model), model)
+            state = acc.get_state_dict(prepared)
+        if acc.is_main_process:
+            ckpt.export_hf(model, self.tokenizer, out, state_dict=state)
+        acc.wait_for_everyone()
+
+    @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
@@ -234,10 +262,12 @@ def relaunch_cpu_workers(n: int, argv: list[str]) -> int:
 
 
 def load_teacher(run: Run) -> None:
-    """Load the teacher in fp32 (a pruned student is copied from full-precision weights)."""
+    """Load the teacher in fp32 (a pruned student is copied from full-precision weights).
+    Under FSDP it stays on the CPU until ``shard_teacher`` moves each process's shard over."""
     r = run.recipe
     teacher, tok = models.load_model(r.teacher.model, gguf_file=r.teacher.gguf_file, dtype="fp32",
-                                     device=run.device, trust_remote_code=r.teacher.trust_remote_code)
+                                     device="cpu" if run.fsdp else run.device,
+                                     trust_remote_code=r.teacher.trust_remote_code)
     run.teacher = models.freeze(teacher)
     run.tokenizer = tok
 
@@ -259,6 +289,41 @@ def build_student(run: Run):
     student.requires_grad_(True)
     run.vocab_size = models.check_vocab(run.teacher, student, run.tokenizer)
     return student
+
+
+GENERATING_STAGES = ("minillm", "seqkd", "generate", "evaluate")
+
+
+def shard_teacher(run: Run) -> None:
+    """Under FSDP, shard the frozen teacher like the student: one FSDP unit per decoder layer
+    (accelerate's auto-wrap policy from the accelerate config), gathered layer by layer in each
+    forward, so a teacher that does not fit on one GPU still runs. DDP and DeepSpeed ZeRO-2/3
+    keep a full teacher replica on every process. With sharded weights (FSDP, ZeRO-3) stages
+    that generate text are refused: every process would have to decode in step."""
+    if not run.sharded:
+        return
+    gen = [st.name for st in run.recipe.stages if st.type in GENERATING_STAGES]
+    if gen:
+        raise UserError(f"recipe.stages: {', '.join(gen)} generate text, which is not supported with sharded weights "
+                        "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
+                        "stages with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2")
+    if not run.fsdp:
+        return
+    acc = run.accelerator
+    plugin = acc.state.fsdp_plugin
+    if plugin.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        run.teacher = fsdp2_prepare_model(acc, run.teacher)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        plugin.set_auto_wrap_policy(run.teacher)
+        run.teacher = FSDP(run.teacher, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+                           cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
+                           mixed_precision=plugin.mixed_precision_policy, use_orig_params=True,
+                           limit_all_gathers=plugin.limit_all_gathers, device_id=acc.device)
+    run.teacher.eval()
 
 
 def prepare_for_stage(run: Run, student):
@@ -325,6 +390,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     run.accelerator.wait_for_everyone()
     load_teacher(run)
     student = build_student(run)
+    shard_teacher(run)
     console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
     finals = {}
     for cfg in recipe.stages:
@@ -343,9 +409,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         result = module.run(run, cfg, student)
         if result.stopped:
             raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}; run again with resume=auto to continue")
-        if run.accelerator.is_main_process:
-            ckpt.export_hf(result.model, run.tokenizer, final)
-        run.accelerator.wait_for_everyone()
+        run.export(result.model, final)
         student = result.model.merge_and_unload() if models.is_peft(result.model) else result.model
         if getattr(student, "is_activation_checkpointing", False):
             (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()

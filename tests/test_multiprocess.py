@@ -231,3 +231,65 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
         assert p["stats"].keys() == expect.keys()
         for k in expect:
             assert p["stats"][k] == pytest.approx(expect[k], rel=1e-6, abs=1e-9), k
+
+
+# ---- FSDP: the frozen teacher is sharded too -------------------------------------------------
+
+
+def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Shard the tiny teacher with run.shard_teacher over 2 gloo processes. accelerate enables FSDP
+    only for GPU process groups, so the accelerator is a stand-in carrying a real FSDP2 plugin."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FSDPModule
+
+    from minidistill import models
+    from minidistill.run import shard_teacher
+    from tiny_tokenizer import make_tokenizer, tiny_llama
+
+    acc = Accelerator(cpu=True)
+    teacher = models.freeze(tiny_llama(make_tokenizer(), seed=2))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits
+    full = sum(p.numel() for p in teacher.parameters())
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    fake = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
+                           device=acc.device, is_main_process=acc.is_main_process, parallelism_config=None)
+    run = SimpleNamespace(accelerator=fake, sharded=True, fsdp=True, teacher=teacher, recipe=SimpleNamespace(stages=[]))
+    shard_teacher(run)
+    local = sum(p.to_local().numel() for p in run.teacher.parameters())
+    layers = models._decoder_layers(run.teacher)
+    with torch.no_grad():
+        got = run.teacher(input_ids=ids).logits
+    torch.save({"full": full, "local": local, "max_diff": float((got - ref).abs().max()), "training": run.teacher.training,
+                "layer_units": all(isinstance(m, FSDPModule) for m in layers), "root_unit": isinstance(run.teacher, FSDPModule)},
+               Path(out) / f"fsdp{rank}.pt")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_teacher_per_layer_and_keeps_its_outputs(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fsdp_teacher_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    res = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=True) for r in range(2)]
+    for r in res:
+        assert r["root_unit"] and r["layer_units"] and not r["training"]
+        assert r["max_diff"] < 1e-5
+    assert sum(r["local"] for r in res) == res[0]["full"]  # each parameter stored once across the processes
+    assert max(r["local"] for r in res) < 0.6 * res[0]["full"]
+
+
+def test_fsdp_refuses_stages_that_generate():
+    from minidistill.errors import UserError
+    from minidistill.run import shard_teacher
+
+    run = SimpleNamespace(sharded=True, recipe=SimpleNamespace(stages=[SimpleNamespace(name="sft", type="sft"),
+                                                                       SimpleNamespace(name="rl", type="minillm")]))
+    with pytest.raises(UserError, match="rl generate text"):
+        shard_teacher(run)

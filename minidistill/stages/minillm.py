@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import advantages as adv
-from .. import checkpoint as ckpt
 from .. import data, evaluation, losses
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
@@ -339,8 +338,7 @@ def run(run, cfg: Config, student):
     best_dir = run.stage_dir(cfg.name) / "best"
 
     def on_best(model):
-        if run.accelerator.is_main_process:
-            ckpt.export_hf(model, run.tokenizer, best_dir)
+        run.export(model, best_dir)
 
     def loss_fn(model, batch):
         return minillm_loss(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
