@@ -153,9 +153,10 @@ def load_checkpoint(acc, folder: Path, model, optimizer, scheduler) -> tuple[dic
     return state, source_state
 
 
-def export_hf(model, tokenizer, out: Path) -> Path:
+def export_hf(model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:
     """Save a loadable Hugging Face folder atomically. LoRA students: the merged model in
-    ``out/`` and the adapter alone in ``out/adapter/``."""
+    ``out/`` and the adapter alone in ``out/adapter/``. ``state_dict``: the full weights when the
+    model itself holds only this process's shard (FSDP; gathered by ``Run.export``)."""
     out = Path(out)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +166,7 @@ def export_hf(model, tokenizer, out: Path) -> Path:
         merged = merged_copy(model)
         merged.save_pretrained(tmp)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _write_manifest(tmp)
     if out.exists():

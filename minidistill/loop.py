@@ -12,7 +12,9 @@ Per optimizer step the loop draws ``grad_accum`` micro-batches, all-reduces thei
 and back-propagates ``loss_sum / global_tokens`` (times the process count, which DDP's gradient
 averaging divides out), so the update is the per-token mean over the whole global batch no
 matter how it is split into micro-batches or processes. Then: gradient clipping, a NaN/inf
-guard, AdamW, the LR schedule, logging, evaluation, checkpoints.
+guard, AdamW, the LR schedule, logging, evaluation, checkpoints. Logged values are global:
+the loss over all processes' tokens, stage metrics averaged over processes; only the main
+process writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -89,6 +92,15 @@ class GracefulStop:
             signal.signal(sig, old)
 
 
+def mean_over_processes(acc, metrics: dict) -> dict:
+    """Each stage metric averaged over the processes (every process calls this, same keys)."""
+    if acc.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device), "mean")
+    return dict(zip(keys, t.tolist()))
+
+
 def train(
     run,
     cfg,
@@ -104,6 +116,9 @@ def train(
 ) -> LoopResult:
     """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model."""
     acc = run.accelerator
+    if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
+        raise UserError(f"stage '{cfg.name}': grad_accum {cfg.grad_accum} under DeepSpeed; use grad_accum: 1 and a larger "
+                        "batch_size (DeepSpeed steps the optimizer inside backward, not after the loop's micro-batches)")
     stage_dir = run.stage_dir(cfg.name)
     ckpt_root = stage_dir / "checkpoints"
     optimizer = make_optimizer(model, cfg)
@@ -163,7 +178,8 @@ def train(
                     sums[k] = sums.get(k, 0.0) + float(v)
             grad_norm = None
             if cfg.grad_clip is not None and cfg.grad_clip > 0:
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # None under DeepSpeed before its first step
+                grad_norm = None if norm is None else float(norm)
             finite = math.isfinite(total_loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
                 optimizer.step()
@@ -189,7 +205,7 @@ def train(
             }
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm
-            values.update({k: v / len(micro) for k, v in sums.items()})
+            values.update(mean_over_processes(acc, {k: v / len(micro) for k, v in sums.items()}))
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log(cfg.name, step, values)
             bar.update(1)

@@ -39,16 +39,45 @@ class Run:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             AcceleratorState._reset_state()  # several runs in one Python process (tests, notebooks)
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=recipe.device == "cpu")
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=use_cpu(recipe.device))
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         set_seed(recipe.seed)
         self.out_dir = Path(recipe.output_dir)
         self.metrics = Metrics(self.out_dir, enabled=self.accelerator.is_main_process, tensorboard=recipe.tensorboard)
+        console.quiet = not self.accelerator.is_main_process  # one copy of the console lines, not one per process
         self.teacher = None
         self.tokenizer = None
         self.vocab_size = None
         self._cache: dict = {}
+
+    @property
+    def fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3: every process holds only a shard of the student's weights."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            return int(getattr(acc.state.deepspeed_plugin, "zero_stage", 0) or 0) == 3
+        return self.fsdp
+
+    def export(self, model, out: Path) -> None:
+        """Write a Hugging Face folder of ``model`` (every process calls this; under FSDP the full
+        weights are gathered first, then the main process writes)."""
+        acc = self.accelerator
+        state = None
+        if self.sharded:  # DeepSpeed gathers through its engine, the prepared wrapper of ``model``
+            prepared = next((m for m in acc._models if getattr(m, "module", None) is model), model)
+            state = acc.get_state_dict(prepared)
+        if acc.is_main_process:
+            ckpt.export_hf(model, self.tokenizer, out, state_dict=state)
+        acc.wait_for_everyone()
 
     @property
     def device(self) -> torch.device:
@@ -133,14 +162,112 @@ class Run:
         return self.cached("corpus", load)
 
 
+def _has_device_backend() -> bool:
+    """A device accelerate can run a multi-process group on (CUDA, XPU, NPU, HPU, ...)."""
+    import accelerate.utils as au
+
+    names = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_hpu_available", "is_musa_available",
+             "is_sdaa_available", "is_neuron_available")
+    return torch.cuda.is_available() or any(getattr(au, n, lambda: False)() for n in names)
+
+
+def use_cpu(device: str) -> bool:
+    """Whether to hand accelerate ``cpu=True``.
+
+    ``device: auto`` under a multi-process launcher (torchrun, ``accelerate launch --multi_gpu``)
+    on a machine without GPUs: accelerate 1.x builds a process group only for a GPU-like device
+    unless told ``cpu=True``, so every process would silently train alone. Use CPU + gloo.
+    """
+    if device == "cpu":
+        return True
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    return device == "auto" and distributed and not _has_device_backend()
+
+
+# ---- accelerate launch --cpu ------------------------------------------------------------------
+
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _accelerate_launch_argv(cmdline: list[str]) -> list[str] | None:
+    """The arguments after ``accelerate launch`` in a command line, or None if it is not one."""
+    for i, tok in enumerate(cmdline):
+        base = Path(tok).name
+        if base in ("accelerate-launch", "accelerate.commands.launch"):
+            return cmdline[i + 1:]
+        if base in ("accelerate", "accelerate.commands.accelerate_cli") and cmdline[i + 1:i + 2] == ["launch"]:
+            return cmdline[i + 2:]
+    return None
+
+
+def accelerate_cpu_processes(env=None, parent_cmdline: list[str] | None = None) -> int:
+    """How many processes ``accelerate launch --cpu`` was asked for when it started only this one.
+
+    accelerate 1.x sends ``--cpu`` (and ``distributed_type: MULTI_CPU`` configs) through its
+    "simple launcher": ONE Python process, with MASTER_ADDR/MASTER_PORT set when more were
+    asked for, and the other processes left to ``mpirun`` (``--mpirun_hostfile``). Without
+    mpirun the job silently runs as a single process. Recognised here by accelerate's variables
+    without any rank variables; the count comes from the parent ``accelerate launch`` command
+    line, resolved by accelerate's own parser (config file included). Returns 1 otherwise.
+    """
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes") or "MASTER_ADDR" not in env:
+        return 1
+    if any(k in env for k in RANK_VARS):
+        return 1
+    try:
+        if parent_cmdline is None:
+            import psutil
+
+            parent_cmdline = psutil.Process(os.getppid()).cmdline()
+        argv = _accelerate_launch_argv(parent_cmdline)
+        if argv is None:
+            return 1
+        import logging
+
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+        launch_log = logging.getLogger("accelerate.commands.launch")
+        level = launch_log.level
+        launch_log.setLevel(logging.ERROR)  # the parent already printed its warnings
+        try:
+            args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+        finally:
+            launch_log.setLevel(level)
+    except (Exception, SystemExit):
+        return 1
+    if getattr(args, "mpirun_hostfile", None) or (args.num_machines or 1) > 1:
+        return 1
+    return max(1, int(args.num_processes or 1))
+
+
+def relaunch_cpu_workers(n: int, argv: list[str]) -> int:
+    """Run ``python -m minidistill.run argv`` as ``n`` local CPU processes (torchrun's agent)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    console.print(f"accelerate launch --cpu started one process for {n}: starting {n} gloo workers")
+    args = torchrun.get_args_parser().parse_args([
+        "--nnodes", "1", "--nproc_per_node", str(n), "--master_addr", os.environ["MASTER_ADDR"],
+        "--master_port", os.environ.get("MASTER_PORT", "29500"), "--module", "minidistill.run", *argv])
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c > 0), 1)
+    return 0
+
+
 # ---- building models -------------------------------------------------------------------------
 
 
 def load_teacher(run: Run) -> None:
-    """Load the teacher in fp32 (a pruned student is copied from full-precision weights)."""
+    """Load the teacher in fp32 (a pruned student is copied from full-precision weights).
+    Under FSDP it stays on the CPU until ``shard_teacher`` moves each process's shard over."""
     r = run.recipe
     teacher, tok = models.load_model(r.teacher.model, gguf_file=r.teacher.gguf_file, dtype="fp32",
-                                     device=run.device, trust_remote_code=r.teacher.trust_remote_code)
+                                     device="cpu" if run.fsdp else run.device,
+                                     trust_remote_code=r.teacher.trust_remote_code)
     run.teacher = models.freeze(teacher)
     run.tokenizer = tok
 
@@ -162,6 +289,41 @@ def build_student(run: Run):
     student.requires_grad_(True)
     run.vocab_size = models.check_vocab(run.teacher, student, run.tokenizer)
     return student
+
+
+GENERATING_STAGES = ("minillm", "seqkd", "generate", "evaluate")
+
+
+def shard_teacher(run: Run) -> None:
+    """Under FSDP, shard the frozen teacher like the student: one FSDP unit per decoder layer
+    (accelerate's auto-wrap policy from the accelerate config), gathered layer by layer in each
+    forward, so a teacher that does not fit on one GPU still runs. DDP and DeepSpeed ZeRO-2/3
+    keep a full teacher replica on every process. With sharded weights (FSDP, ZeRO-3) stages
+    that generate text are refused: every process would have to decode in step."""
+    if not run.sharded:
+        return
+    gen = [st.name for st in run.recipe.stages if st.type in GENERATING_STAGES]
+    if gen:
+        raise UserError(f"recipe.stages: {', '.join(gen)} generate text, which is not supported with sharded weights "
+                        "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
+                        "stages with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2")
+    if not run.fsdp:
+        return
+    acc = run.accelerator
+    plugin = acc.state.fsdp_plugin
+    if plugin.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        run.teacher = fsdp2_prepare_model(acc, run.teacher)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        plugin.set_auto_wrap_policy(run.teacher)
+        run.teacher = FSDP(run.teacher, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+                           cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
+                           mixed_precision=plugin.mixed_precision_policy, use_orig_params=True,
+                           limit_all_gathers=plugin.limit_all_gathers, device_id=acc.device)
+    run.teacher.eval()
 
 
 def prepare_for_stage(run: Run, student):
@@ -228,6 +390,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     run.accelerator.wait_for_everyone()
     load_teacher(run)
     student = build_student(run)
+    shard_teacher(run)
     console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
     finals = {}
     for cfg in recipe.stages:
@@ -246,9 +409,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         result = module.run(run, cfg, student)
         if result.stopped:
             raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}; run again with resume=auto to continue")
-        if run.accelerator.is_main_process:
-            ckpt.export_hf(result.model, run.tokenizer, final)
-        run.accelerator.wait_for_everyone()
+        run.export(result.model, final)
         student = result.model.merge_and_unload() if models.is_peft(result.model) else result.model
         if getattr(student, "is_activation_checkpointing", False):
             (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
@@ -275,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. stages.sft.lr=1e-4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe as YAML and exit")
     args = p.parse_args(argv)
+    if not args.dry_run:
+        n = accelerate_cpu_processes()
+        if n > 1:
+            return relaunch_cpu_workers(n, list(sys.argv[1:] if argv is None else argv))
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:

@@ -24,7 +24,6 @@ from typing import Literal
 
 import torch
 
-from .. import checkpoint as ckpt
 from ..config import TrainConfig, opt
 from ..loop import train
 from ..losses import token_divergence
@@ -120,8 +119,8 @@ def train_on_rows(run, cfg, student, rows: list[dict], valid: list[dict]):
     best_dir = run.stage_dir(cfg.name) / "best"
 
     def on_best(model):
-        if cfg.keep_best and run.accelerator.is_main_process:
-            ckpt.export_hf(model, run.tokenizer, best_dir)
+        if cfg.keep_best:
+            run.export(model, best_dir)
 
     return train(run, cfg, student, source, make_loss_fn(run, cfg), total_steps(cfg, source),
                  evaluate=make_kd_evaluate(run, cfg, valid) if valid else None,

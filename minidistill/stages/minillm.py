@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import advantages as adv
-from .. import checkpoint as ckpt
 from .. import data, evaluation, losses
 from .. import logits as fwd
 from ..batches import ShuffledBatches
@@ -115,6 +114,20 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     return {"rewards": r, "returns": R, "advantages": A, "step_weights": w}
 
 
+def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t) -> dict:
+    """Mean reward, reverse-KL estimate, response length and EOS rate over the rollouts of every
+    process (sums and counts go through ``reduce_sum``)."""
+    m = buf["response_mask"].float()
+    lengths = m.sum(-1)
+    last = buf["response_ids"].gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)
+    eos = ((last == eos_id) & (lengths > 0)).float()
+    sums = torch.stack([(buf["rewards"] * m).sum(), ((buf["student_logp"] - buf["teacher_logp"]) * m).sum(),
+                        m.sum(), eos.sum(), torch.tensor(float(m.shape[0]))]).to(torch.float64)
+    reward, rkl, tokens, n_eos, rows = reduce_sum(sums).tolist()
+    return {"reward": reward / max(tokens, 1.0), "rkl_estimate": rkl / max(tokens, 1.0),
+            "response_length": tokens / max(rows, 1.0), "eos_rate": n_eos / max(rows, 1.0)}
+
+
 class RolloutSource:
     """The loop's batch source: minibatches of the current buffer; resamples when used up."""
 
@@ -159,15 +172,7 @@ class RolloutSource:
         self.order = [int(j) for _ in range(cfg.ppo_epochs) for j in torch.randperm(n, generator=g)]
         self.order_pos = 0
         self.iteration += 1
-        m = buf["response_mask"].float()
-        n_tok = m.sum().clamp(min=1)
-        self.stats = {
-            "reward": float((buf["rewards"] * m).sum() / n_tok),
-            "rkl_estimate": float(((buf["student_logp"] - buf["teacher_logp"]) * m).sum() / n_tok),
-            "response_length": float(m.sum(-1).mean()),
-            "eos_rate": float((buf["response_ids"].gather(1, (m.sum(-1).long() - 1).clamp(min=0)[:, None]).squeeze(1)
-                              == run.tokenizer.eos_token_id).float().mean()),
-        }
+        self.stats = rollout_stats(buf, run.tokenizer.eos_token_id, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"))
 
     def next_batch(self) -> dict:
         if self.buffer is None or self.order_pos >= len(self.order):
@@ -310,11 +315,13 @@ def make_evaluate(run, cfg: Config, examples: list):
     mine = examples[: cfg.eval_examples][acc.process_index::acc.num_processes]
 
     def evaluate(model) -> dict:
-        with acc.autocast():
-            res = evaluation.evaluate_instructions(
-                model, run.tokenizer, mine, template=d.template, seeds=[run.recipe.seed],
-                max_prompt_length=d.max_prompt_length, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                batch_size=cfg.rollout_batch_size, progress=False)
+        res = {"n_examples": 0, "rougeL": 0.0, "mean_length": 0.0}  # a process with no share adds nothing
+        if mine:
+            with acc.autocast():
+                res = evaluation.evaluate_instructions(
+                    model, run.tokenizer, mine, template=d.template, seeds=[run.recipe.seed],
+                    max_prompt_length=d.max_prompt_length, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                    batch_size=cfg.rollout_batch_size, progress=False)
         n = torch.tensor(float(res["n_examples"]), device=acc.device)
         score = torch.tensor(res["rougeL"] * res["n_examples"], device=acc.device)
         length = torch.tensor(res["mean_length"] * res["n_examples"], device=acc.device)
@@ -340,8 +347,7 @@ def run(run, cfg: Config, student):
     best_dir = run.stage_dir(cfg.name) / "best"
 
     def on_best(model):
-        if run.accelerator.is_main_process:
-            ckpt.export_hf(model, run.tokenizer, best_dir)
+        run.export(model, best_dir)
 
     def loss_fn(model, batch):
         return minillm_loss(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)

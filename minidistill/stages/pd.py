@@ -306,8 +306,8 @@ def run(run, cfg: Config, student):
     best_dir = run.stage_dir(cfg.name) / "best"
 
     def on_best(model):
-        if cfg.keep_best and run.accelerator.is_main_process:
-            ckpt.export_hf(model, run.tokenizer, best_dir)
+        if cfg.keep_best:
+            run.export(model, best_dir)
 
     fresh = not (run.recipe.resume == "auto"
                  and ckpt.list_complete(run.stage_dir(cfg.name) / "checkpoints", report=lambda m: None))

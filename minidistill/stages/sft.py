@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint as ckpt
 from .. import data
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
@@ -105,8 +104,8 @@ def run(run, cfg: Config, student):
     best_dir = run.stage_dir(cfg.name) / "best"
 
     def on_best(model):
-        if cfg.keep_best and run.accelerator.is_main_process:
-            ckpt.export_hf(model, run.tokenizer, best_dir)
+        if cfg.keep_best:
+            run.export(model, best_dir)
 
     return train(run, cfg, student, source, sft_loss, total_steps(cfg, source),
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,
