@@ -51,8 +51,8 @@ def split_head(model: torch.nn.Module):
     Only for plain (unwrapped) transformers models: a DDP/FSDP/DeepSpeed-wrapped teacher must run
     through its wrapper's forward, so it gets None.
     """
-    if not hasattr(model, "config") or hasattr(model, "get_base_model"):
-        return None
+    if not hasattr(model, "config") or hasattr(model, "get_base_model") or type(model).__name__.startswith("FSDP"):
+        return None  # plain models only: peft, DDP/FSDP-wrapped or sharded ones run their own forward
     backbone = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or backbone is model or not isinstance(head, torch.nn.Linear):

@@ -112,3 +112,25 @@ def test_split_head_refuses_models_whose_logits_are_not_head_of_hidden(models):
     ro = sample(models[0], wrapped, ids, mask, max_new_tokens=4, mix_alpha=0.2, eos_token_id=2, pad_token_id=PAD,
                 generator=torch.Generator().manual_seed(0))
     assert ro.teacher_hidden is not None  # _unwrap inside sample() reaches the plain model
+
+
+def test_minillm_loss_same_for_any_chunking(models):
+    """Length-sorted chunks without padding columns give the unchunked loss and gradients."""
+    student, teacher = tiny_llama(0, layers=2).train(), models[1]
+    ro = _sample((student, teacher), 0.2)
+    assert len(set(ro.prompt_mask.sum(-1).tolist())) > 1  # prompts of different lengths
+    results = []
+    for chunk in (1, 3, 64):
+        cfg = build(minillm.Config, {"type": "minillm", "chunk_rows": chunk}, "test:")
+        b = _batch(ro)
+        b.update(minillm.advantages_for(cfg, ro))
+        b["num_tokens"], b["stats"] = int(b["response_mask"].sum()), {}
+        student.zero_grad()
+        loss, m = minillm.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
+        loss.backward()
+        results.append((loss.detach(), m, torch.cat([p.grad.flatten() for p in student.parameters()])))
+    for loss, m, g in results[:2]:
+        torch.testing.assert_close(loss, results[2][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, results[2][2], atol=2e-5, rtol=1e-4)
+        for k in ("pg_loss", "single_step_kl", "clip_frac", "ratio_new_old"):
+            assert m[k] == pytest.approx(results[2][1][k], rel=1e-4, abs=1e-6), k

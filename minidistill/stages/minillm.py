@@ -75,6 +75,8 @@ class Config(TrainConfig):
     single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
     single_step_importance_weight: bool | None = opt(None, "Weight the single-step term by q/p~ (paper yes, official no).")
     pg_coef: float = opt(1.0, "Weight of the long-term (policy-gradient) term.", min=0.0)
+    chunk_rows: int = opt(8, "Rows per policy forward in the loss, grouped by prompt length with padding columns "
+                          "dropped (the sums are the same for any value; larger = fewer, bigger matmuls).", min=1)
     lm_coef: float = opt(1.0, "Weight of L_PT, the LM loss on data.corpus (0 = off).", min=0.0)
     lm_batch_size: int = opt(8, "Corpus blocks per micro-batch for L_PT.", min=1)
     kd_ratio: float = opt(0.5, "L_PT = (1-kd_ratio)*CE + kd_ratio*forward KL to the teacher on the text (official 0.5).", min=0.0, max=1.0)
@@ -262,31 +264,53 @@ def teacher_response_logits(teacher, batch: dict, vocab: int) -> torch.Tensor:
         return response_logits(teacher, batch, vocab)
 
 
-def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
-    mask = batch["response_mask"]
-    logits = response_logits(model, batch, vocab)  # (B, T, V)
-    logq = torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), -1)
-    logq = logq.gather(-1, batch["response_ids"][..., None]).squeeze(-1)  # (B, T)
-    logq = torch.where(mask.bool(), logq, torch.zeros_like(logq))
+def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
+    """Rows ``rows`` of a minibatch without their all-padding prompt/response columns."""
+    out = {}
+    for k, v in batch.items():
+        if k in ("prompt_ids", "prompt_mask"):
+            out[k] = v[rows, p0:]
+        elif k in RESPONSE_FIELDS or k in ("rewards", "returns", "advantages", "step_weights"):
+            out[k] = v[rows, :t1]
+    return out
 
-    pg_sum, n, clip_frac = adv.pg_loss(logq, batch["mix_logp"], batch["advantages"], mask,
-                                       clip_eps=cfg.clip_eps if cfg.clip_eps else None)
-    loss = cfg.pg_coef * pg_sum
-    metrics = {"pg_loss": float(pg_sum.detach()) / max(int(n), 1), "clip_frac": float(clip_frac)}
+
+def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
+    """Summed MiniLLM loss of a minibatch and its metrics. The policy forward runs in chunks of
+    ``cfg.chunk_rows`` rows of similar prompt length (padding columns dropped); every term is a
+    sum over tokens, so chunking changes nothing but the work."""
+    loss, n_all, pg_all, ss_all, clipped, ratio_all = 0.0, 0, 0.0, 0.0, 0.0, 0.0
+    for rows, p0, t1 in fwd.length_chunks(batch["prompt_mask"], batch["response_mask"], cfg.chunk_rows):
+        mb = _rows(batch, rows, p0, t1)
+        mask = mb["response_mask"]
+        logits = response_logits(model, mb, vocab)  # (b, t1, V)
+        logq = torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), -1)
+        logq = logq.gather(-1, mb["response_ids"][..., None]).squeeze(-1)  # (b, t1)
+        logq = torch.where(mask.bool(), logq, torch.zeros_like(logq))
+
+        pg_sum, n, clip_frac = adv.pg_loss(logq, mb["mix_logp"], mb["advantages"], mask,
+                                           clip_eps=cfg.clip_eps if cfg.clip_eps else None)
+        loss = loss + cfg.pg_coef * pg_sum
+        n_all, pg_all, clipped = n_all + int(n), pg_all + float(pg_sum.detach()), clipped + float(clip_frac) * int(n)
+        if cfg.single_step:
+            t_logits = teacher_response_logits(teacher, mb, vocab)
+            weights = mb["step_weights"] if cfg.single_step_importance_weight else None
+            # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
+            ss_sum, _ = adv.single_step_kl(logits.float() / cfg.temperature, t_logits.float() / cfg.temperature, mask,
+                                           weights=weights)
+            loss = loss + ss_sum
+            ss_all += float(ss_sum.detach())
+        ratio_all += float((torch.exp((logq.detach() - mb["student_logp"]) * mask) * mask).sum())
+    n = max(n_all, 1)
+    metrics = {"pg_loss": pg_all / n, "clip_frac": clipped / n}
     if cfg.single_step:
-        t_logits = teacher_response_logits(teacher, batch, vocab)
-        weights = batch["step_weights"] if cfg.single_step_importance_weight else None
-        # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
-        ss_sum, _ = adv.single_step_kl(logits.float() / cfg.temperature, t_logits.float() / cfg.temperature, mask, weights=weights)
-        loss = loss + ss_sum
-        metrics["single_step_kl"] = float(ss_sum.detach()) / max(int(n), 1)
+        metrics["single_step_kl"] = ss_all / n
     if "lm_ids" in batch:
         lm = pretrain_loss(model, teacher, batch["lm_ids"], cfg.kd_ratio, vocab)
         loss = loss + cfg.lm_coef * lm * batch["num_tokens"]  # the loop divides by response tokens
         metrics["lm_loss"] = float(lm.detach())
     metrics.update(batch["stats"])
-    ratio = torch.exp((logq.detach() - batch["student_logp"]) * mask)
-    metrics["ratio_new_old"] = float((ratio * mask).sum() / mask.sum().clamp(min=1))
+    metrics["ratio_new_old"] = ratio_all / n
     return loss, metrics
 
 
