@@ -264,7 +264,8 @@ def build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5) or sorted(
+                (f for f in fields if str(key).startswith(f) or f.startswith(str(key))), key=len, reverse=True)[:1]
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise UserError(f"{_key(where, str(key))}: unknown key{hint}")
     kwargs = {}
@@ -290,10 +291,17 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a YAML recipe") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in str(e.problem):
+            # safe_load has no constructor for !!python/... tags (they could run code): refused
+            tag = str(e.problem).split("tag ")[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+            raise UserError(f"{path}{line}: unsupported YAML tag {tag} (recipes are plain YAML; "
+                            "python tags are refused because they could run code)") from None
         raise UserError(f"{path}{line}: YAML syntax error: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML error: {e}") from None
@@ -366,6 +374,10 @@ def parse_recipe(data: dict, source: str = "recipe") -> RecipeConfig:
         seen.add(cfg.name)
         stages.append(cfg)
     recipe.stages = stages
+    for i, cfg in enumerate(stages):  # checks that need the other stages (e.g. pd reading a pd_store)
+        check = getattr(stage_module(cfg.type), "check_in_recipe", None)
+        if check is not None:
+            check(recipe, i, f"{source}: stages[{i}] ({cfg.name})")
     _check_cross(recipe, source)
     return recipe
 

@@ -239,12 +239,20 @@ class LogitStore:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UserError(f"{self.folder}: logit store folder not found (build it with a pd_store stage)")
-        header = _read_json(self.folder / HEADER)
-        if header is None:
+        path = self.folder / HEADER
+        if not path.is_file():
             raise UserError(f"{self.folder}: logit store is incomplete (no {HEADER}; run or resume its pd_store stage)")
+        header = _read_json(path)
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: logit store header is unreadable (not a JSON object); rebuild the store")
         if header.get("format") != FORMAT or header.get("version") != VERSION:
             raise UserError(f"{self.folder}: not a minidistill logit store of version {VERSION} "
                             f"(format {header.get('format')!r}, version {header.get('version')!r})")
+        missing = [k for k in (*CHECKED, "shard_blocks", "shards") if k not in header]
+        if missing or not isinstance(header["shards"], list) or not all(
+                isinstance(s, dict) and isinstance(s.get("files"), dict) for s in header["shards"]):
+            raise UserError(f"{path}: logit store header is damaged (missing or malformed {missing or ['shards']}); "
+                            "rebuild the store")
         for s in header["shards"]:
             for fname, size in s["files"].items():
                 p = self.folder / fname

@@ -93,7 +93,10 @@ def load_tokenizer(model: str, gguf_file: str | None = None, trust_remote_code: 
     folder, gguf = resolve_path(model, gguf_file)
     if gguf is not None:
         folder = str(dequantize_gguf(folder, gguf))
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - as for the model
+        raise _load_error(model, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -114,12 +117,21 @@ def load_model(
         folder = str(dequantize_gguf(folder, gguf))
     try:
         m = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"model '{model}': cannot load ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # noqa: BLE001 - a broken or foreign model folder is the user's to fix
+        raise _load_error(model, e) from None
     m.to(device)
     if not with_tokenizer:
         return m
     return m, load_tokenizer(folder, trust_remote_code=trust_remote_code)
+
+
+def _load_error(model: str, e: Exception) -> UserError:
+    """One line for a model that does not load (missing/corrupt files, custom code, unknown architecture)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if "trust_remote_code" in msg:
+        return UserError(f"model '{model}': the folder holds custom model code that would have to run to load it; "
+                         "set trust_remote_code: true in the recipe only if you trust that code")
+    return UserError(f"model '{model}': cannot load ({type(e).__name__}: {msg[:200]})")
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -207,14 +219,22 @@ def check_tokenizers_match(teacher_tok, student_tok, where: str = "student.model
         )
 
 
+def check_lora_targets(model: PreTrainedModel, lora) -> None:
+    """Every ``lora.target_modules`` name must name modules of ``model`` (before any LoRA is added)."""
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora.target_modules if t not in names]
+    if missing or not lora.target_modules:
+        layers = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D", "Embedding")} - {""})
+        raise UserError(f"student.lora.target_modules: {missing or 'an empty list'} not found in the model "
+                        f"(its linear/embedding layers: {', '.join(layers)})")
+
+
 def add_lora(model: PreTrainedModel, lora) -> PreTrainedModel:
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
-    names = {n.split(".")[-1] for n, _ in model.named_modules()}
-    missing = [t for t in lora.target_modules if t not in names]
-    if missing:
-        raise UserError(f"student.lora.target_modules: {missing} not found in the model (has e.g. {sorted(names)[:12]})")
+    check_lora_targets(model, lora)
     cfg = PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                    target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)

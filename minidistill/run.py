@@ -3,10 +3,23 @@
 From Python: ``minidistill.run.main(["recipe.yaml", "seed=1"])`` (returns the exit code) or
 ``run_recipe(recipe)`` with a ``RecipeConfig``.
 
-The pipeline: validate the recipe (before any model loads), prepare ``output_dir``, load the
-teacher (frozen) and tokenizer, build the student, then run the stages in order; each stage's
-``final/`` student is the next stage's input. A stage whose ``final/`` already exists is
-skipped when resuming.
+The pipeline: validate the recipe (before any model loads), check ``output_dir`` (read-only),
+load the teacher (frozen) and tokenizer, build the student, read and check the data the stages
+will need (``preflight``), and only then write into ``output_dir`` (``recipe.yaml``); then run
+the stages in order; each stage's ``final/`` student is the next stage's input. A stage whose
+``final/`` already exists is skipped when resuming.
+
+Bad input (``UserError``: exit status 2, one line) never leaves partial output:
+
+* found before the first stage starts (the recipe, model paths and files, vocabularies, LoRA
+  targets, instruction/corpus files, logit stores given by path, output_dir itself): nothing
+  is written, ``output_dir`` is exactly as it was (an ``overwrite`` target is not cleared);
+* found mid-pipeline, in data an earlier stage produced (e.g. a generate stage's corpus that is
+  too short for one block): ``output_dir`` holds ``recipe.yaml``, ``metrics.jsonl`` and the
+  complete outputs of the stages before; the failing stage has no checkpoints and no ``final/``
+  (stages read their data before training; checkpoints and ``final/`` only ever appear
+  complete). Fix the input and run again with ``resume=auto`` (same recipe: finished stages are
+  skipped) or ``overwrite=true``.
 """
 
 from __future__ import annotations
@@ -106,10 +119,13 @@ class Run:
                 raise UserError("recipe.data.train: required by this stage (instruction data path)")
             # prompt-only data is fine when a generate stage lets the teacher write the responses
             need = not any(st.type == "generate" for st in self.recipe.stages)
-            train = data.load_instructions(d.train, require_output=need)
+            train = _named("data.train", lambda: data.load_instructions(d.train, require_output=need))
             if d.valid:
-                valid = data.load_instructions(d.valid, require_output=need)
+                valid = _named("data.valid", lambda: data.load_instructions(d.valid, require_output=need))
             elif d.valid_size:
+                if d.valid_size >= len(train):
+                    raise UserError(f"recipe.data.valid_size: holding out {d.valid_size} examples leaves no training "
+                                    f"examples ({d.train} has {len(train)}); lower it or set data.valid")
                 train, valid = train[d.valid_size:], train[: d.valid_size]
             else:
                 valid = []
@@ -128,9 +144,11 @@ class Run:
         for key in [k for k in self._cache if k.startswith(("sft_rows/", "seqkd_prompts/"))]:
             del self._cache[key]
 
-    def set_corpus_texts(self, texts: list[str]) -> None:
-        """Use these documents as the plain-text corpus for the stages that follow."""
-        self._corpus_texts = list(texts)
+    def set_corpus_texts(self, texts: list[str], source: str = "generated text") -> None:
+        """Use these documents as the plain-text corpus for the stages that follow (``source`` names them in errors)."""
+        from .data import TextList
+
+        self._corpus_texts = TextList(texts, [source])
         self._cache.pop("corpus", None)
 
     def corpus(self):
@@ -145,8 +163,10 @@ class Run:
                 if not d.corpus:
                     raise UserError("recipe.data.corpus: this stage needs plain text (PD, or MiniLLM's L_PT with lm_coef > 0): "
                                     "list text files, or add a generate stage with corpus: true")
-                texts = data.load_texts(d.corpus)
-            blocks = data.pack_blocks(texts, self.tokenizer, d.block_len)
+                texts = _named("data.corpus", lambda: data.load_texts(d.corpus))
+                blocks = _named("data.corpus", lambda: data.pack_blocks(texts, self.tokenizer, d.block_len))
+            else:  # a stage's text names itself in errors
+                blocks = data.pack_blocks(texts, self.tokenizer, d.block_len)
             if d.valid_blocks:
                 if d.valid_blocks >= len(blocks):
                     raise UserError(f"recipe.data.valid_blocks: {d.valid_blocks} held-out blocks leave no training text (the corpus packs into {len(blocks)} blocks of {d.block_len} tokens)")
@@ -261,13 +281,21 @@ def relaunch_cpu_workers(n: int, argv: list[str]) -> int:
 # ---- building models -------------------------------------------------------------------------
 
 
+def _named(key: str, load):
+    """Call ``load()``; a UserError from it is prefixed with the recipe key that named the input."""
+    try:
+        return load()
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+
+
 def load_teacher(run: Run) -> None:
     """Load the teacher in fp32 (a pruned student is copied from full-precision weights).
     Under FSDP it stays on the CPU until ``shard_teacher`` moves each process's shard over."""
     r = run.recipe
-    teacher, tok = models.load_model(r.teacher.model, gguf_file=r.teacher.gguf_file, dtype="fp32",
-                                     device="cpu" if run.fsdp else run.device,
-                                     trust_remote_code=r.teacher.trust_remote_code)
+    teacher, tok = _named("teacher.model", lambda: models.load_model(
+        r.teacher.model, gguf_file=r.teacher.gguf_file, dtype="fp32", device="cpu" if run.fsdp else run.device,
+        trust_remote_code=r.teacher.trust_remote_code))
     run.teacher = models.freeze(teacher)
     run.tokenizer = tok
 
@@ -276,8 +304,8 @@ def build_student(run: Run):
     """The initial student; afterwards the teacher is cast to its run dtype."""
     s, r = run.recipe.student, run.recipe
     if s.init == "pretrained":
-        student, tok = models.load_model(s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device,
-                                         trust_remote_code=s.trust_remote_code)
+        student, tok = _named("student.model", lambda: models.load_model(
+            s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device, trust_remote_code=s.trust_remote_code))
         models.check_tokenizers_match(run.tokenizer, tok)
     elif s.init == "prune":
         n = len(models._decoder_layers(run.teacher))
@@ -326,6 +354,34 @@ def shard_teacher(run: Run) -> None:
     run.teacher.eval()
 
 
+INSTRUCTION_STAGES = ("sft", "kd", "seqkd", "minillm", "generate", "evaluate")
+
+
+def preflight(run: Run, student) -> None:
+    """Read and check, before anything is written, what the stages will read: LoRA targets, the
+    instruction data (parsed, and its prompts fit max_prompt_length), the corpus (packs into blocks)
+    and logit stores given by path. Data a stage produces (generate) is checked when it exists."""
+    from . import data
+    from .stages import pd
+
+    r, d = run.recipe, run.recipe.data
+    if r.student.lora.enabled:
+        models.check_lora_targets(student, r.student.lora)
+    if any(s.type in INSTRUCTION_STAGES for s in r.stages):
+        for split in ("train", "valid"):
+            examples = run.instructions(split)
+            if examples:
+                data.tokenize_prompts(examples, run.tokenizer, template=d.template,
+                                      max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+    for s in r.stages:
+        if s.type == "generate" and s.corpus and "train" in s.splits:
+            break  # later stages read the generated text, not data.corpus
+        if s.type in ("pd", "pd_store") or (s.type == "minillm" and s.lm_coef > 0):
+            blocks = run.corpus()[0]
+            if s.type == "pd" and s.teacher_logits == "offline" and s.store and not pd.lm_only(s):
+                pd.open_store(run, s, blocks)
+
+
 def prepare_for_stage(run: Run, student):
     s = run.recipe.student
     if s.gradient_checkpointing:
@@ -354,7 +410,8 @@ def _identity(resolved_yaml: str) -> dict:
     return {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS}
 
 
-def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
+def check_output_dir(recipe: RecipeConfig, resolved: str) -> None:
+    """Refuse an output_dir this run must not or cannot write to; reads only, writes nothing."""
     out = Path(recipe.output_dir)
     saved = out / "recipe.yaml"
     if out.exists() and not out.is_dir():
@@ -362,15 +419,34 @@ def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
     if saved.is_file():
         same = _identity(saved.read_text()) == _identity(resolved)
         if recipe.overwrite:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            pass
         elif recipe.resume == "auto":
             if not same:
                 raise UserError(f"recipe.output_dir: '{out}' holds a run of a different recipe; resume needs the same recipe (or set overwrite=true)")
         else:
             raise UserError(f"recipe.output_dir: '{out}' already holds a run; set resume=auto to continue it or overwrite=true to replace it")
-    elif recipe.resume == "auto" and out.is_dir() and any(out.iterdir()):
-        raise UserError(f"recipe.output_dir: '{out}' has files but no recipe.yaml of a minidistill run; refusing to resume into it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"recipe.output_dir: '{out}' is not empty and holds no minidistill run (no recipe.yaml); "
+                        "use a new or empty folder")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"recipe.output_dir: '{parent}' is not a folder, so '{out}' cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"recipe.output_dir: '{out}' is not writable (no write permission on '{parent}')")
+
+
+def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
+    """Check output_dir again, clear it for overwrite, create it and write recipe.yaml."""
+    check_output_dir(recipe, resolved)
+    out = Path(recipe.output_dir)
+    saved = out / "recipe.yaml"
+    if saved.is_file() and recipe.overwrite:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif recipe.resume == "auto" and not saved.is_file():
+        console.print(f"resume=auto: no earlier run in '{out}', starting from scratch")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -384,13 +460,15 @@ def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
 def run_recipe(recipe: RecipeConfig) -> dict:
     """Run every stage; returns {stage name: final folder} (raises UserError on bad input)."""
     resolved = dump_yaml(recipe)
+    check_output_dir(recipe, resolved)  # read-only; nothing is written until every input has been checked
     run = Run(recipe)
-    if run.accelerator.is_main_process:
-        prepare_output_dir(recipe, resolved)
-    run.accelerator.wait_for_everyone()
     load_teacher(run)
     student = build_student(run)
     shard_teacher(run)
+    preflight(run, student)
+    if run.accelerator.is_main_process:
+        prepare_output_dir(recipe, resolved)
+    run.accelerator.wait_for_everyone()
     console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
     finals = {}
     for cfg in recipe.stages:

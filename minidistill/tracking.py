@@ -17,10 +17,14 @@ class Metrics:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._tb = None
-        if enabled and tensorboard:
+        self._tb_dir = Path(out_dir) / "tb" if enabled and tensorboard else None  # opened at the first log
+
+    def _writer(self):
+        if self._tb is None and self._tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self._tb = SummaryWriter(str(self._tb_dir))
+        return self._tb
 
     def log(self, stage: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -29,7 +33,7 @@ class Metrics:
         row.update({k: _clean(v) for k, v in values.items()})
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
+        if self._writer() is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{stage}/{k}", v, step)

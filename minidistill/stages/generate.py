@@ -51,6 +51,6 @@ def run(run, cfg: Config, student) -> None:
         run.set_instructions(split, examples)
         console.print(f"stage '{cfg.name}': {split} split now has {len(examples)} teacher responses as references")
         if split == "train" and cfg.corpus:
-            run.set_corpus_texts([r["prompt"] + r["output"] for r in records])
+            run.set_corpus_texts([r["prompt"] + r["output"] for r in records], f"stage '{cfg.name}' generated text")
     return None
 

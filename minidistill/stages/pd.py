@@ -79,6 +79,22 @@ class Config(TrainConfig):
             raise UserError(f"{where}.store: only used with teacher_logits 'offline'")
 
 
+def check_in_recipe(recipe, index: int, where: str) -> None:
+    """An offline pd stage needs a store: ``store`` or an earlier pd_store stage with the same top_p/top_k."""
+    cfg = recipe.stages[index]
+    if cfg.teacher_logits != "offline" or lm_only(cfg) or cfg.store:
+        return
+    earlier = [s for s in recipe.stages[:index] if s.type == "pd_store"]
+    if not earlier:
+        raise UserError(f"{where}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
+                        "or put a pd_store stage before this stage")
+    src = earlier[-1]
+    for key in ("top_p", "top_k"):
+        if getattr(cfg, key) != getattr(src, key):
+            raise UserError(f"{where}.{key}: {getattr(cfg, key)} differs from stage '{src.name}' ({key} {getattr(src, key)}), "
+                            "whose logit store this stage reads; use the same top_p and top_k")
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -147,8 +163,12 @@ def expected_identity(run, cfg, blocks: torch.Tensor) -> dict:
 
 
 def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
-    store = LogitStore(store_folder(run, cfg))
-    store.check(expected_identity(run, cfg, blocks))
+    folder = store_folder(run, cfg)
+    try:
+        store = LogitStore(folder)
+        store.check(expected_identity(run, cfg, blocks))
+    except UserError as e:  # name the recipe key that led to this store
+        raise UserError(f"stages.{cfg.name}.store: {e}") from None
     teacher = store.header.get("teacher")
     if teacher and teacher != run.recipe.teacher.model:
         console.print(f"[yellow]logit store {store.folder}: built from teacher {teacher!r}, this run's teacher is "
