@@ -192,6 +192,11 @@ def _identity(resolved_yaml: str) -> dict:
     return {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS}
 
 
+def _leftover(p: Path) -> bool:
+    """A file this function itself writes, left by a run killed before recipe.yaml was in place."""
+    return p.name == ".write-test" or p.name.startswith(".tmp-recipe.yaml")
+
+
 def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
     out = Path(recipe.output_dir)
     saved = out / "recipe.yaml"
@@ -207,7 +212,7 @@ def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
                 raise UserError(f"recipe.output_dir: '{out}' holds a run of a different recipe; resume needs the same recipe (or set overwrite=true)")
         else:
             raise UserError(f"recipe.output_dir: '{out}' already holds a run; set resume=auto to continue it or overwrite=true to replace it")
-    elif recipe.resume == "auto" and out.is_dir() and any(out.iterdir()):
+    elif recipe.resume == "auto" and out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         raise UserError(f"recipe.output_dir: '{out}' has files but no recipe.yaml of a minidistill run; refusing to resume into it")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +226,8 @@ def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
 
 def run_recipe(recipe: RecipeConfig) -> dict:
     """Run every stage; returns {stage name: final folder} (raises UserError on bad input)."""
+    from accelerate.utils import set_seed
+
     resolved = dump_yaml(recipe)
     run = Run(recipe)
     if run.accelerator.is_main_process:
@@ -230,7 +237,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     student = build_student(run)
     console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
     finals = {}
-    for cfg in recipe.stages:
+    for index, cfg in enumerate(recipe.stages):
         final = run.stage_dir(cfg.name) / "final"
         if recipe.resume == "auto" and ckpt.is_complete(final)[0]:
             console.print(f"stage '{cfg.name}': final/ exists, skipping")
@@ -238,6 +245,9 @@ def run_recipe(recipe: RecipeConfig) -> dict:
             finals[cfg.name] = final
             continue
         console.rule(f"stage {cfg.name} ({cfg.type})")
+        # every stage starts from its own seeded RNG state, so a run resumed between stages (earlier
+        # finals loaded from disk) continues exactly like an uninterrupted one
+        set_seed(recipe.seed + index)
         module = stage_module(cfg.type)
         if not getattr(module, "TRAINS", True):  # generate / evaluate: no student update, no final/
             module.run(run, cfg, student)
@@ -245,7 +255,8 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         student = prepare_for_stage(run, student)
         result = module.run(run, cfg, student)
         if result.stopped:
-            raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}; run again with resume=auto to continue")
+            raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
+                                  "run again with resume=auto to continue")
         if run.accelerator.is_main_process:
             ckpt.export_hf(result.model, run.tokenizer, final)
         run.accelerator.wait_for_everyone()
