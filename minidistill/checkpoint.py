@@ -230,9 +230,12 @@ def export_hf(model, tokenizer, out: Path) -> Path:
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _write_manifest(tmp)
+    old = out.parent / f".old-{out.name}"  # renames, not a slow rmtree, between the old and new folder
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
