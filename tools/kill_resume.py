@@ -2,6 +2,7 @@
 uninterrupted run ends.
 
     python tools/kill_resume.py --stage {sft,pd_online,pd_offline,minillm,all} --kills 10 --seed 0 --out DIR
+        [--steps 30] [--fork]
 
 Per stage it builds a tiny teacher + data in-process (``tests/tiny_assets.py``: a 4-layer, 32-wide
 Llama with a byte tokenizer; no downloads), writes a recipe with ``save_every: 1``, runs it once
@@ -27,7 +28,8 @@ Stages (each recipe is small enough for kills to land at varied moments):
 
 Kill moments come from a seeded RNG. Each kill has a *mode*:
 
-- ``startup``: a delay drawn uniformly over the measured start-up time (imports, model loading);
+- ``startup``: a delay drawn uniformly over the reference run's start-up time (imports, model
+  loading), or when the first metrics row appears if that comes sooner;
 - ``step``: once the trained stage has logged a drawn target step, a uniform delay within one step;
 - ``ckpt``: once the target step is reached, poll (about every millisecond) for a ``.tmp-step_*``
   folder and kill as soon as it appears, or a few milliseconds later (``ckpt_late``): inside the
@@ -36,8 +38,15 @@ Kill moments come from a seeded RNG. Each kill has a *mode*:
 - ``between``: as soon as an earlier stage's ``final/`` appears (the next stage not started);
 - ``export``: as soon as the last stage's ``.tmp-final`` export folder appears.
 
-A kill that arrives after the process already finished counts as missed (reported). Everything is
-CPU and fp32, one thread, so the comparison is bitwise: no tolerance is used.
+The order: store/between kills first (with ``--kills`` >= 3), then kills at drawn steps (sorted),
+then the export kill (with ``--kills`` >= 2). A kill that arrives after the process already
+finished counts as missed (reported; the attempt count then falls short of ``--kills``). Each
+attempt records the temp folders the kill left behind (evidence of where it landed) and what the
+next attempt reported (checkpoints skipped, the checkpoint resumed from, finished stages skipped).
+Everything is CPU and fp32, one thread, so the comparison is bitwise: no tolerance is used.
+
+``--fork`` runs each attempt in a forked copy of this process (``minidistill.run.main``, same code
+and the same SIGKILL) instead of a fresh interpreter: much faster, used by ``tests/test_faults.py``.
 
 The script prints a per-stage summary and writes ``<out>/kill_resume.json``; exit status 0 if every
 stage ended equal with the requested number of kills delivered, 1 otherwise.
@@ -325,7 +334,9 @@ def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: 
             if mode == "startup":
                 delay = rng.uniform(0.0, startup)
                 record["delay_s"] = round(delay, 3)
-                ok = wait_until(proc, lambda: time.monotonic() - t_start >= delay, delay + 600, interval=0.005)
+                # or as soon as training starts, if start-up is quicker than measured (a loaded machine)
+                ok = wait_until(proc, lambda: time.monotonic() - t_start >= delay or bool(tail.poll()), delay + 600,
+                                interval=0.005)
             elif mode in ("step", "ckpt", "ckpt_late"):
                 target = kill["target"]
                 record["target_step"] = target
