@@ -8,6 +8,9 @@ A checkpoint is a folder ``<stage_dir>/checkpoints/step_0000100/`` holding
 - ``manifest.json``       written last: every file's size; a folder without it, or whose files
   do not match it, is incomplete and skipped on resume (with a message).
 It is written to ``.tmp-step_...`` and renamed into place, so it is never visible half-written.
+Resume (``load_latest``) takes the newest complete checkpoint whose files can all be read, reporting
+each one it skips in one line; with none usable the stage starts from step 0. ``prune`` never
+deletes the checkpoint just written, so ``keep_last: 1`` always leaves one good checkpoint.
 Final models go out as Hugging Face folders the same way (temp, then rename).
 """
 
@@ -65,7 +68,8 @@ def is_complete(folder: Path) -> tuple[bool, str]:
         return False, "no manifest.json (interrupted while writing)"
     try:
         files = json.loads(man.read_text())["files"]
-    except (ValueError, KeyError):
+        files = {str(k): int(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False, "manifest.json is corrupt"
     for name, size in files.items():
         p = folder / name
@@ -99,7 +103,7 @@ def save_checkpoint(acc, root: Path, step: int, model, optimizer, scheduler, sou
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        prune(root, keep_last)
+        prune(root, keep_last, current=step)
     acc.wait_for_everyone()
     return final
 
@@ -116,10 +120,22 @@ def _dedupe(weights: dict) -> dict:
     return out
 
 
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def list_complete(root: Path, report=print) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first; incomplete ones are reported and skipped."""
+    """Complete checkpoints under ``root``, oldest first; incomplete ones (and temp folders left by
+    an interrupted write) are reported, one line each, and skipped."""
     out = []
-    for d in sorted(Path(root).glob("step_*")):
+    root = Path(root)
+    if report is not None:
+        for d in sorted(root.glob(".tmp-step_*")):
+            report(f"skipping incomplete checkpoint {d}: temp folder of an interrupted write")
+    for d in sorted(root.glob("step_*"), key=_step_of):
         ok, why = is_complete(d)
         if ok:
             out.append(d)
@@ -128,29 +144,75 @@ def list_complete(root: Path, report=print) -> list[Path]:
     return out
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints (and stale temp folders)."""
+def prune(root: Path, keep_last: int, current: int | None = None) -> None:
+    """After checkpoint ``current`` was written: delete all but the newest ``keep_last`` complete
+    checkpoints up to it, incomplete ones, newer ones (left by an earlier attempt that resume did
+    not use, so stale) and temp folders. The checkpoint just written is always kept."""
+    root = Path(root)
+    stale = [d for d in root.glob("step_*") if current is not None and _step_of(d) > current]
+    stale += [d for d in root.glob("step_*") if d not in stale and not is_complete(d)[0]]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
     good = list_complete(root, report=None)
     for d in good[: max(0, len(good) - max(1, keep_last))]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in Path(root).glob(".tmp-step_*"):
+    for d in root.glob(".tmp-step_*"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+def read_checkpoint(acc, folder: Path) -> dict:
+    """Every file of checkpoint ``folder`` this process needs, read into memory (raises if one is
+    unreadable); nothing is applied yet, so a failed read leaves the run untouched."""
+    folder = Path(folder)
+    return {
+        "weights": load_file(str(folder / "model.safetensors")),
+        "optimizer": torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"),
+        "scheduler": torch.load(folder / "scheduler.pt", weights_only=True),
+        "rng": torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True),
+        "source": torch.load(folder / f"source_{acc.process_index}.pt", weights_only=True),
+        "state": json.loads((folder / "state.json").read_text()),
+    }
+
+
+def apply_checkpoint(acc, folder: Path, loaded: dict, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restore model/optimizer/scheduler/RNG from ``read_checkpoint``; returns (state, source_state)."""
+    target = acc.unwrap_model(model)
+    missing, unexpected = target.load_state_dict(loaded["weights"], strict=False)
+    if unexpected or [k for k in missing if k in dict(target.named_parameters())]:
+        raise UserError(f"{folder}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng"])
+    return loaded["state"], loaded["source"]
 
 
 def load_checkpoint(acc, folder: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
     """Restore model/optimizer/scheduler/RNG from ``folder``; returns (state, source_state)."""
-    folder = Path(folder)
-    weights = load_file(str(folder / "model.safetensors"))
-    target = acc.unwrap_model(model)
-    missing, unexpected = target.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k in dict(target.named_parameters())]:
-        raise UserError(f"{folder}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True))
-    source_state = torch.load(folder / f"source_{acc.process_index}.pt", weights_only=True)
-    state = json.loads((folder / "state.json").read_text())
-    return state, source_state
+    return apply_checkpoint(acc, folder, read_checkpoint(acc, folder), model, optimizer, scheduler)
+
+
+def load_latest(acc, root: Path, model, optimizer, scheduler, report=print) -> tuple[Path, dict, dict] | None:
+    """Resume from the newest usable checkpoint under ``root``: (folder, state, source_state), or
+    None (nothing usable: the stage starts from step 0, said in one line if anything was skipped).
+
+    Incomplete checkpoints (no/corrupt manifest, missing or wrong-size files, temp folders) are
+    reported and skipped by ``list_complete``; a complete one whose files cannot be read is
+    reported and the previous one is tried. All processes take the same decision."""
+    root = Path(root)
+    skipped = any(root.glob(".tmp-step_*")) or any(root.glob("step_*"))
+    for folder in reversed(list_complete(root, report=report)):
+        try:
+            loaded, why = read_checkpoint(acc, folder), ""
+        except Exception as e:  # corrupt content of the right size: fall back to the previous one
+            loaded, why = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        ok = float(acc.reduce(torch.tensor(float(loaded is not None), device=acc.device), "sum"))
+        if ok == acc.num_processes:
+            state, source_state = apply_checkpoint(acc, folder, loaded, model, optimizer, scheduler)
+            return folder, state, source_state
+        report(f"skipping unreadable checkpoint {folder}: {why or 'unreadable on another process'}")
+    if skipped:
+        report(f"no usable checkpoint under {root}: starting this stage from step 0")
+    return None
 
 
 def export_hf(model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:
@@ -169,9 +231,12 @@ def export_hf(model, tokenizer, out: Path, state_dict: dict | None = None) -> Pa
         model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _write_manifest(tmp)
+    old = out.parent / f".old-{out.name}"  # renames, not a slow rmtree, between the old and new folder
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -43,6 +43,7 @@ class LoopResult:
     step: int
     best: dict | None
     stopped: bool = False
+    checkpoint: Path | None = None  # the checkpoint written when stopped by a signal
 
 
 def make_optimizer(model, cfg) -> torch.optim.Optimizer:
@@ -127,12 +128,16 @@ def train(
 
     step, best, bad_in_row, skipped = 0, None, 0, 0
     if run.recipe.resume == "auto":
-        found = ckpt.list_complete(ckpt_root, report=lambda m: console.print(f"[yellow]{m}[/]"))
+        def report(m: str) -> None:
+            if acc.is_main_process:
+                console.print(m, style="yellow", markup=False, soft_wrap=True)
+
+        found = ckpt.load_latest(acc, ckpt_root, model, optimizer, scheduler, report=report)
         if found:
-            state, source_state = ckpt.load_checkpoint(acc, found[-1], model, optimizer, scheduler)
+            folder, state, source_state = found
             source.load_state_dict(source_state)
             step, best, skipped = state["step"], state.get("best"), state.get("skipped_steps", 0)
-            console.print(f"resumed stage '{cfg.name}' from {found[-1]} (step {step})")
+            console.print(f"resumed stage '{cfg.name}' from {folder} (step {step})", markup=False, soft_wrap=True)
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "best": best, "skipped_steps": skipped}
@@ -159,8 +164,8 @@ def train(
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not acc.is_main_process, dynamic_ncols=True)
-    stopped = False
-    with GracefulStop() as stop:
+    stopped, where = False, None
+    with GracefulStop() as stop, contextlib.closing(bar):  # the bar ends its line even on an error
         while step < total_steps:
             t0 = time.perf_counter()
             micro = [source.next_batch() for _ in range(cfg.grad_accum)]
@@ -215,7 +220,7 @@ def train(
             if stop.requested:
                 where = save(step)
                 bar.close()
-                console.print(f"[yellow]stopped by signal at step {step}; checkpoint: {where}[/]")
+                console.print(f"stopped by signal at step {step}; checkpoint: {where}", style="yellow", markup=False, soft_wrap=True)
                 stopped = True
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
@@ -224,4 +229,4 @@ def train(
     if not stopped:
         run_eval(step)
     model = acc.unwrap_model(model)
-    return LoopResult(model=model, step=step, best=best, stopped=stopped)
+    return LoopResult(model=model, step=step, best=best, stopped=stopped, checkpoint=where if stopped else None)

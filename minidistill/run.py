@@ -410,6 +410,11 @@ def _identity(resolved_yaml: str) -> dict:
     return {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS}
 
 
+def _leftover(p: Path) -> bool:
+    """A file prepare_output_dir itself writes, left by a run killed before recipe.yaml was in place."""
+    return p.name == ".write-test" or p.name.startswith(".tmp-recipe.yaml")
+
+
 def check_output_dir(recipe: RecipeConfig, resolved: str) -> None:
     """Refuse an output_dir this run must not or cannot write to; reads only, writes nothing."""
     out = Path(recipe.output_dir)
@@ -425,7 +430,7 @@ def check_output_dir(recipe: RecipeConfig, resolved: str) -> None:
                 raise UserError(f"recipe.output_dir: '{out}' holds a run of a different recipe; resume needs the same recipe (or set overwrite=true)")
         else:
             raise UserError(f"recipe.output_dir: '{out}' already holds a run; set resume=auto to continue it or overwrite=true to replace it")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
         raise UserError(f"recipe.output_dir: '{out}' is not empty and holds no minidistill run (no recipe.yaml); "
                         "use a new or empty folder")
     parent = out
@@ -459,6 +464,8 @@ def prepare_output_dir(recipe: RecipeConfig, resolved: str) -> None:
 
 def run_recipe(recipe: RecipeConfig) -> dict:
     """Run every stage; returns {stage name: final folder} (raises UserError on bad input)."""
+    from accelerate.utils import set_seed
+
     resolved = dump_yaml(recipe)
     check_output_dir(recipe, resolved)  # read-only; nothing is written until every input has been checked
     run = Run(recipe)
@@ -471,7 +478,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     run.accelerator.wait_for_everyone()
     console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
     finals = {}
-    for cfg in recipe.stages:
+    for index, cfg in enumerate(recipe.stages):
         final = run.stage_dir(cfg.name) / "final"
         if recipe.resume == "auto" and ckpt.is_complete(final)[0]:
             console.print(f"stage '{cfg.name}': final/ exists, skipping")
@@ -479,6 +486,9 @@ def run_recipe(recipe: RecipeConfig) -> dict:
             finals[cfg.name] = final
             continue
         console.rule(f"stage {cfg.name} ({cfg.type})")
+        # every stage starts from its own seeded RNG state, so a run resumed between stages (earlier
+        # finals loaded from disk) continues exactly like an uninterrupted one
+        set_seed(recipe.seed + index)
         module = stage_module(cfg.type)
         if not getattr(module, "TRAINS", True):  # generate / evaluate: no student update, no final/
             module.run(run, cfg, student)
@@ -486,7 +496,8 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         student = prepare_for_stage(run, student)
         result = module.run(run, cfg, student)
         if result.stopped:
-            raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}; run again with resume=auto to continue")
+            raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
+                                  "run again with resume=auto to continue")
         run.export(result.model, final)
         student = result.model.merge_and_unload() if models.is_peft(result.model) else result.model
         if getattr(student, "is_activation_checkpointing", False):
