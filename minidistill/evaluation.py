@@ -223,13 +223,16 @@ def evaluate_instructions(
     no_repeat_ngram_size: int = 6,
     long_prompt: str = "drop",
     progress: bool = True,
+    keep_ids: bool = False,
 ) -> dict[str, Any]:
     """Generate for every prompt once per seed and score ROUGE-L against the references.
 
     Returns rougeL (mean over seeds), rougeL_per_seed, mean_length (generated tokens, EOS excluded),
     mean_length_per_seed, n_examples, the tokenization stats, and ``generations``: one dict per
     (seed, example) with seed, index, source, prompt, references, generation, rougeL, length.
-    Long prompts are dropped by default, as the MiniLLM data processing does.
+    Long prompts are dropped by default, as the MiniLLM data processing does. ``keep_ids`` adds
+    ``prompt_ids`` and ``generation_ids`` (new tokens, EOS excluded) to every generation record,
+    for analyses that score the samples token by token.
     """
     if not seeds:
         raise UserError("seeds: give at least one seed")
@@ -256,6 +259,8 @@ def evaluate_instructions(
                 "seed": int(seed), "index": i, "source": examples[i].source, "prompt": prompt_texts[k],
                 "references": refs[k], "generation": text, "rougeL": score, "length": len(toks),
             })
+            if keep_ids:
+                generations[-1].update(prompt_ids=list(ids[k]), generation_ids=list(toks))
     rouge = sum(per_seed.values()) / len(per_seed)
     return {
         "rougeL": rouge,
