@@ -254,47 +254,75 @@ def pg_loss(
 
 
 class _RowReverseKL(torch.autograd.Function):
-    """KL(softmax(s) || softmax(t)) for selected rows, chunked; recomputes in backward.
+    """Per row of (N, V) logits: KL(softmax(s/T) || softmax(t/T)) and, optionally, the student's
+    log-softmax at a target index; chunked over rows, recomputed in backward.
 
     Only one chunk of full-vocabulary compute-dtype tensors is alive at a time, in forward and in
-    backward; nothing per chunk is saved for backward.
+    backward; nothing per chunk is saved for backward. Rows where ``valid`` is False are never
+    read (their logits may hold anything) and get 0. A chunk whose rows are all valid is read as
+    a view (no gather copy); the logits may stay in bf16 (cast per chunk).
     """
 
     @staticmethod
-    def _chunk(s_rows: torch.Tensor, t_rows: torch.Tensor, dt: torch.dtype):
-        ls = torch.log_softmax(s_rows.to(dt), dim=-1)  # (C, V)
-        lt = torch.log_softmax(t_rows.to(dt), dim=-1)  # (C, V)
-        q = ls.exp()
-        d = torch.where(q > 0, ls - lt, torch.zeros((), dtype=dt, device=q.device))  # (C, V)
-        return q, d
+    def _chunk(student, teacher, valid, a: int, chunk: int, dt, scale: float):
+        v = valid[a : a + chunk]
+        if bool(v.all()):
+            idx = slice(a, a + v.numel())
+        else:
+            idx = v.nonzero()[:, 0] + a
+        # a fresh copy (dtype cast or row gather) may be overwritten; a view of the inputs may not
+        own_s = student.dtype != dt or not isinstance(idx, slice)
+        own_t = teacher.dtype != dt or not isinstance(idx, slice)
+        s, t = student[idx].to(dt), teacher[idx].to(dt)
+        if scale != 1.0:
+            s = s.mul_(scale) if own_s else s * scale
+            t, own_t = (t.mul_(scale) if own_t else t * scale), True
+        ls = torch.log_softmax(s, dim=-1)  # (C, V)
+        lt = torch.log_softmax(t, dim=-1)
+        d = ls.sub(lt) if not own_t else torch.sub(ls, lt, out=t)  # (C, V) log q - log p
+        return idx, ls, ls.exp(), d
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, chunk: int):
-        # student, teacher: (N, V); rows: (M,) -> (M,)
+    def forward(ctx, student, teacher, valid, targets, chunk: int, scale: float):
+        # student, teacher: (N, V); valid: (N,) bool; targets: (N,) long or None -> kl (N,), logq (N,)
         dt = _compute_dtype(student.dtype)
-        out = torch.empty(rows.numel(), dtype=dt, device=student.device)
-        for a in range(0, rows.numel(), chunk):
-            r = rows[a : a + chunk]
-            q, d = _RowReverseKL._chunk(student[r], teacher[r], dt)
-            out[a : a + chunk] = (q * d).sum(-1)
-        ctx.save_for_backward(student, teacher, rows, out)
-        ctx.chunk = chunk
-        return out
+        N = student.shape[0]
+        kl = torch.zeros(N, dtype=dt, device=student.device)
+        logq = torch.zeros(N, dtype=dt, device=student.device)
+        for a in range(0, N, chunk):
+            if not bool(valid[a : a + chunk].any()):
+                continue
+            idx, ls, q, d = _RowReverseKL._chunk(student, teacher, valid, a, chunk, dt, scale)
+            kl[idx] = torch.mul(q, d).nansum(-1)  # q = 0 where log q = -inf: those entries add nothing
+            if targets is not None:
+                logq[idx] = ls.gather(-1, targets[idx][:, None])[:, 0]
+        ctx.save_for_backward(student, teacher, valid, targets, kl)
+        ctx.chunk, ctx.scale = chunk, scale
+        return kl, logq
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        student, teacher, rows, kl = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            dt = kl.dtype
-            grad = torch.zeros_like(student)  # (N, V)
-            for a in range(0, rows.numel(), ctx.chunk):
-                r = rows[a : a + ctx.chunk]
-                q, d = _RowReverseKL._chunk(student[r], teacher[r], dt)
-                # d KL / d s_v = q_v * (log q_v - log p_v - KL)
-                g = grad_out[a : a + ctx.chunk, None].to(dt) * q * (d - kl[a : a + ctx.chunk, None])
-                grad[r] = g.to(grad.dtype)
-        return grad, None, None, None
+    def backward(ctx, g_kl, g_logq):
+        student, teacher, valid, targets, kl = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        dt = kl.dtype
+        grad = torch.zeros_like(student)  # (N, V)
+        for a in range(0, student.shape[0], ctx.chunk):
+            if not bool(valid[a : a + ctx.chunk].any()):
+                continue
+            idx, ls, q, d = _RowReverseKL._chunk(student, teacher, valid, a, ctx.chunk, dt, ctx.scale)
+            # d KL / d s_v = q_v (log q_v - log p_v - KL);  d log q_y / d s_v = 1[v = y] - q_v
+            # (in place on d: one chunk-sized buffer; q = 0 with log q = -inf gives NaN -> 0)
+            g = d.sub_(kl[idx, None]).mul_(q).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            g = g.mul_(g_kl[idx, None].to(dt)) if g_kl is not None else g.zero_()
+            if targets is not None and g_logq is not None:
+                gl = g_logq[idx].to(dt)[:, None]
+                g.addcmul_(q, gl, value=-1.0)
+                g.scatter_add_(-1, targets[idx][:, None], gl)
+            if ctx.scale != 1.0:
+                g.mul_(ctx.scale)
+            grad[idx] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
 
 
 def single_step_kl(
@@ -304,28 +332,48 @@ def single_step_kl(
     *,
     weights: torch.Tensor | None = None,
     chunk_size: int = 512,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact per-position reverse KL(q(.|y_<t) || p(.|y_<t)) over the vocabulary: (sum, count).
 
-    student_logits, teacher_logits: (B, T, V), the logits that predict y_t (teacher detached).
-    weights: optional (B, T) per-token weights (detached; e.g. importance weights).
-    Computed in at least float32, ``chunk_size`` valid positions at a time; padding logits are
-    never read, so they may hold anything.
+    student_logits, teacher_logits: (B, T, V), the logits that predict y_t (teacher detached),
+    divided by ``temperature`` inside. weights: optional (B, T) per-token weights (detached; e.g.
+    importance weights). Computed in at least float32, ``chunk_size`` positions at a time; padding
+    logits are never read, so they may hold anything.
     """
+    kl, _ = reverse_kl_and_logp(student_logits, teacher_logits, mask, None, chunk_size=chunk_size,
+                                temperature=temperature)
+    if weights is not None:  # where, not a product: weights at padding may hold anything
+        kl = torch.where(mask.bool(), kl * weights.detach().to(kl.dtype), torch.zeros((), dtype=kl.dtype))
+    return kl.sum(), mask.bool().sum()
+
+
+def reverse_kl_and_logp(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor | None,
+    *,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: the exact reverse KL(q || p) over the vocabulary and log q(target), both
+    (B, T), 0 at padding, differentiable w.r.t. the student logits; one chunked pass computes
+    the softmaxes both terms share (the policy-gradient term needs log q(y_t), the single-step
+    term the KL). Logits (B, T, V) are divided by ``temperature``; ``targets`` may be None."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
             f"{tuple(teacher_logits.shape)}"
         )
-    V = student_logits.shape[-1]
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape, V = mask.shape, student_logits.shape[-1]
     valid = mask.bool().reshape(-1)  # (B*T,)
-    rows = valid.nonzero().squeeze(-1)  # (M,)
-    s = student_logits.reshape(-1, V)  # (B*T, V)
-    t = teacher_logits.detach().reshape(-1, V)  # (B*T, V)
-    kl = _RowReverseKL.apply(s, t, rows, int(chunk_size))  # (M,)
-    if weights is not None:
-        kl = kl * weights.detach().reshape(-1)[rows].to(kl.dtype)
-    return kl.sum(), valid.sum()
+    tgt = targets.reshape(-1).long() if targets is not None else None
+    kl, logq = _RowReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), valid, tgt,
+                                   int(chunk_size), 1.0 / float(temperature))
+    return kl.reshape(shape), logq.reshape(shape)
 
 
 def mixed_logp(

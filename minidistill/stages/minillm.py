@@ -284,8 +284,13 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
         mb = _rows(batch, rows, p0, t1)
         mask = mb["response_mask"]
         logits = response_logits(model, mb, vocab)  # (b, t1, V)
-        logq = torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), -1)
-        logq = logq.gather(-1, mb["response_ids"][..., None]).squeeze(-1)  # (b, t1)
+        fused = cfg.single_step and cfg.top_k == 0 and cfg.top_p >= 1.0
+        if fused:  # one chunked pass gives log q(y_t) and the exact per-position KL
+            t_logits = teacher_response_logits(teacher, mb, vocab)
+            kl, logq = adv.reverse_kl_and_logp(logits, t_logits, mask, mb["response_ids"], temperature=cfg.temperature)
+        else:
+            logq = torch.log_softmax(process_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), -1)
+            logq = logq.gather(-1, mb["response_ids"][..., None]).squeeze(-1)  # (b, t1)
         logq = torch.where(mask.bool(), logq, torch.zeros_like(logq))
 
         pg_sum, n, clip_frac = adv.pg_loss(logq, mb["mix_logp"], mb["advantages"], mask,
@@ -293,11 +298,15 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
         loss = loss + cfg.pg_coef * pg_sum
         n_all, pg_all, clipped = n_all + int(n), pg_all + float(pg_sum.detach()), clipped + float(clip_frac) * int(n)
         if cfg.single_step:
-            t_logits = teacher_response_logits(teacher, mb, vocab)
             weights = mb["step_weights"] if cfg.single_step_importance_weight else None
-            # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
-            ss_sum, _ = adv.single_step_kl(logits.float() / cfg.temperature, t_logits.float() / cfg.temperature, mask,
-                                           weights=weights)
+            if fused:
+                if weights is not None:
+                    kl = torch.where(mask.bool(), kl * weights.to(kl.dtype), torch.zeros_like(kl))
+                ss_sum = kl.sum()
+            else:
+                # temperature, but not top-k/top-p, on both sides: truncation would make the KL infinite
+                t_logits = teacher_response_logits(teacher, mb, vocab)
+                ss_sum, _ = adv.single_step_kl(logits, t_logits, mask, weights=weights, temperature=cfg.temperature)
             loss = loss + ss_sum
             ss_all += float(ss_sum.detach())
         ratio_all += float((torch.exp((logq.detach() - mb["student_logp"]) * mask) * mask).sum())
