@@ -222,20 +222,12 @@ def collate_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 def _response_logits(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Logits predicting each response token: (B, T, V); position P-1+t predicts y_{t+1}."""
+    """Logits predicting each response token: (B, T, V), on the model's device (only response
+    positions reach the LM head, see :func:`minidistill.logits.response_logits`)."""
+    from minidistill.logits import response_logits
+
     dev = _device(model)
-    ids = torch.cat([prompt_ids, response_ids], dim=1).to(dev)
-    mask = torch.cat([prompt_mask, response_mask], dim=1).to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    T = response_ids.shape[1]
-    # Only the last T+1 positions are needed (saves a (B, P, V) tensor); models without
-    # ``logits_to_keep`` return every position and are sliced below.
-    try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
-    except TypeError:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    logits = out.logits
-    return logits[:, logits.shape[1] - (T + 1):-1]
+    return response_logits(model, prompt_ids.to(dev), prompt_mask.to(dev), response_ids.to(dev), response_mask.to(dev))
 
 
 def _vocab(a: torch.Tensor, b: torch.Tensor | None, vocab_size: int | None) -> int:
