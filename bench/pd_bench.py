@@ -45,18 +45,9 @@ SHARED = ROOT.parent / "shared" / "data" / "corpus"
 
 def tiny_teacher(folder: Path) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_tokenizer import make_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_assets import save_tiny_teacher
 
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny_teacher(folder, hidden=64, max_positions=1024))
 
 
 def corpus(tmp: Path) -> list[str]:

@@ -17,6 +17,7 @@ from minidistill.errors import UserError
 from minidistill.run import main, run_recipe
 from minidistill.stages import pd
 from minidistill.tracking import read_metrics
+from tiny_assets import crash_after_first_save
 
 
 def pd_stage(**kw) -> dict:
@@ -247,24 +248,11 @@ def test_offline_refuses_a_store_for_other_data(recipe_file, tmp_path, capsys):
 
 
 def test_resume_restores_alpha_and_loss(recipe_file, tmp_path):
-    import minidistill.loop as loop
-
     stage = pd_stage(max_steps=4, save_every=2, alpha_schedule="linear_increase", alpha_min=0.2, alpha=0.8)
     a = recipe_file([stage], name="a.yaml", output_dir=str(tmp_path / "a"), threads=1)
     assert main([str(a)]) == 0
     b = recipe_file([stage], name="b.yaml", output_dir=str(tmp_path / "b"), threads=1)
-    original = loop.ckpt.save_checkpoint
-
-    def crash_after_save(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    loop.ckpt.save_checkpoint = crash_after_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(load_recipe(b))
-    finally:
-        loop.ckpt.save_checkpoint = original
+    crash_after_first_save(lambda: run_recipe(load_recipe(b)))
     assert main([str(b), "resume=auto"]) == 0
     ra = {r["step"]: r for r in rows(tmp_path / "a")}
     rb = {r["step"]: r for r in rows(tmp_path / "b")}  # steps 1-2, then 3-4 after the resume

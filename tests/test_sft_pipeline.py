@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from minidistill.config import load_recipe
 from minidistill.run import main, run_recipe
 from minidistill.tracking import read_metrics
+from tiny_assets import crash_after_first_save
 
 
 def sft(**kw):
@@ -51,20 +52,7 @@ def test_resume_gives_same_next_step_loss(recipe_file, tmp_path):
     r = load_recipe(b)
     r.stages[0].max_steps = 4
     # simulate a crash right after the step-2 checkpoint by stopping the loop there
-    import minidistill.loop as loop
-
-    original = loop.ckpt.save_checkpoint
-
-    def crash_after_save(*args, **kwargs):
-        original(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    loop.ckpt.save_checkpoint = crash_after_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(r)
-    finally:
-        loop.ckpt.save_checkpoint = original
+    crash_after_first_save(lambda: run_recipe(r))
     assert main([str(b), "resume=auto"]) == 0
     la, lb = _next_step_loss(tmp_path / "a"), _next_step_loss(tmp_path / "b")
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)

@@ -26,15 +26,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def save_tiny_teacher(out: Path) -> Path:
+def crash_after_first_save(run) -> None:
+    """Call ``run()`` with the loop's checkpoint writer patched to raise KeyboardInterrupt right
+    after the first checkpoint is written (a crash at that moment); the writer is restored."""
+    import pytest
+
+    import minidistill.loop as loop
+
+    original = loop.ckpt.save_checkpoint
+
+    def crash_after_save(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    loop.ckpt.save_checkpoint = crash_after_save
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        loop.ckpt.save_checkpoint = original
+
+
+def save_tiny_teacher(out: Path, hidden: int = 32, max_positions: int = 512) -> Path:
     """A tiny 4-layer Llama with a byte-level tokenizer, saved as an HF folder at ``out``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(cfg)
