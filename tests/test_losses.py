@@ -441,3 +441,66 @@ def test_lm_loss_matches_definition_chunked_and_masked():
     torch.testing.assert_close(grads[0], grads[1])
     onehot = F.one_hot(labels.clamp_min(0), s.shape[-1]).float()
     torch.testing.assert_close(grads[0], (s.softmax(-1) - onehot) * mask[..., None], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- fused forward KL + cross-entropy (L_PT)
+
+
+def _fkl_ce_reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
+    """From the definitions, float64, position by position."""
+    kl = ce = 0.0
+    for b in range(s.shape[0]):
+        for i in range(s.shape[1]):
+            if not m[b, i]:
+                continue
+            lq, lp = F.log_softmax(s[b, i].to(D), -1), F.log_softmax(t[b, i].to(D), -1)
+            p = lp.exp()
+            kl = kl + torch.where(p > 0, p * (lp - lq), 0.0).sum()  # 0 log 0 = 0
+            ce = ce - lq[y[b, i]]
+    return kl, ce
+
+
+def test_forward_kl_and_ce_matches_definitions_values_and_gradients():
+    g = gen(11)
+    s = torch.randn(3, 5, 9, generator=g, dtype=D, requires_grad=True)
+    t = torch.randn(3, 5, 9, generator=g, dtype=D)
+    t[0, 1, 4] = float("-inf")  # a zero-probability teacher token: 0 log 0 = 0, no NaN
+    y = torch.randint(0, 9, (3, 5), generator=g)
+    m = torch.ones(3, 5, dtype=torch.bool)
+    m[1, 3:] = False
+    m[2, 0] = False
+    kl, ce, n = L.forward_kl_and_ce(s, t, y, m, chunk_size=4)
+    kl_ref, ce_ref = _fkl_ce_reference(s, t, y, m)
+    assert int(n) == int(m.sum())
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-12, atol=1e-12)
+    g_fused = torch.autograd.grad(0.3 * kl + 0.7 * ce, s)[0]
+    g_ref = torch.autograd.grad(0.3 * kl_ref + 0.7 * ce_ref, s)[0]
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
+    assert torch.all(g_fused[~m] == 0)  # padding gets no gradient
+    assert torch.autograd.gradcheck(lambda x: L.forward_kl_and_ce(x, t, y, m, chunk_size=2)[:2], (s.detach().requires_grad_(),))
+
+
+def test_forward_kl_and_ce_equals_the_separate_losses_in_bf16_and_never_reads_padding():
+    g = gen(12)
+    s = torch.randn(2, 6, 40, generator=g).to(torch.bfloat16)
+    t = torch.randn(2, 6, 40, generator=g).to(torch.bfloat16)
+    y = torch.randint(0, 40, (2, 6), generator=g)
+    m = torch.ones(2, 6, dtype=torch.bool)
+    m[1, 4:] = False
+    ref_s = s.clone().requires_grad_()
+    kd_ref, _ = token_divergence(ref_s, t, m, "fkl")
+    ce_ref, _ = L.lm_loss(ref_s, y, m)
+    (kd_ref + 2 * ce_ref).backward()
+    s_nan = s.clone()
+    s_nan[1, 4:] = float("nan")  # padding positions may hold anything
+    y_bad = y.clone()
+    y_bad[1, 4:] = -100
+    s_nan.requires_grad_()
+    kd, ce, _ = L.forward_kl_and_ce(s_nan, t, y_bad, m, chunk_size=3)
+    (kd + 2 * ce).backward()
+    torch.testing.assert_close(kd, kd_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-5)
+    assert s_nan.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s_nan.grad[m].float(), ref_s.grad[m].float(), rtol=2e-2, atol=1e-3)
+    assert torch.all(s_nan.grad[~m] == 0)

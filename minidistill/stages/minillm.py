@@ -16,9 +16,11 @@ One iteration, read top to bottom:
                     optionally times the per-step importance weight q/p~
      + lm_coef * L_PT, the LM loss on a plain-text batch (mixed with token-level KD to the
                     teacher on that text by ``kd_ratio``, as the official code).
-   The teacher's full-vocabulary logits for the single-step term are recomputed per minibatch
-   (one teacher forward): caching them for the buffer would take rollouts x length x vocab
-   floats (6 GB for 256 x 256 x 49k in fp16), and top-k caching would make the term inexact.
+   The teacher's full-vocabulary logits for the single-step term come from the last hidden
+   states the sampler kept (one LM-head matmul per minibatch, no teacher forward): caching the
+   logits themselves would take rollouts x length x vocab floats (6 GB for 256 x 256 x 49k in
+   fp16), and top-k caching would make the term inexact. L_PT's CE and KD terms share one fused
+   chunked pass over the vocabulary (``losses.forward_kl_and_ce``).
 3. Discard the buffer; sample again with the updated student.
 
 Settings come from a named ``preset`` (see ``advantages.PRESETS``); any field set explicitly
@@ -324,17 +326,17 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
 
 
 def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int) -> torch.Tensor:
-    """L_PT on plain text: per-token mean of (1-kd_ratio)*CE + kd_ratio*KL(p||q)."""
+    """L_PT on plain text: per-token mean of (1-kd_ratio)*CE + kd_ratio*KL(p||q) (one fused pass
+    over the vocabulary for both terms, ``losses.forward_kl_and_ce``)."""
     logits = model(input_ids=ids).logits[:, :-1, :vocab]
-    mask = torch.ones_like(ids[:, 1:], dtype=torch.bool)
-    ce, count = losses.lm_loss(logits, ids[:, 1:], mask)
-    total = (1 - kd_ratio) * ce
-    if kd_ratio > 0:
-        with torch.no_grad():
-            t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab]
-        kd, _ = losses.token_divergence(logits, t_logits, mask, kind="fkl")
-        total = total + kd_ratio * kd
-    return total / count
+    labels, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
+    if kd_ratio == 0:
+        ce, count = losses.lm_loss(logits, labels, mask)
+        return ce / count
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab]
+    kd, ce, count = losses.forward_kl_and_ce(logits, t_logits, labels, mask)
+    return ((1 - kd_ratio) * ce + kd_ratio * kd) / count
 
 
 # ----------------------------------------------------------------------------------------------
