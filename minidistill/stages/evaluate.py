@@ -4,12 +4,16 @@ For each entry of ``models`` ("teacher", "student" = the current student, or the
 earlier stage, whose ``final/`` is loaded; ``<stage>/best`` for its best checkpoint) it samples
 responses, scores ROUGE-L against the split's references (the teacher's responses after a
 ``generate`` stage), and measures per-token KL to the teacher: reverse KL(q||p) on the model's
-own samples and forward KL(p||q) on the teacher's samples. Writes ``<output_dir>/eval_table.json``
-(which the run report turns into a table and a bar chart) and prints the table.
+own samples and forward KL(p||q) on the teacher's samples. Models are scored in the recipe's
+precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
+bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
+``<output_dir>/eval_table.json`` (which the run report turns into a table and a bar chart) and
+prints the table.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +42,24 @@ class Config:
 
 
 def _load(run, name: str):
+    """The model ``name`` as evaluation runs it, in the run's precision (see the module docstring)."""
     if name == "teacher":
         return run.teacher
     folder = run.stage_dir(name) if "/" in name else run.stage_dir(name) / "final"
     if not ckpt.is_complete(folder)[0]:
         raise UserError(f"evaluate.models: '{name}' has no complete model at {folder} (name an earlier stage)")
-    return models.load_model(str(folder), device=run.device, with_tokenizer=False).eval()
+    model = models.load_model(str(folder), device=run.device, with_tokenizer=False)
+    return model.to(models.DTYPES[run.recipe.precision]).eval()
+
+
+def _eval_copy(run, student):
+    """The live student in the run's precision: a copy, so its fp32 master weights stay untouched
+    (the student itself in an fp32 run)."""
+    dtype = models.DTYPES[run.recipe.precision]
+    model = run.accelerator.unwrap_model(student)
+    if dtype == torch.float32:
+        return model
+    return copy.deepcopy(model).to(dtype).eval()
 
 
 def evaluate_models(run, cfg: Config, student) -> list[dict]:
@@ -62,7 +78,7 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
     t_prompts = [prompts[i] for i in t_samples.prompt_index]
     rows = []
     for name in cfg.models:
-        model = student if name == "student" else _load(run, name)
+        model = _eval_copy(run, student) if name == "student" else _load(run, name)
         was_training = model.training
         model.eval()
         with torch.no_grad():
