@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=150, help="test items per test set")
     p.add_argument("--max-new-tokens", type=int, default=96, help="evaluation response length limit")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the models at evaluation")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="training autocast precision")
+    p.add_argument("--eval-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="dtype of the models at evaluation (auto: bf16 if this CPU runs it natively, else fp32)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training autocast precision (auto: as --eval-dtype)")
     p.add_argument("--seed", type=int, default=42, help="training seed (data order, sampling)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/compare", help="output folder")
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the flags and resolve every input path; UserError (one line) on anything missing."""
+    from minidistill import models
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -154,7 +158,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "train_examples_auto": args.train_examples is None, "gen_tokens": args.gen_tokens,
         "lr": args.lr, "start_steps": args.start_steps, "layer_stride": args.layer_stride, "warmup_steps": max(1, args.steps // 10),
         "seeds": seeds, "max_examples": args.max_examples, "max_new_tokens": args.max_new_tokens,
-        "eval_batch_size": args.eval_batch_size, "eval_dtype": args.eval_dtype, "precision": args.precision,
+        "eval_batch_size": args.eval_batch_size, "eval_dtype": models.resolve_precision(args.eval_dtype, "cpu"),
+        "precision": models.resolve_precision(args.precision, "cpu"),
         "seed": args.seed, "threads": args.threads, "out": str(Path(args.out).resolve()), "overwrite": args.overwrite,
         "progress": not args.no_progress, "teacher": args.teacher, "train": train, "tests": tests,
         "corpus": corpus, "lpt_corpus": lpt_corpus, "tiny": args.tiny, "template": "alpaca", **sizes,

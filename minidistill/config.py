@@ -101,8 +101,9 @@ class DataConfig:
 class RecipeConfig:
     output_dir: str = opt("", "Where the run writes everything.")
     seed: int = opt(42, "Global seed (data order, sampling, init).")
-    precision: Literal["fp32", "bf16", "fp16"] = opt(
-        "fp32", "Mixed precision for the student's forward (accelerate autocast; fp32 master weights)."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "fp32", "Mixed precision for the student's forward (accelerate autocast; fp32 master weights); "
+        "auto: bf16 where the GPU/CPU runs bf16 natively, else fp32."
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N (accelerate picks under `accelerate launch`).")
     resume: Literal["never", "auto"] = opt("never", "auto: continue from the newest complete checkpoint in output_dir.")

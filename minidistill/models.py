@@ -25,6 +25,28 @@ from .errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively (fast) on this device type: a CUDA GPU that supports
+    bf16, or a CPU whose oneDNN has bf16 kernels (AVX-512 / AMX). On an AVX2-only CPU bf16 is
+    emulated: measured 3x slower generation and 19x slower training steps than fp32."""
+    try:
+        if device_type == "cuda":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if device_type == "cpu":
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``precision: auto`` -> bf16 where the hardware runs it natively, else fp32 (fp16 only when
+    asked for: it needs loss scaling). Any other value is returned as is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device_type) else "fp32"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("MINIDISTILL_CACHE", Path.home() / ".cache" / "minidistill"))
 

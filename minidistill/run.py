@@ -51,8 +51,10 @@ class Run:
         self.recipe = recipe
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             AcceleratorState._reset_state()  # several runs in one Python process (tests, notebooks)
-        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.precision]
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=use_cpu(recipe.device))
+        cpu = use_cpu(recipe.device)
+        self.precision = models.resolve_precision(recipe.precision, _device_type(recipe.device, cpu))
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=cpu)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         set_seed(recipe.seed)
@@ -191,6 +193,15 @@ def _has_device_backend() -> bool:
     return torch.cuda.is_available() or any(getattr(au, n, lambda: False)() for n in names)
 
 
+def _device_type(device: str, cpu: bool) -> str:
+    """The device type a run will train on, before accelerate is built (for ``precision: auto``)."""
+    if cpu or device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
 def use_cpu(device: str) -> bool:
     """Whether to hand accelerate ``cpu=True``.
 
@@ -313,7 +324,7 @@ def build_student(run: Run):
         student = models.prune_layers(run.teacher, keep)
     else:
         student = models.fresh_from_config(run.teacher, s.config_overrides, r.seed).to(run.device)
-    run.teacher.to(models.DTYPES[r.teacher.dtype if r.teacher.dtype != "auto" else r.precision])
+    run.teacher.to(models.DTYPES[r.teacher.dtype if r.teacher.dtype != "auto" else run.precision])
     student.requires_grad_(True)
     run.vocab_size = models.check_vocab(run.teacher, student, run.tokenizer)
     return student
@@ -476,7 +487,8 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     if run.accelerator.is_main_process:
         prepare_output_dir(recipe, resolved)
     run.accelerator.wait_for_everyone()
-    console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}")
+    console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
+                  f"precision {run.precision}{' (auto)' if run.recipe.precision == 'auto' else ''}")
     finals = {}
     for index, cfg in enumerate(recipe.stages):
         final = run.stage_dir(cfg.name) / "final"

@@ -97,7 +97,7 @@ RECIPE_CASES = [
     ("mapping-for-list", SFT1, ["data.corpus={a: 1}"], ["data.corpus: expected a list of a string"]),
     ("scalar-for-list", SFT1, ["student.keep_layers=3"], ["student.keep_layers: expected a list of an integer or null, got 3"]),
     ("bad-stage-choice", SFT1, ["stages.0.scheduler=step"], ["(sft).scheduler: expected one of 'constant', 'cosine'", "got 'step'"]),
-    ("bad-choice", SFT1, ["precision=fp8"], ["precision: expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"]),
+    ("bad-choice", SFT1, ["precision=fp8"], ["precision: expected one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"]),
     ("negative-lr", SFT1, ["stages.sft.lr=-0.001"], ["(sft).lr: expected a value >= 0.0, got -0.001"]),
     ("batch-size-0", SFT1, ["stages.sft.batch_size=0"], ["(sft).batch_size: expected a value >= 1, got 0"]),
     ("mix-alpha-above-1", [MINILLM], ["stages.minillm.mix_alpha=1.5"], ["(minillm).mix_alpha: expected a value <= 1.0, got 1.5"]),

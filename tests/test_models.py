@@ -101,3 +101,27 @@ def test_gguf_teacher_loads_and_is_cached(tmp_path, monkeypatch):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, again(ids).logits)
+
+
+def test_precision_auto_follows_native_bf16(monkeypatch):
+    assert models.resolve_precision("fp32", "cpu") == "fp32" and models.resolve_precision("fp16", "cuda") == "fp16"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(models, "native_bf16", lambda device_type, native=native: native)
+        assert models.resolve_precision("auto", "cpu") == want
+    monkeypatch.undo()
+    # no GPU here: a CUDA request can never claim bf16
+    if not torch.cuda.is_available():
+        assert models.native_bf16("cuda") is False
+    assert models.native_bf16("mps") is False
+
+
+def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
+    from minidistill.config import RecipeConfig
+    from minidistill.run import Run
+
+    for native, want_mp in ((False, "no"), (True, "bf16")):
+        monkeypatch.setattr(models, "native_bf16", lambda device_type, native=native: native)
+        run = Run(RecipeConfig(output_dir=str(tmp_path / "run"), precision="auto", device="cpu"))
+        assert run.precision == ("bf16" if native else "fp32")
+        assert run.accelerator.mixed_precision == want_mp
+        assert run.recipe.precision == "auto"  # the recipe keeps 'auto' (resume on other hardware)

@@ -49,13 +49,13 @@ def _load(run, name: str):
     if not ckpt.is_complete(folder)[0]:
         raise UserError(f"evaluate.models: '{name}' has no complete model at {folder} (name an earlier stage)")
     model = models.load_model(str(folder), device=run.device, with_tokenizer=False)
-    return model.to(models.DTYPES[run.recipe.precision]).eval()
+    return model.to(models.DTYPES[run.precision]).eval()
 
 
 def _eval_copy(run, student):
     """The live student in the run's precision: a copy, so its fp32 master weights stay untouched
     (the student itself in an fp32 run)."""
-    dtype = models.DTYPES[run.recipe.precision]
+    dtype = models.DTYPES[run.precision]
     model = run.accelerator.unwrap_model(student)
     if dtype == torch.float32:
         return model
