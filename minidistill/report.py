@@ -460,8 +460,12 @@ def _stage_summary(data: RunData, stage: str) -> list[str]:
     valid_keys = [k for k in data.keys(stage) if k.startswith("valid/")]
     last_valid = ", ".join(f"{k[6:]} {_f(data.series(stage, k)[1][-1])}" for k in valid_keys if data.series(stage, k)[1])
     final_loss = smooth(loss)[-1] if loss else None
+    walls = [w for w in (_num(r.get("stage_wall_s")) for r in rows) if w is not None]
+    # the run logs each stage's wall time when it ends (summed over resumed parts); older runs: the
+    # span of its metric rows, which misses the time before the first row
+    wall = sum(walls) if walls else (max(times) - min(times) if len(times) > 1 else None)
     return [stage, stage_type(data, stage), str(int(max(steps))) if steps else "-",
-            _duration(max(times) - min(times)) if len(times) > 1 else "-",
+            _duration(wall) if wall is not None else "-",
             f"{tokens:,.0f}" if tokens else "-", _f(final_loss), last_valid or "-"]
 
 

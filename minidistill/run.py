@@ -28,6 +28,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -502,11 +503,14 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         # finals loaded from disk) continues exactly like an uninterrupted one
         set_seed(recipe.seed + index)
         module = stage_module(cfg.type)
+        t0 = time.time()
         if not getattr(module, "TRAINS", True):  # generate / evaluate: no student update, no final/
             module.run(run, cfg, student)
+            run.log(cfg.name, 0, {"stage_wall_s": time.time() - t0})
             continue
         student = prepare_for_stage(run, student)
         result = module.run(run, cfg, student)
+        run.log(cfg.name, result.step, {"stage_wall_s": time.time() - t0})  # the report's wall time
         if result.stopped:
             raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
                                   "run again with resume=auto to continue")

@@ -42,5 +42,12 @@ def test_prompts_only_pipeline(recipe_file, tmp_path):
     assert all(0.0 <= r["rougeL"] <= 100.0 and r["mean_length"] > 0 for r in table)
     report = (out / "report.md").read_text()
     assert "student" in report
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    walls = {r["stage"]: r["stage_wall_s"] for r in rows if "stage_wall_s" in r}
+    assert set(walls) == {"teacher_data", "pd", "sft", "minillm", "eval"} and all(w > 0 for w in walls.values())
+    stages_md = report.split("## Stages", 1)[1].split("\n## ", 1)[0]
+    stage_rows = {l.split("|")[1].strip(): l.split("|")[4].strip() for l in stages_md.splitlines()
+                  if l.startswith("| ") and l.split("|")[1].strip() in walls}
+    assert set(stage_rows) == set(walls) and all(v.endswith((" s", " min")) for v in stage_rows.values())
     pngs = list((out / "plots").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
