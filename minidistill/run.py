@@ -199,7 +199,11 @@ def _device_type(device: str, cpu: bool) -> str:
     if cpu or device == "cpu":
         return "cpu"
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        # accelerate also picks XPU, NPU, MPS, ...: not the CPU, whose bf16 support says nothing there
+        other = _has_device_backend() or torch.backends.mps.is_available()
+        return "accelerator" if other else "cpu"
     return device.split(":")[0]
 
 

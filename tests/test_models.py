@@ -125,3 +125,15 @@ def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
         assert run.precision == ("bf16" if native else "fp32")
         assert run.accelerator.mixed_precision == want_mp
         assert run.recipe.precision == "auto"  # the recipe keeps 'auto' (resume on other hardware)
+
+
+def test_precision_auto_judges_the_device_accelerate_will_pick(monkeypatch):
+    from minidistill import run as run_mod
+
+    monkeypatch.setattr(run_mod.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_mod, "_has_device_backend", lambda: False)
+    assert run_mod._device_type("auto", cpu=False) == "cpu"
+    monkeypatch.setattr(run_mod, "_has_device_backend", lambda: True)  # e.g. an XPU: not the CPU
+    assert run_mod._device_type("auto", cpu=False) == "accelerator"
+    assert models.resolve_precision("auto", run_mod._device_type("auto", cpu=False)) == "fp32"
+    assert run_mod._device_type("auto", cpu=True) == "cpu" and run_mod._device_type("cuda:1", cpu=False) == "cuda"
