@@ -81,14 +81,16 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask,
     """Logits predicting each response token: (B, T, V); position P-1+t predicts y_t.
 
     Prompts LEFT-padded (B, P), responses RIGHT-padded (B, T). Only the last T+1 positions go
-    through the LM head when the model takes ``logits_to_keep``.
+    through the LM head when the model takes ``logits_to_keep``. No KV cache is built (a model in
+    eval mode would make one by default, and activation checkpointing would replay into it).
     """
     ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     if accepts_logits_to_keep(model):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1).logits[:, :T]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1,
+                       use_cache=False).logits[:, :T]
     else:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, P - 1:P - 1 + T]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, P - 1:P - 1 + T]
     return logits if vocab is None else logits[..., :vocab]
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
+from .models import train_mode
 from .errors import UserError
 from .tracking import console, fmt
 
@@ -114,8 +115,11 @@ def train(
     best_key: str | None = None,
     best_mode: str = "min",
     on_best: Callable | None = None,
+    dropout: bool = True,
 ) -> LoopResult:
-    """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model."""
+    """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model.
+
+    ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM)."""
     acc = run.accelerator
     if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
         raise UserError(f"stage '{cfg.name}': grad_accum {cfg.grad_accum} under DeepSpeed; use grad_accum: 1 and a larger "
@@ -150,7 +154,7 @@ def train(
         model.eval()
         with torch.no_grad():
             values = evaluate(acc.unwrap_model(model))
-        model.train()
+        train_mode(model, dropout)
         run.log(cfg.name, at_step, {f"valid/{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
         if acc.is_main_process:
             console.print(f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]")
@@ -162,7 +166,7 @@ def train(
                 if on_best is not None:
                     on_best(acc.unwrap_model(model))
 
-    model.train()
+    train_mode(model, dropout)
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not acc.is_main_process, dynamic_ncols=True)
     stopped, where = False, None
     with GracefulStop() as stop, contextlib.closing(bar):  # the bar ends its line even on an error

@@ -266,5 +266,28 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def train_mode(model: torch.nn.Module, dropout: bool = True) -> torch.nn.Module:
+    """Put ``model`` in training mode; with ``dropout=False``, training mode without dropout.
+
+    Without dropout (the MiniLLM policy): every module goes to eval mode, which switches off
+    ``nn.Dropout`` (peft's LoRA dropout included) and the attention dropout transformers gates on
+    ``module.training``, while layers with activation checkpointing on keep ``training = True``
+    themselves (transformers checkpoints a layer only in training mode; their children stay in
+    eval mode), so checkpointing still saves memory. The mode must hold through backward, which
+    replays checkpointed layers: set it for the whole step, not around the forward only. (A
+    decoder layer that applied dropout itself, OPT-style, would keep it under activation
+    checkpointing; Llama, GPT-2, Qwen and Gemma layers do not.)
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if dropout:
+        return model.train()
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = True  # the layer itself only
+    return model
+
+
 def n_params(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

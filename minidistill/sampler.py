@@ -198,7 +198,7 @@ def sample(
 
     ``prompt_ids``/``prompt_mask`` (B, P) must be LEFT-padded. A row stops after its EOS (kept as
     a valid token) or after ``max_new_tokens``; T is the longest response. Both models run in
-    eval mode under ``no_grad`` (their training flags are restored). ``generator`` must live on
+    eval mode under ``no_grad`` (every module's training flag is restored). ``generator`` must live on
     the student's device. With top_k/top_p, a token drawn from one model's support may lie
     outside the other's: its log-prob is then -inf.
 
@@ -229,8 +229,8 @@ def sample(
     )
     a = float(mix_alpha)
     settings = (temperature, top_k, top_p)
-    flags = (student.training, teacher.training)
-    student.eval()
+    flags = [(m, m.training) for m in (*student.modules(), *teacher.modules())]  # per module: a policy
+    student.eval()  # trained without dropout has a mixed state that a plain .train(flag) would lose
     teacher.eval()
     try:
         with torch.no_grad():
@@ -243,8 +243,8 @@ def sample(
                 ro.teacher_logp, ro.teacher_hidden = score(teacher, ro, settings, keep_teacher_hidden, score_chunk)
             return ro
     finally:
-        student.train(flags[0])
-        teacher.train(flags[1])
+        for m, flag in flags:
+            m.training = flag
 
 
 def score(

@@ -280,7 +280,13 @@ def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
 def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
     """Summed MiniLLM loss of a minibatch and its metrics. The policy forward runs in chunks of
     ``cfg.chunk_rows`` rows of similar prompt length (padding columns dropped); every term is a
-    sum over tokens, so chunking changes nothing but the work."""
+    sum over tokens, so chunking changes nothing but the work.
+
+    The stage trains the student without dropout (``models.train_mode(model, dropout=False)``,
+    set by the loop for the whole step; base and LoRA dropout), as the official code keeps the
+    policy in eval mode: the rollouts are sampled without dropout, so with it rho != 1 at the
+    first PPO epoch, clipping fires on dropout noise, and the single-step and L_PT gradients are
+    those of a perturbed policy."""
     loss, n_all, pg_all, ss_all, clipped, ratio_all = 0.0, 0, 0.0, 0.0, 0.0, 0.0
     for rows, p0, t1 in fwd.length_chunks(batch["prompt_mask"], batch["response_mask"], cfg.chunk_rows):
         mb = _rows(batch, rows, p0, t1)
@@ -328,13 +334,13 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
 def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int) -> torch.Tensor:
     """L_PT on plain text: per-token mean of (1-kd_ratio)*CE + kd_ratio*KL(p||q) (one fused pass
     over the vocabulary for both terms, ``losses.forward_kl_and_ce``)."""
-    logits = model(input_ids=ids).logits[:, :-1, :vocab]
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
     labels, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
     if kd_ratio == 0:
         ce, count = losses.lm_loss(logits, labels, mask)
         return ce / count
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids).logits[:, :-1, :vocab]
+        t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
     kd, ce, count = losses.forward_kl_and_ce(logits, t_logits, labels, mask)
     return ((1 - kd_ratio) * ce + kd_ratio * kd) / count
 
@@ -389,4 +395,4 @@ def run(run, cfg: Config, student):
 
     return train(run, cfg, student, source, loss_fn, total,
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,
-                 best_key="rougeL", best_mode="max", on_best=on_best)
+                 best_key="rougeL", best_mode="max", on_best=on_best, dropout=False)
