@@ -66,6 +66,9 @@ class Example:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     source: str = ""  # "file:line" (or "name[split]#index" for hub data), for error messages
+    # False for a response that was cut off (a teacher answer that hit max_new_tokens): training
+    # on it appends no EOS, so the student is not taught to stop where the teacher was cut
+    complete: bool = True
 
     @property
     def response(self) -> str:
@@ -362,7 +365,8 @@ def tokenize_sft(
     long_prompt: str = "drop",
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize for SFT: rows {input_ids, labels, prompt_length}; labels are -100 on the prompt,
-    the response ids + EOS after it (the response is cut, EOS included, to fit max_length)."""
+    the response ids + EOS after it (the response is cut, EOS included, to fit max_length). An
+    example whose response is not ``complete`` (cut off when it was generated) gets no EOS."""
     if not examples:
         raise UserError("<examples>: no instruction examples to tokenize")
     prefix = special_affixes(tokenizer)[0]
@@ -381,8 +385,10 @@ def tokenize_sft(
             r = full[len(p):]
         else:
             r = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-        if not r or r[-1] != eos:
+        if examples[i].complete and (not r or r[-1] != eos):
             r = r + [eos]
+        if not r:  # an empty cut-off response teaches nothing
+            continue
         prompt = _fit_prompt(_with_prefix(p, prefix), prefix, max_prompt_length, long_prompt, stats)
         if prompt is None:
             continue

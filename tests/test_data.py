@@ -239,6 +239,16 @@ def test_response_truncated_to_max_length(tok):
     assert rows[0]["labels"][2:] == ids_of(tok, "a" * 10)  # cut response: no EOS
 
 
+def test_cut_off_response_gets_no_eos(tok):
+    """A teacher answer cut at max_new_tokens (``complete=False``) must not teach the student to
+    stop there; a complete one ends with EOS as its last label."""
+    exs = [Example("i", "", ["cut off mid"], prompt="P:", complete=False), Example("i", "", ["done."], prompt="P:")]
+    rows, stats = tokenize_sft(exs, tok, max_prompt_length=8, max_length=64)
+    assert stats.n_kept == 2
+    assert rows[0]["labels"][2:] == ids_of(tok, "cut off mid") and tok.eos_token_id not in rows[0]["input_ids"]
+    assert rows[1]["labels"][2:] == ids_of(tok, "done.") + [tok.eos_token_id]
+
+
 def test_nothing_left_names_file_count_and_limit(tmp_path, tok):
     path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "z" * 50, "output": "k"}] * 3)
     exs = load_instructions(path)

@@ -11,7 +11,17 @@ from conftest import write_jsonl
 from minidistill.run import main
 
 
-def test_prompts_only_pipeline(recipe_file, tmp_path):
+def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):
+    from minidistill import data as mdata
+
+    seen, tokenize_sft = [], mdata.tokenize_sft
+
+    def spy(examples, *args, **kwargs):
+        rows, stats = tokenize_sft(examples, *args, **kwargs)
+        seen.append((list(examples), rows))
+        return rows, stats
+
+    monkeypatch.setattr(mdata, "tokenize_sft", spy)
     prompts = [{"instruction": f"Write something about topic {i}.", "input": ""} for i in range(12)]
     train = write_jsonl(tmp_path / "prompts.jsonl", prompts[:8])
     valid = write_jsonl(tmp_path / "heldout.jsonl", prompts[8:])
@@ -33,6 +43,11 @@ def test_prompts_only_pipeline(recipe_file, tmp_path):
     out = path.parent / "run"
     saved = [json.loads(l) for l in (out / "teacher_data" / "teacher_responses.jsonl").read_text().splitlines()]
     assert len(saved) == 8 and all("output" in r for r in saved)
+    # SFT trained on the teacher's answers with EOS after exactly the answers the teacher finished
+    assert any(not r["finished"] for r in saved)  # a random tiny teacher rarely stops within 12 tokens
+    sft_rows = [rows for exs, rows in seen if len(exs) == 8 and [e.response for e in exs] == [r["output"] for r in saved]]
+    assert sft_rows, "the SFT stage did not tokenize the teacher's answers"
+    assert [row["labels"][-1] == 0 for row in sft_rows[0]] == [r["finished"] for r in saved]  # id 0 = EOS
     assert (out / "teacher_data" / "valid" / "teacher_responses.jsonl").is_file()
     for stage in ("pd", "sft", "minillm"):
         AutoModelForCausalLM.from_pretrained(out / stage / "final")

@@ -46,8 +46,9 @@ def run(run, cfg: Config, student) -> None:
         if not run.instructions(split):
             continue
         records = seqkd.teacher_responses(run, cfg, split)
+        # an answer cut at max_new_tokens stays a reference but is no EOS-terminated SFT target
         examples = [data.Example(instruction=r["instruction"], input=r["input"], outputs=[r["output"]],
-                                 prompt=r["prompt"], source=r["source"]) for r in records]
+                                 prompt=r["prompt"], source=r["source"], complete=r["finished"]) for r in records]
         run.set_instructions(split, examples)
         console.print(f"stage '{cfg.name}': {split} split now has {len(examples)} teacher responses as references")
         if split == "train" and cfg.corpus:
