@@ -95,6 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "include_current": False,
         "gamma": 1.0,
         "length_norm": True,
+        "bootstrap_truncated": True,
         "whiten": True,
         "reward_scale": 1.0,
         "single_step_importance_weight": True,
@@ -105,6 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "include_current": False,
         "gamma": 1.0,
         "length_norm": True,
+        "bootstrap_truncated": False,
         "whiten": False,
         "reward_scale": 1.0,
         "single_step_importance_weight": True,
@@ -115,6 +117,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "include_current": True,
         "gamma": 0.95,
         "length_norm": True,
+        "bootstrap_truncated": False,
         "whiten": True,
         "reward_scale": 2.0,
         "single_step_importance_weight": False,
@@ -153,6 +156,7 @@ def returns(
     gamma: float = 1.0,
     include_current: bool = False,
     length_norm: bool = True,
+    ended: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Discounted (optionally length-normalised) returns. (B, T)
 
@@ -162,6 +166,13 @@ def returns(
     divided by its number of valid terms (0 terms -> 0; the paper's printed 1/(T-t-1) is off by
     one for R_{t+1} = sum_{t'=t+1..T}). Padding gets 0. Vectorised as r @ D^T with a (T, T)
     discount matrix.
+
+    ``ended`` (B,) bool: False for a row cut at the token limit instead of stopping on EOS. With
+    length normalisation and the return from the next token, the last token of such a row would
+    get 0 (no observed terms), the value only a finished response's EOS has earned (nothing
+    follows it, while every other token's return is about -KL): the cut would share the stop
+    token's credit. Its unobserved continuation is instead estimated by the row's mean reward
+    (the per-token mean it would have been normalised to). Other positions are unchanged.
     """
     valid = mask.bool()  # (B, T)
     dt = _compute_dtype(rewards.dtype)
@@ -179,6 +190,10 @@ def returns(
         length = valid.sum(-1, keepdim=True)  # (B, 1)
         n_terms = (length - idx[None, :] - offset).clamp(min=0)  # (B, T)
         out = out / n_terms.clamp(min=1).to(dt)
+        if ended is not None:
+            row_mean = r.sum(-1, keepdim=True) / length.clamp(min=1).to(dt)  # (B, 1)
+            cut = (n_terms == 0) & ~ended.bool()[:, None].to(r.device)  # (B, T)
+            out = torch.where(cut, row_mean.expand_as(out), out)
     return torch.where(valid, out, torch.zeros((), dtype=dt, device=r.device))
 
 

@@ -58,6 +58,8 @@ class Rollout:
     # (B, T, H) the teacher's final hidden states predicting each y_t (model dtype), or None; the
     # loss rebuilds the teacher logits from them with the LM head (see minidistill.logits)
     teacher_hidden: torch.Tensor | None = None
+    # (B,) bool: the row stopped on EOS (False: cut at max_new_tokens), or None if unknown
+    ended: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -385,4 +387,5 @@ def _sample_loop(
         mix_logp=logps[1, :, :T].contiguous(),
         teacher_logp=logps[2, :, :T].contiguous(),
         teacher_hidden=hidden.contiguous() if hidden is not None else None,
+        ended=done.clone(),
     )

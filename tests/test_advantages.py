@@ -106,6 +106,22 @@ def test_returns_matches_definition(include_current, length_norm, gamma):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
+def test_returns_truncated_rows_bootstrap_last_token():
+    """A row cut at the limit: its last token's next-token return is the row's mean reward, not
+    the 0 of a finished row's EOS; everything else is as without ``ended``."""
+    r = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -2.0, -3.0, 7.0]], dtype=F64)
+    mask = _mask([3, 3], 4)
+    ended = torch.tensor([True, False])
+    plain = returns(r, mask, length_norm=True)
+    out = returns(r, mask, length_norm=True, ended=ended)
+    torch.testing.assert_close(out[0], plain[0])  # finished: EOS keeps 0
+    assert plain[1, 2] == 0.0 and out[1, 2] == -2.0  # cut: mean of -1, -2, -3 (the padding 7 never counts)
+    torch.testing.assert_close(out[1, :2], plain[1, :2])
+    assert out[1, 3] == 0.0
+    # with the current token included every valid position has a term: nothing to bootstrap
+    torch.testing.assert_close(returns(r, mask, include_current=True, ended=ended), returns(r, mask, include_current=True))
+
+
 def test_returns_discount_is_relative():
     # Returns from position k of a row equal the returns of the row's suffix starting at k:
     # only true for gamma^(t'-t); an absolute gamma^t' discount (TRL's bug) breaks it.

@@ -42,7 +42,7 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..loop import train
-from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample
+from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample, score
 
 
 @dataclass
@@ -67,10 +67,17 @@ class Config(TrainConfig):
     include_current: bool | None = opt(None, "Return includes r_t (official) instead of starting at r_{t+1} (paper).")
     gamma: float | None = opt(None, "Discount, applied as gamma^(t'-t) (paper 1.0, official 0.95).", min=0.0, max=1.0)
     length_norm: bool | None = opt(None, "Divide the return by the number of valid tokens it sums.")
+    bootstrap_truncated: bool | None = opt(None, "A response cut at max_new_tokens: its last token's next-token return "
+                                           "(nothing observed after it) is the row's mean reward, not the 0 that only a "
+                                           "finished response's EOS earns (off: paper/official).")
     whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
     reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
     reward_clip: float = opt(100.0, "Clip each token's reward to +-this (official: 100; catches log p = -inf under top-k/top-p).", gt=0.0)
     clip_eps: float | None = opt(None, "PPO clip range for rho (0.2); null in a preset keeps it, set 0 to disable.", min=0.0)
+    recompute_logp: str = opt("auto", "Behaviour log q (and log p~) from one full no-grad forward over the finished rollouts, "
+                              "the forward the loss runs, instead of the sampler's KV-cached decoding (they differ by "
+                              "rounding: ~1e-2 in bf16, ~1e-6 in fp32); auto = on in bf16/fp16 runs, off in fp32.",
+                              choices=["auto", "always", "never"])
     importance: str = opt("step", "Importance weight for mixed sampling on the long-term term: step (rho = q/p~, paper) "
                           "or exact (whole-sequence product, unbiased, high variance).", choices=["step", "exact"])
     # --- loss terms ----------------------------------------------------------------------------
@@ -107,7 +114,8 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     mask = ro.response_mask
     r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
     r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
-    R = adv.returns(r, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm)
+    R = adv.returns(r, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm,
+                    ended=ro.ended if cfg.bootstrap_truncated else None)
     A = R
     if cfg.whiten:
         stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, mask))
@@ -168,6 +176,8 @@ class RolloutSource:
                                     eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
                                     generator=self.generator))
         ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
+        if recompute_logp(cfg, run.precision):
+            ro = rescore_behaviour(self.student, ro, cfg, acc)
         buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
         buf.update(advantages_for(cfg, ro, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum")))
         self.buffer = buf
@@ -219,6 +229,24 @@ class RolloutSource:
         self.stats = state["stats"]
 
 
+def recompute_logp(cfg: Config, precision: str) -> bool:
+    """Whether to rescore the rollouts' behaviour log-probs (``recompute_logp``; auto: bf16/fp16)."""
+    return cfg.recompute_logp == "always" or (cfg.recompute_logp == "auto" and precision in ("bf16", "fp16"))
+
+
+def rescore_behaviour(student, ro: Rollout, cfg: Config, acc) -> Rollout:
+    """The rollout with log q(y_t) from one teacher-forced, no-grad forward of the student (the
+    same forward the loss runs, under the same autocast) and log p~ rebuilt from it, so that at
+    the first PPO epoch rho = q_theta/p~ is w_t exactly, not up to the rounding difference between
+    KV-cached decoding and a full forward. The tokens and log p are unchanged."""
+    settings = (cfg.temperature, cfg.top_k, cfg.top_p)
+    with acc.autocast():
+        logq, _ = score(student, ro, settings, keep_hidden=False, chunk=cfg.chunk_rows)
+    ro.student_logp = logq
+    ro.mix_logp = adv.mixed_logp(ro.teacher_logp, logq, cfg.mix_alpha).where(ro.response_mask.bool(), torch.zeros(()))
+    return ro
+
+
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     """Stack rollouts of different prompt/response widths (prompts left-, responses right-padded)."""
     P = max(p.prompt_ids.shape[1] for p in parts)
@@ -243,6 +271,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         mix_logp=torch.cat([pad(p.mix_logp, T, 0.0, False) for p in parts]),
         teacher_logp=torch.cat([pad(p.teacher_logp, T, 0.0, False) for p in parts]),
         teacher_hidden=hidden,
+        ended=torch.cat([p.ended for p in parts]) if all(p.ended is not None for p in parts) else None,
     )
 
 
