@@ -54,14 +54,19 @@ includes r_t while the single-step term is also added, the current-token KL is c
 (in expectation, without whitening, the single-step gradient gets weight 2), and gamma 0.95 makes
 the long-term term look about 20 tokens ahead.
 
-Recommended default: ``"official"``. Every number in the paper (main tables and ablations) was
-produced by that code path, and its hyper-parameters (lr 5e-6, clip 0.2, 4 PPO epochs) were tuned
-against whitened, unit-scale advantages; the "paper" preset puts raw nats into the advantage, so
-the same lr gives a different step size that moves with the size of the teacher-student gap. The
-official choices trade bias for variance (discount, no IS weight on the single-step term), which
-the author reported as more stable. Keep ``"paper"`` for ablations and for checking that a run
-optimises the stated objective; it is the one whose maths the enumeration test verifies. The
-padding fixes here apply to both.
+Default: ``"minidistill"`` (``PRESETS``): the paper's estimator (return from the next token,
+gamma 1, no double-counted current-token KL, per-step weights on the single-step term) with two
+changes. (1) Advantages are whitened over valid tokens, as the official code does: that subtracts
+a constant baseline from the long-term term (unbiased) and divides it by the batch's std(R), which
+the single-step term does not get, so the SUM of the two terms no longer points along the true
+gradient: it re-weights the long-term part by 1/std(R) (cosine with the true expected gradient
+below 1, measured by tests/test_advantages.py). We accept that for the official hyper-parameters
+(lr 5e-6, clip 0.2, 4 PPO epochs), which were tuned against unit-scale advantages: unwhitened,
+the advantage is in raw nats and the same lr gives a step that moves with the teacher-student gap.
+(2) A response cut at the token limit bootstraps its last token's return (see :func:`returns`).
+``"paper"`` is the estimator whose expectation is exactly the gradient (with length
+normalisation and clipping off, at a = 0; the enumeration test verifies it); ``"official"``
+reproduces microsoft/LMOps for comparison. The padding fixes here apply to all three.
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ __all__ = [
 
 PRESETS: dict[str, dict[str, Any]] = {
     # minidistill's default: the paper's estimator (return from the NEXT token, gamma 1, no
-    # double-counted single-step part, per-step weights) plus whitening over valid tokens, which
-    # only shifts (a baseline) and rescales the advantages, so the official lr/clip transfer.
+    # double-counted single-step part, per-step weights) plus whitening over valid tokens (a
+    # baseline and a 1/std(R) re-weighting of the long-term term against the single-step term:
+    # not direction-preserving, but the official lr/clip transfer) and truncation bootstrapping.
     "minidistill": {
         "include_current": False,
         "gamma": 1.0,

@@ -62,6 +62,7 @@ class Plot:
 LABELS = {
     "loss": "train loss", "valid/loss": "valid loss", "valid/total": "valid loss (training mix)",
     "valid/kd": "valid KD divergence", "rkl_estimate": "reverse KL estimate (rollouts)",
+    "mix_log_ratio": "log q - log p on mixture samples",
     "single_step_kl": "single-step KL", "reward": "reward", "response_length": "rollout length",
     "valid/mean_length": "valid generation length", "clip_frac": "clip fraction", "lm_loss": "LM loss",
     "kd_loss": "KD loss", "valid/kd_loss": "valid KD loss", "alpha": "alpha", "valid/ppl": "valid perplexity",
@@ -72,7 +73,7 @@ LABELS = {
 STAGE_PLOTS: dict[str, list[Plot]] = {
     "minillm": [
         Plot("loss", ["loss"], "Training loss (PG + single-step KL + L_PT)", "loss per response token"),
-        Plot("kl", ["rkl_estimate", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
+        Plot("kl", ["rkl_estimate", "mix_log_ratio", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
         Plot("reward", ["reward"], "Reward log p(y_t) - log q(y_t)", "nats/token"),
         Plot("response_length", ["response_length", "valid/mean_length"], "Response length", "tokens"),
         Plot("clip_frac", ["clip_frac"], "PPO clip fraction", "fraction of tokens"),
@@ -239,7 +240,7 @@ def stage_type(data: RunData, stage: str) -> str:
     if stage in data.stage_types:
         return data.stage_types[stage]
     keys = set(data.keys(stage))
-    if {"reward", "rkl_estimate"} & keys:
+    if {"reward", "rkl_estimate", "mix_log_ratio"} & keys:
         return "minillm"
     if "alpha" in keys:
         return "pd"

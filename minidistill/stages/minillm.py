@@ -126,17 +126,24 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     return {"rewards": r, "returns": R, "advantages": A, "step_weights": w}
 
 
-def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t) -> dict:
-    """Mean reward, reverse-KL estimate, response length and EOS rate over the rollouts of every
-    process (sums and counts go through ``reduce_sum``)."""
+def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t, mix_alpha: float = 0.0) -> dict:
+    """Mean reward, response length and EOS rate over the rollouts of every process (sums and
+    counts go through ``reduce_sum``), and the mean of log q(y_t) - log p(y_t) over the sampled
+    tokens: with pure student sampling (a = 0) that is a Monte Carlo estimate of the student's
+    per-token reverse KL on its own samples (``rkl_estimate``); with a > 0 the tokens come from
+    the mixture and the same mean is no estimate of the student's KL (teacher-drawn tokens pull it
+    down), so it is logged as ``mix_log_ratio``."""
     m = buf["response_mask"].float()
     lengths = m.sum(-1)
-    last = buf["response_ids"].gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)
-    eos = ((last == eos_id) & (lengths > 0)).float()
+    if buf.get("ended") is not None:
+        eos = buf["ended"].float()
+    else:
+        last = buf["response_ids"].gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)
+        eos = ((last == eos_id) & (lengths > 0)).float()
     sums = torch.stack([(buf["rewards"] * m).sum(), ((buf["student_logp"] - buf["teacher_logp"]) * m).sum(),
                         m.sum(), eos.sum(), torch.tensor(float(m.shape[0]))]).to(torch.float64)
-    reward, rkl, tokens, n_eos, rows = reduce_sum(sums).tolist()
-    return {"reward": reward / max(tokens, 1.0), "rkl_estimate": rkl / max(tokens, 1.0),
+    reward, log_ratio, tokens, n_eos, rows = reduce_sum(sums).tolist()
+    return {"reward": reward / max(tokens, 1.0), ("rkl_estimate" if mix_alpha == 0 else "mix_log_ratio"): log_ratio / max(tokens, 1.0),
             "response_length": tokens / max(rows, 1.0), "eos_rate": n_eos / max(rows, 1.0)}
 
 
@@ -186,7 +193,8 @@ class RolloutSource:
         self.order = [int(j) for _ in range(cfg.ppo_epochs) for j in torch.randperm(n, generator=g)]
         self.order_pos = 0
         self.iteration += 1
-        self.stats = rollout_stats(buf, run.tokenizer.eos_token_id, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"))
+        self.stats = rollout_stats(buf, run.tokenizer.eos_token_id, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"),
+                                   mix_alpha=cfg.mix_alpha)
 
     def next_batch(self) -> dict:
         if self.buffer is None or self.order_pos >= len(self.order):
