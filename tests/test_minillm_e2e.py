@@ -125,11 +125,19 @@ def _final(out: Path, stage: str):
     return AutoModelForCausalLM.from_pretrained(out / stage / "final").eval()
 
 
-def test_minillm_run_lowers_exact_sequence_reverse_kl_more_than_kd(assets, tmp_path):
+@pytest.fixture(scope="module")
+def start(assets) -> tuple:
+    """(teacher, exact KL(q||p) of the initial student) -- the student as the pipeline builds it."""
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"]).eval()
-    before = fresh_from_config(teacher, {"num_hidden_layers": 1}, seed=0).eval()  # as the pipeline builds it
+    before = fresh_from_config(teacher, {"num_hidden_layers": 1}, seed=0).eval()
+    kl_before = exact_reverse_kl(before, teacher, assets["prompt"])
+    assert kl_before > 0.5  # something to learn
+    return teacher, kl_before
+
+
+def test_minillm_run_lowers_exact_sequence_reverse_kl_more_than_kd(assets, start, tmp_path):
+    teacher, kl_before = start
     prompt = assets["prompt"]
-    kl_before = exact_reverse_kl(before, teacher, prompt)
 
     # the MiniLLM run as a user starts it (a subprocess of ``python -m minidistill.run``); KD in-process
     root = Path(__file__).resolve().parents[1]
@@ -142,6 +150,18 @@ def test_minillm_run_lowers_exact_sequence_reverse_kl_more_than_kd(assets, tmp_p
     assert main([str(_recipe(assets, tmp_path / "kd", KD))]) == 0
     kl_kd = exact_reverse_kl(_final(tmp_path / "kd", "kd"), teacher, prompt)
     print(f"exact sequence-level KL(q||p): before {kl_before:.4f}, minillm {kl_minillm:.4f}, kd {kl_kd:.4f}")
-    assert kl_before > 0.5  # something to learn
     assert kl_minillm < 0.5 * kl_before, (kl_before, kl_minillm)
     assert kl_minillm < kl_kd, (kl_minillm, kl_kd)
+
+
+def test_policy_gradient_alone_lowers_exact_sequence_reverse_kl(assets, start, tmp_path):
+    """The reward reaches the update with the right sign: with the single-step term off, the
+    long-term term alone (return including r_t, i.e. the full policy gradient of KL(q||p)) must
+    lower the exact KL. (With the single-step term on, that term alone already fits these short
+    responses, so a flipped reward goes unnoticed by the run above.)"""
+    teacher, kl_before = start
+    stage = {**MINILLM, "single_step": False, "include_current": True}
+    assert main([str(_recipe(assets, tmp_path / "pg", stage))]) == 0
+    kl_pg = exact_reverse_kl(_final(tmp_path / "pg", "minillm"), teacher, assets["prompt"])
+    print(f"exact sequence-level KL(q||p): before {kl_before:.4f}, policy gradient only {kl_pg:.4f}")
+    assert kl_pg < 0.5 * kl_before, (kl_before, kl_pg)
