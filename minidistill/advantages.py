@@ -39,6 +39,11 @@ Importance weights for teacher-mixed sampling (y ~ p~), verified by the same enu
   biased by design (bounded variance instead); exact weights explode as (1/(1-a))^T and are
   only practical for short responses or as a check.
 
+:func:`single_step_weights` picks the single-step weight for the stage's ``importance`` setting
+("step": w_t; "exact": the prefix product); with "exact" the stage also multiplies the advantage
+by ``SequenceWeights.long_term``. tests/test_advantages.py enumerates every response through the
+stage's own ``advantages_for`` and ``minillm_loss``: "exact" has zero bias, "step" does not.
+
 Presets (``PRESETS``; both use a = 0.2 and PPO clip 0.2)
 --------------------------------------------------------
 ``"paper"``: return R_{t+1} from the next token, gamma 1, length-normalised, no whitening,
@@ -87,6 +92,7 @@ __all__ = [
     "returns",
     "sequence_importance_weights",
     "single_step_kl",
+    "single_step_weights",
     "step_importance_weights",
     "token_rewards",
     "whiten",
@@ -451,3 +457,19 @@ def sequence_importance_weights(
     single = torch.where(valid, prefix.exp(), zero)
     long_term = torch.where(valid, (total[:, None] - logw).exp(), zero)
     return SequenceWeights(single, long_term, total.exp())
+
+
+def single_step_weights(
+    student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor, importance: str = "step"
+) -> torch.Tensor:
+    """Importance weight of the single-step term at t for y ~ p~, detached, 0 at padding. (B, T)
+
+    ``"step"``: the paper's per-step w_t = q(y_t)/p~(y_t) (biased at a > 0, bounded);
+    ``"exact"``: the prefix product prod_{t'<t} w_t' (``SequenceWeights.single_step``), the weight
+    that makes the single-step term unbiased (the term at t depends on y_<t only).
+    """
+    if importance == "step":
+        return step_importance_weights(student_logp, mix_logp, mask)
+    if importance == "exact":
+        return sequence_importance_weights(student_logp, mix_logp, mask).single_step
+    raise ValueError(f"importance must be 'step' or 'exact', got {importance!r}")

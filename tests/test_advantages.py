@@ -4,7 +4,8 @@ Unit tests compare with hand-computed values or straightforward reference formul
 check enumerates every response of a tiny tabular autoregressive model, computes the exact
 sequence-level KL(q||p) and its gradient by autograd, and checks the MiniLLM estimator built from
 the module's functions against it: in exact expectation (weighting each enumerated response by
-its sampling probability) and by Monte Carlo sampling with a standard-error bound.
+its sampling probability) and by Monte Carlo sampling with a standard-error bound; the same
+enumeration also runs through the MiniLLM stage's own ``advantages_for`` and ``minillm_loss``.
 """
 
 from __future__ import annotations
@@ -681,3 +682,116 @@ def test_reverse_kl_and_logp_match_autograd_reference(temperature):
     s3 = s.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x: tuple(reverse_kl_and_logp(x, t, mask, y, chunk_size=2, temperature=temperature)), (s3,))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same enumeration through the STAGE: minillm.advantages_for + minillm.minillm_loss
+# ---------------------------------------------------------------------------------------------
+
+
+class _TabularLM(torch.nn.Module):
+    """A causal LM whose next-token logits are a table row per response prefix (the tabular model
+    above behind an HF-like forward): ``forward(input_ids, attention_mask, position_ids).logits``
+    (B, S, V), the prompt being the first ``prompt_len`` columns. Positions before the last prompt
+    token and after an EOS map to row 0 (never read by the loss)."""
+
+    def __init__(self, table: torch.Tensor, prompt_len: int):
+        super().__init__()
+        self.table = table  # (P, V): a leaf tensor (the student's, with grad) or a constant (teacher)
+        self.prompt_len = prompt_len
+        self.config = type("TabularConfig", (), {"vocab_size": V})()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        B, S = input_ids.shape
+        rows = torch.zeros(B, S, dtype=torch.long)
+        local = torch.zeros(B, dtype=torch.long)
+        alive = torch.ones(B, dtype=torch.bool)
+        for j in range(self.prompt_len - 1, S):
+            t = j - self.prompt_len + 1  # response index this position predicts
+            if t >= L:
+                break
+            rows[:, j] = torch.where(alive, OFFSETS[t] + local, 0)
+            if j + 1 < S:
+                y = input_ids[:, j + 1]
+                alive = alive & (y != EOS)
+                local = local * NE + torch.where(alive, y, 0)
+        return type("Out", (), {"logits": self.table[rows]})()
+
+
+def _stage_cfg(importance: str, alpha: float):
+    from minidistill.config import build
+    from minidistill.stages import minillm
+
+    return build(minillm.Config, {
+        "type": "minillm", "name": "minillm", "preset": "paper", "importance": importance, "mix_alpha": alpha,
+        "gamma": 1.0, "include_current": False, "length_norm": False, "whiten": False, "clip_eps": 0.0,
+        "reward_scale": 1.0, "lm_coef": 0.0, "pg_coef": 1.0, "single_step": True, "chunk_rows": 64,
+    }, "test:")
+
+
+def _stage_expected_grad(tabular, cfg):
+    """sum_y p~(y) * grad(stage loss of response y), every response enumerated: the exact
+    expectation of the gradient the stage computes from one sampled response."""
+    from minidistill.sampler import Rollout
+    from minidistill.stages import minillm
+
+    theta, teacher, resp, _, _, _ = tabular
+    tokens, mask, rows = resp
+    M = tokens.shape[0]
+    a = cfg.mix_alpha
+    lq = torch.log_softmax(theta.detach(), -1)[rows].gather(-1, tokens[..., None]).squeeze(-1)  # (M, L)
+    lp = torch.log_softmax(teacher, -1)[rows].gather(-1, tokens[..., None]).squeeze(-1)
+    zero = torch.zeros((), dtype=F64)
+    lq, lp = torch.where(mask.bool(), lq, zero), torch.where(mask.bool(), lp, zero)
+    lmix = torch.where(mask.bool(), mixed_logp(lp, lq, a), zero)
+    p_mix = (lmix * mask).sum(-1).exp()  # (M,) sampling probability of each response under p~
+    assert abs(float(p_mix.sum()) - 1) < 1e-12
+    prompt = torch.zeros(M, 1, dtype=torch.long)
+    ro = Rollout(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
+                 response_ids=torch.where(mask.bool(), tokens, EOS), response_mask=mask,
+                 student_logp=lq, mix_logp=lmix, teacher_logp=lp)
+    buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
+    buf.update(minillm.advantages_for(cfg, ro))  # per-row quantities (no whitening): slice below
+    student, teacher_lm = _TabularLM(theta, 1), _TabularLM(teacher, 1)
+    total = torch.zeros((), dtype=F64)
+    for i in range(M):
+        row = {k: v[i:i + 1] for k, v in buf.items()}
+        row["num_tokens"], row["stats"] = int(row["response_mask"].sum()), {}
+        loss, _ = minillm.minillm_loss(student, row, cfg=cfg, teacher=teacher_lm, vocab=V)
+        total = total + p_mix[i] * loss
+    (g,) = torch.autograd.grad(total, theta)
+    return g
+
+
+def test_stage_estimator_exact_expectation(tabular, record_property):
+    """The stage's own advantages_for + minillm_loss, in exact expectation over y ~ p~ (a = 0.2):
+    importance exact is unbiased for grad KL(q||p); importance step (the paper's per-step weights)
+    is measurably biased. At a = 0 both are unbiased."""
+    grad_kl = tabular[-1]
+    for importance in ("exact", "step"):
+        g0 = _stage_expected_grad(tabular, _stage_cfg(importance, 0.0))
+        torch.testing.assert_close(g0, grad_kl, rtol=1e-9, atol=1e-11)
+    g_exact = _stage_expected_grad(tabular, _stage_cfg("exact", 0.2))
+    bias_exact = _rel(g_exact, grad_kl)
+    g_step = _stage_expected_grad(tabular, _stage_cfg("step", 0.2))
+    bias_step = _rel(g_step, grad_kl)
+    record_property("stage_rel_bias_exact", bias_exact)
+    record_property("stage_rel_bias_step", bias_step)
+    print(f"a=0.2 stage estimator, relative bias of E[g]: importance exact {bias_exact:.2e}, step {bias_step:.4f}")
+    torch.testing.assert_close(g_exact, grad_kl, rtol=1e-9, atol=1e-11)
+    assert bias_step > 0.05, bias_step
+    # the stage's step estimator is the module-level "paper_step" variant, term for term
+    torch.testing.assert_close(g_step, _expected_grad(tabular, 0.2, "paper_step"), rtol=1e-9, atol=1e-11)
+
+
+def test_stage_exact_importance_needs_single_step_weight():
+    from minidistill.config import build
+    from minidistill.stages import minillm
+
+    base = {"type": "minillm", "name": "minillm", "lm_coef": 0.0, "importance": "exact"}
+    with pytest.raises(UserError, match="single_step_importance_weight"):
+        build(minillm.Config, {**base, "single_step_importance_weight": False}, "test:")
+    # a preset's false (official) gives way to exact; step keeps the preset's choice
+    assert build(minillm.Config, {**base, "preset": "official"}, "test:").single_step_importance_weight is True
+    step = build(minillm.Config, {**base, "preset": "official", "importance": "step"}, "test:")
+    assert step.single_step_importance_weight is False

@@ -13,7 +13,10 @@ One iteration, read top to bottom:
    (``minillm_loss``) is
        long-term   -min(rho*A, clip(rho, 1-eps, 1+eps)*A),  rho = q_theta(y_t) / p~(y_t)
      + single-step  KL(q_theta(.|y_<t) || p(.|y_<t)) over the whole vocabulary, exact,
-                    optionally times the per-step importance weight q/p~
+                    optionally times an importance weight: the per-step q/p~ of y_t
+                    (``importance: step``, the paper's) or the prefix product
+                    prod_{t'<t} q/p~ (``importance: exact``, which also multiplies the
+                    long-term advantage by the product over the other tokens)
      + lm_coef * L_PT, the LM loss on a plain-text batch (mixed with token-level KD to the
                     teacher on that text by ``kd_ratio``, as the official code).
    The teacher's full-vocabulary logits for the single-step term come from the last hidden
@@ -78,11 +81,17 @@ class Config(TrainConfig):
                               "the forward the loss runs, instead of the sampler's KV-cached decoding (they differ by "
                               "rounding: ~1e-2 in bf16, ~1e-6 in fp32); auto = on in bf16/fp16 runs, off in fp32.",
                               choices=["auto", "always", "never"])
-    importance: str = opt("step", "Importance weight for mixed sampling on the long-term term: step (rho = q/p~, paper) "
-                          "or exact (whole-sequence product, unbiased, high variance).", choices=["step", "exact"])
+    importance: str = opt("step", "Importance weights for mixed sampling. step (paper): rho = q/p~ on the long-term term, q/p~ of "
+                          "the token on the single-step term; biased when mix_alpha > 0. exact: whole-sequence product on the "
+                          "long-term term, prefix product on the single-step term; the expected gradient is exactly that of "
+                          "KL(q||p) with gamma 1, include_current/length_norm/whiten false and clip_eps 0 (first PPO epoch); "
+                          "variance grows like (1/(1-a))^T. exact turns single_step_importance_weight on (an explicit false "
+                          "is an error).", choices=["step", "exact"])
     # --- loss terms ----------------------------------------------------------------------------
     single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
-    single_step_importance_weight: bool | None = opt(None, "Weight the single-step term by q/p~ (paper yes, official no).")
+    single_step_importance_weight: bool | None = opt(None, "Weight the single-step term by its importance weight (importance step: "
+                                                     "q/p~ of the token; exact: prefix product) (paper yes, official no; "
+                                                     "importance exact forces it on).")
     pg_coef: float = opt(1.0, "Weight of the long-term (policy-gradient) term.", min=0.0)
     chunk_rows: int = opt(8, "Rows per policy forward in the loss, grouped by prompt length with padding columns "
                           "dropped (the sums are the same for any value; larger = fewer, bigger matmuls).", min=1)
@@ -94,6 +103,11 @@ class Config(TrainConfig):
     eval_max_new_tokens: int | None = opt(None, "Response limit for validation (default max_new_tokens).", min=1)
 
     def validate(self, where: str) -> None:
+        if self.importance == "exact" and self.single_step_importance_weight is False:
+            raise UserError(f"{where}.single_step_importance_weight: importance 'exact' needs the single-step importance "
+                            "weight (the prefix product q/p~ of the earlier tokens); set it true or leave it unset")
+        if self.importance == "exact":
+            self.single_step_importance_weight = True  # wins over the preset (official: false)
         for key, value in adv.get_preset(self.preset).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -120,10 +134,10 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     if cfg.whiten:
         stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, mask))
         A = adv.whiten(R, mask, stats=stats)
-    if cfg.importance == "exact":
+    if cfg.importance == "exact":  # pg_loss's rho = q/p~ supplies w_t; this is the rest of the sequence's product
         A = A * adv.sequence_importance_weights(ro.student_logp, ro.mix_logp, mask).long_term
-    w = adv.step_importance_weights(ro.student_logp, ro.mix_logp, mask)
-    return {"rewards": r, "returns": R, "advantages": A, "step_weights": w}
+    w = adv.single_step_weights(ro.student_logp, ro.mix_logp, mask, cfg.importance)
+    return {"rewards": r, "returns": R, "advantages": A, "single_step_weights": w}
 
 
 def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t, mix_alpha: float = 0.0) -> dict:
@@ -207,7 +221,7 @@ class RolloutSource:
         rows = torch.tensor(take)
         batch = {k: v[rows] for k, v in self.buffer.items()}
         t = int(batch["response_mask"].sum(-1).max())
-        for k in (*RESPONSE_FIELDS, "rewards", "returns", "advantages", "step_weights"):
+        for k in (*RESPONSE_FIELDS, "rewards", "returns", "advantages", "single_step_weights"):
             if k in batch:
                 batch[k] = batch[k][:, :t]
         batch["num_tokens"] = int(batch["response_mask"].sum())
@@ -227,6 +241,8 @@ class RolloutSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = state["buffer"] or None
+        if self.buffer is not None and "step_weights" in self.buffer:  # checkpoints written before the rename
+            self.buffer["single_step_weights"] = self.buffer.pop("step_weights")
         self.order = state["order"].tolist()
         self.order_pos = int(state["order_pos"])
         self.iteration = int(state["iteration"])
@@ -309,7 +325,7 @@ def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
     for k, v in batch.items():
         if k in ("prompt_ids", "prompt_mask"):
             out[k] = v[rows, p0:]
-        elif k in RESPONSE_FIELDS or k in ("rewards", "returns", "advantages", "step_weights"):
+        elif k in RESPONSE_FIELDS or k in ("rewards", "returns", "advantages", "single_step_weights"):
             out[k] = v[rows, :t1]
     return out
 
@@ -343,7 +359,7 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
         loss = loss + cfg.pg_coef * pg_sum
         n_all, pg_all, clipped = n_all + int(n), pg_all + float(pg_sum.detach()), clipped + float(clip_frac) * int(n)
         if cfg.single_step:
-            weights = mb["step_weights"] if cfg.single_step_importance_weight else None
+            weights = mb["single_step_weights"] if cfg.single_step_importance_weight else None
             if fused:
                 if weights is not None:
                     kl = torch.where(mask.bool(), kl * weights.to(kl.dtype), torch.zeros_like(kl))
