@@ -407,7 +407,7 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
         res = evaluate_instructions(
             model, tokenizer, examples, template=plan["template"], seeds=plan["seeds"],
             max_prompt_length=plan["max_prompt_length"], max_new_tokens=plan["max_new_tokens"],
-            batch_size=plan["eval_batch_size"], progress=plan["progress"], keep_ids=True)
+            batch_size=plan["eval_batch_size"], progress=plan["progress"], keep_ids=True, vocab_size=vocab)
         gens = res.pop("generations")
         per_seed = [res["rougeL_per_seed"][s] for s in plan["seeds"]]
         mean, half = ci95(per_seed)

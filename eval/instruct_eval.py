@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         no_repeat_ngram_size=args.no_repeat_ngram, long_prompt=args.long_prompt, progress=not args.no_progress,
+        vocab_size=len(tokenizer),
     )
     generations = result.pop("generations")
     summary = {

@@ -396,6 +396,8 @@ def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, p
                      vocab_size: int | None = None, progress: bool = False) -> Samples:
     """Sample one response per prompt and seed from ``generator`` (the model or the teacher) with
     :func:`minidistill.evaluation.generate_ids`, then score every step with :func:`token_kl_per_position`.
+    ``vocab_size`` (``len(tokenizer)``) bounds both: no id >= it is sampled, and the KLs are over the
+    first ``vocab_size`` logits.
     """
     from minidistill.evaluation import generate_ids
 
@@ -406,7 +408,7 @@ def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, p
         new = generate_ids(generator, tokenizer, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                            batch_size=batch_size, temperature=temperature, top_p=top_p, top_k=top_k,
                            no_repeat_ngram_size=no_repeat_ngram_size, seed=int(seed), progress=progress,
-                           desc=f"sample seed {seed}")
+                           desc=f"sample seed {seed}", vocab_size=vocab_size)
         ended = [len(r) < max_new_tokens for r in new]
         # Score the EOS prediction too when the sample stopped (the token there is irrelevant to the
         # KL at that step; EOS stands in for whichever stop token was drawn).

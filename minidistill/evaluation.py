@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from minidistill.data import (
     Example,
@@ -23,6 +24,7 @@ from minidistill.data import (
     tokenize_prompts,
 )
 from minidistill.errors import UserError
+from minidistill.sampler import process_logits
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 
@@ -65,6 +67,26 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+class _VocabLogits(LogitsProcessor):
+    """HF ``generate`` logits processor: ids >= ``vocab`` (head rows beyond the tokenizer) to -inf,
+    then temperature, top-k and top-p exactly as :func:`minidistill.sampler.process_logits`.
+
+    The mask must come before the warpers (top-k/top-p over the tokenizer's ids only, the
+    normaliser over them only), and HF appends custom processors after its own warpers, so
+    ``generate`` is called with neutral sampling settings and this processor does all of it.
+    """
+
+    def __init__(self, vocab: int | None, temperature: float, top_k: int, top_p: float):
+        self.vocab, self.settings = vocab, (temperature, top_k, top_p)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids so far, (B, V_head) next-token scores -> (B, V_head) processed scores."""
+        if self.vocab is not None and self.vocab < scores.shape[-1]:
+            scores = scores.clone()
+            scores[:, self.vocab:] = -math.inf
+        return process_logits(scores, *self.settings).to(scores.dtype)
+
+
 def _progress_bar(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -85,11 +107,15 @@ def generate_ids(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generate",
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Sample continuations; returns the new token ids per prompt (up to, not including, EOS), in input order.
 
     Prompts are sorted by length into left-padded batches; each batch is seeded from ``seed`` and
     its index (the caller's RNG state is left untouched). temperature 0 means greedy decoding.
+    ``vocab_size`` (``len(tokenizer)``; the stages pass ``run.vocab_size``) restricts sampling to
+    ids below it: head rows beyond the tokenizer get no probability and are never emitted.
+    Temperature, top-k and top-p are applied over those ids as the MiniLLM sampler does.
     """
     if batch_size < 1:
         raise UserError(f"batch_size: must be at least 1, got {batch_size}")
@@ -116,8 +142,12 @@ def generate_ids(
         "repetition_penalty": 1.0,
         "no_repeat_ngram_size": no_repeat_ngram_size,
     }
-    if temperature > 0:
-        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    if temperature > 0:  # HF's own warpers neutral (they would run after the vocabulary mask)
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        warp = (float(temperature), int(top_k), float(top_p))
+    else:
+        warp = (1.0, 0, 1.0)
+    kwargs["logits_processor"] = LogitsProcessorList([_VocabLogits(vocab_size, *warp)])
 
     device = _model_device(model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -162,12 +192,13 @@ def generate(
     no_repeat_ngram_size: int = 0,
     seed: int = 0,
     progress: bool = True,
+    vocab_size: int | None = None,
 ) -> list[str]:
     """Sample continuations and return them as stripped text (special tokens skipped), in input order."""
     new_ids = generate_ids(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
         temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed, progress=progress,
+        seed=seed, progress=progress, vocab_size=vocab_size,
     )
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
 
@@ -224,6 +255,7 @@ def evaluate_instructions(
     long_prompt: str = "drop",
     progress: bool = True,
     keep_ids: bool = False,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Generate for every prompt once per seed and score ROUGE-L against the references.
 
@@ -232,7 +264,7 @@ def evaluate_instructions(
     (seed, example) with seed, index, source, prompt, references, generation, rougeL, length.
     Long prompts are dropped by default, as the MiniLLM data processing does. ``keep_ids`` adds
     ``prompt_ids`` and ``generation_ids`` (new tokens, EOS excluded) to every generation record,
-    for analyses that score the samples token by token.
+    for analyses that score the samples token by token. ``vocab_size``: see :func:`generate_ids`.
     """
     if not seeds:
         raise UserError("seeds: give at least one seed")
@@ -247,7 +279,7 @@ def evaluate_instructions(
         new_ids = generate_ids(
             model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
             temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
-            seed=int(seed), progress=progress, desc=f"seed {seed}",
+            seed=int(seed), progress=progress, desc=f"seed {seed}", vocab_size=vocab_size,
         )
         texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
         scores = [rouge_l(t, r) for t, r in zip(texts, refs)]

@@ -8,7 +8,9 @@ the next token is drawn from p~ and log q, log p~ and log p of that token are re
 Function boundary (what any sampler backend must honour, so a vLLM-backed sampler can be a
 drop-in replacement with the same signature as :func:`sample`):
 
-- input: LEFT-padded ``prompt_ids``/``prompt_mask`` (B, P) plus the sampling settings;
+- input: LEFT-padded ``prompt_ids``/``prompt_mask`` (B, P) plus the sampling settings and
+  ``vocab``, the tokenizer's vocabulary size: head rows beyond it (padded heads, e.g. Qwen's) are
+  dropped before any softmax, so they are never drawn and get no probability mass;
 - output: a :class:`Rollout` on the student's device: RIGHT-padded ``response_ids`` (B, T)
   with ``pad_token_id``, ``response_mask`` whose valid tokens are a prefix of each row (EOS
   included), and float32 ``student_logp`` / ``mix_logp`` / ``teacher_logp`` (B, T) that are 0 at
@@ -135,6 +137,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _head_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the model's output head (its vocabulary width), None when it has no plain head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) else None
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -189,6 +198,7 @@ def sample(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int],
     pad_token_id: int,
+    vocab: int | None = None,
     generator: torch.Generator | None = None,
     keep_teacher_hidden: bool = True,
     score_chunk: int = 8,
@@ -203,6 +213,11 @@ def sample(
     eval mode under ``no_grad`` (every module's training flag is restored). ``generator`` must live on
     the student's device. With top_k/top_p, a token drawn from one model's support may lie
     outside the other's: its log-prob is then -inf.
+
+    ``vocab`` is the usable vocabulary (``len(tokenizer)``, the stages pass ``run.vocab_size``):
+    every distribution (q, p, p~ and the recorded log-probs) is over logits ``[..., :vocab]``, the
+    ids are < ``vocab``, and teacher and student heads may be of different widths >= ``vocab``.
+    None means the whole head, which then must be as wide in both models.
 
     At a = 0 the teacher does not step along: it scores the finished responses in one
     teacher-forced pass (``score_chunk`` rows at a time), which draws the same tokens and gives
@@ -221,9 +236,15 @@ def sample(
         raise ValueError("prompt_ids and prompt_mask must both be (B, P)")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be LEFT-padded (prompt_mask[:, -1] must be all 1)")
+    if vocab is not None and vocab < 1:
+        raise ValueError(f"vocab must be >= 1, got {vocab}")
     process_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # validate settings early
 
     student, teacher = _unwrap(student), _unwrap(teacher)
+    widths = {w for w in (_head_rows(student), _head_rows(teacher)) if w is not None}
+    if vocab is None and len(widths) > 1:
+        raise ValueError(f"student and teacher heads differ in width ({sorted(widths)} rows): pass "
+                         "vocab=len(tokenizer) so both distributions are over the same tokens")
     dev = _device_of(student)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
     eos = torch.as_tensor(
@@ -239,10 +260,10 @@ def sample(
             teacher_steps = not (a == 0.0 and _teacher_after)
             ro = _sample_loop(
                 student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
-                settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden,
+                settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden, vocab,
             )  # fmt: skip
             if not teacher_steps:
-                ro.teacher_logp, ro.teacher_hidden = score(teacher, ro, settings, keep_teacher_hidden, score_chunk)
+                ro.teacher_logp, ro.teacher_hidden = score(teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab)
             return ro
     finally:
         for m, flag in flags:
@@ -255,9 +276,11 @@ def score(
     settings: tuple[float, int, float] = (1.0, 0, 1.0),
     keep_hidden: bool = True,
     chunk: int = 8,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher-forced log p(y_t) of a rollout's tokens under the processed distribution, and the
-    final hidden states when ``keep_hidden`` and the model splits (else None). (B, T), (B, T, H)
+    """Teacher-forced log p(y_t) of a rollout's tokens under the processed distribution over the
+    first ``vocab`` logits (None: the whole head), and the final hidden states when
+    ``keep_hidden`` and the model splits (else None). (B, T), (B, T, H)
 
     Runs ``chunk`` rows of similar prompt length at a time under ``no_grad``, without their
     all-padding columns; only response positions reach the LM head.
@@ -274,12 +297,12 @@ def score(
             ri, rm = ro.response_ids[rows, :t1].to(dev), ro.response_mask[rows, :t1].to(dev)
             if split is not None:
                 h = response_hidden(model, pi, pm, ri, rm) * rm[..., None]  # (b, t1, H), zero at padding
-                logits = split[1](h)
+                logits = split[1](h)[..., :vocab]  # (b, t1, V)
                 if hidden_out is None:
                     hidden_out = torch.zeros((B, T, h.shape[-1]), dtype=h.dtype, device=dev)
                 hidden_out[rows.to(dev), :t1] = h
             else:
-                logits = response_logits(model, pi, pm, ri, rm)
+                logits = response_logits(model, pi, pm, ri, rm, vocab)  # (b, t1, V)
             logp = torch.log_softmax(process_logits(logits, *settings), -1)  # (b, t1, V)
             lp = logp.gather(-1, ri[..., None])[..., 0]  # (b, t1)
             logp_out[rows.to(dev), :t1] = torch.where(rm.bool(), lp, torch.zeros_like(lp))
@@ -301,9 +324,11 @@ def _sample_loop(
     skip_finished: bool,
     last_only: bool,
     keep_hidden: bool,
+    vocab: int | None = None,
 ) -> Rollout:
     """The token-by-token loop behind :func:`sample` (called under no_grad). Without a teacher
-    (a = 0, scored afterwards) ``teacher_logp`` is left at 0."""
+    (a = 0, scored afterwards) ``teacher_logp`` is left at 0. Both models' logits are cut to
+    ``[..., :vocab]`` before :func:`process_logits` (None: the whole head)."""
     dev = prompt_ids.device
     B = prompt_ids.shape[0]
     N = max_new_tokens
@@ -325,9 +350,12 @@ def _sample_loop(
     T = 0
     for t in range(N):
         outs = [st(ids, mask, pos) for st in steppers]
-        logq = torch.log_softmax(process_logits(outs[0][0], *settings), -1)  # (Ba, V)
+        logq = torch.log_softmax(process_logits(outs[0][0][:, :vocab], *settings), -1)  # (Ba, V)
         if teacher is not None:
-            logp = torch.log_softmax(process_logits(outs[1][0].to(dev), *settings), -1)  # (Ba, V)
+            logp = torch.log_softmax(process_logits(outs[1][0][:, :vocab].to(dev), *settings), -1)  # (Ba, V)
+            if logp.shape[-1] != logq.shape[-1]:
+                raise ValueError(f"student and teacher heads differ in width ({logq.shape[-1]} vs {logp.shape[-1]} "
+                                 "rows): pass vocab=len(tokenizer) so both distributions are over the same tokens")
             h = outs[1][1]
             if h is not None:
                 if hidden is None:

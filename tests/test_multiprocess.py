@@ -186,7 +186,8 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     cfg = build(minillm.Config, {"type": "minillm", "name": "m", "num_rollouts": 8, "batch_size": 2,
                                  "rollout_batch_size": 4, "max_new_tokens": 10, "lm_coef": 0.0, "preset": "minidistill"}, "t:")
-    run = SimpleNamespace(accelerator=acc, device=acc.device, teacher=teacher, tokenizer=tok, recipe=SimpleNamespace(seed=0))
+    run = SimpleNamespace(accelerator=acc, device=acc.device, teacher=teacher, tokenizer=tok, vocab_size=len(tok),
+                          recipe=SimpleNamespace(seed=0))
     prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit", "2 and 3",
                                           "Spell dog", "Opposite of hot", "An animal"]]
     source = minillm.RolloutSource(run, cfg, student, prompts, None)

@@ -91,3 +91,41 @@ def tiny_recipe(tmp_path: Path, tiny_dir: Path, tiny_data: dict, stages: list[di
     }
     recipe.update(top)
     return recipe
+
+
+class FakeAccelerator:
+    """The one-process slice of ``accelerate.Accelerator`` that stage helpers call (sum-reduce is
+    the identity, autocast does nothing), for driving stage code without a full ``Run``."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device: str = "cpu"):
+        import torch
+
+        self.device = torch.device(device)
+
+    def reduce(self, tensor, reduction: str = "sum"):
+        return tensor
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def fake_run(teacher, tokenizer, *, seed: int = 0, vocab_size: int | None = None, template: str = "alpaca",
+             max_prompt_length: int = 224, long_prompt: str = "drop"):
+    """A stand-in for ``minidistill.run.Run`` with what the sampling/rollout helpers of the stages
+    read: accelerator, device, teacher, tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
+    and recipe.data.template/max_prompt_length/long_prompt."""
+    from types import SimpleNamespace
+
+    import torch
+
+    data = SimpleNamespace(template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt)
+    return SimpleNamespace(accelerator=FakeAccelerator(), device=torch.device("cpu"), teacher=teacher,
+                           tokenizer=tokenizer, vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
+                           recipe=SimpleNamespace(seed=seed, data=data))

@@ -195,7 +195,7 @@ class RolloutSource:
                 parts.append(sample(self.student, run.teacher, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                     mix_alpha=cfg.mix_alpha, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                     eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
-                                    generator=self.generator))
+                                    vocab=run.vocab_size, generator=self.generator))
         ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
         if recompute_logp(cfg, run.precision):
             ro = rescore_behaviour(self.student, ro, cfg, acc)
@@ -415,7 +415,7 @@ def make_evaluate(run, cfg: Config, examples: list):
                 res = evaluation.evaluate_instructions(
                     model, run.tokenizer, mine, template=d.template, seeds=[run.recipe.seed],
                     max_prompt_length=d.max_prompt_length, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                    batch_size=cfg.rollout_batch_size, progress=False)
+                    batch_size=cfg.rollout_batch_size, progress=False, vocab_size=run.vocab_size)
         n = torch.tensor(float(res["n_examples"]), device=acc.device)
         score = torch.tensor(res["rougeL"] * res["n_examples"], device=acc.device)
         length = torch.tensor(res["mean_length"] * res["n_examples"], device=acc.device)

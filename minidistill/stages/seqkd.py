@@ -124,7 +124,7 @@ def sample(run, settings: dict, prompt_ids: list[list[int]]) -> list[tuple[int, 
             new = generate_ids(run.teacher, run.tokenizer, [prompt_ids[i] for i in idx],
                                max_new_tokens=settings["max_new_tokens"], batch_size=len(idx),
                                temperature=settings["temperature"], top_p=settings["top_p"], top_k=settings["top_k"],
-                               seed=batch_seed(settings["seed"], b), progress=False)
+                               seed=batch_seed(settings["seed"], b), progress=False, vocab_size=run.vocab_size)
             out.extend(zip(idx, new))
             bar.update(len(idx))
     return out
