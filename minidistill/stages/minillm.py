@@ -198,7 +198,7 @@ class RolloutSource:
                                     vocab=run.vocab_size, generator=self.generator))
         ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
         if recompute_logp(cfg, run.precision):
-            ro = rescore_behaviour(self.student, ro, cfg, acc)
+            ro = rescore_behaviour(self.student, ro, cfg, acc, run.vocab_size)
         buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
         buf.update(advantages_for(cfg, ro, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum")))
         self.buffer = buf
@@ -258,14 +258,14 @@ def recompute_logp(cfg: Config, precision: str) -> bool:
     return cfg.recompute_logp == "always" or (cfg.recompute_logp == "auto" and precision in ("bf16", "fp16"))
 
 
-def rescore_behaviour(student, ro: Rollout, cfg: Config, acc) -> Rollout:
+def rescore_behaviour(student, ro: Rollout, cfg: Config, acc, vocab: int) -> Rollout:
     """The rollout with log q(y_t) from one teacher-forced, no-grad forward of the student (the
     same forward the loss runs, under the same autocast) and log p~ rebuilt from it, so that at
     the first PPO epoch rho = q_theta/p~ is w_t exactly, not up to the rounding difference between
     KV-cached decoding and a full forward. The tokens and log p are unchanged."""
     settings = (cfg.temperature, cfg.top_k, cfg.top_p)
     with acc.autocast():
-        logq, _ = score(student, ro, settings, keep_hidden=False, chunk=cfg.chunk_rows)
+        logq, _ = score(student, ro, settings, keep_hidden=False, chunk=cfg.chunk_rows, vocab=vocab)
     ro.student_logp = logq
     ro.mix_logp = adv.mixed_logp(ro.teacher_logp, logq, cfg.mix_alpha).where(ro.response_mask.bool(), torch.zeros(()))
     return ro
