@@ -701,7 +701,7 @@ class _TabularLM(torch.nn.Module):
         self.prompt_len = prompt_len
         self.config = type("TabularConfig", (), {"vocab_size": V})()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
         B, S = input_ids.shape
         rows = torch.zeros(B, S, dtype=torch.long)
         local = torch.zeros(B, dtype=torch.long)

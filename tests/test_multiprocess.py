@@ -186,7 +186,7 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     cfg = build(minillm.Config, {"type": "minillm", "name": "m", "num_rollouts": 8, "batch_size": 2,
                                  "rollout_batch_size": 4, "max_new_tokens": 10, "lm_coef": 0.0, "preset": "minidistill"}, "t:")
-    run = SimpleNamespace(accelerator=acc, device=acc.device, teacher=teacher, tokenizer=tok, vocab_size=len(tok),
+    run = SimpleNamespace(accelerator=acc, device=acc.device, teacher=teacher, tokenizer=tok, vocab_size=len(tok), precision="fp32",
                           recipe=SimpleNamespace(seed=0))
     prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit", "2 and 3",
                                           "Spell dog", "Opposite of hot", "An animal"]]
@@ -227,7 +227,7 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
     buf["response_ids"] = _pad_cat([p["response_ids"] for p in parts], value=1)
     from tiny_tokenizer import make_tokenizer
 
-    expect = rollout_stats(buf, make_tokenizer().eos_token_id)
+    expect = rollout_stats(buf, make_tokenizer().eos_token_id, mix_alpha=0.2)  # the preset a
     for p in parts:
         assert p["stats"].keys() == expect.keys()
         for k in expect:

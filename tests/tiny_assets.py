@@ -126,6 +126,6 @@ def fake_run(teacher, tokenizer, *, seed: int = 0, vocab_size: int | None = None
     import torch
 
     data = SimpleNamespace(template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt)
-    return SimpleNamespace(accelerator=FakeAccelerator(), device=torch.device("cpu"), teacher=teacher,
+    return SimpleNamespace(accelerator=FakeAccelerator(), device=torch.device("cpu"), teacher=teacher, precision="fp32",
                            tokenizer=tokenizer, vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
                            recipe=SimpleNamespace(seed=seed, data=data))
