@@ -101,6 +101,7 @@ EVAL_METRICS = [  # key, column title, axis label, "higher"/"lower" is better
     ("reverse_kl", "reverse KL", "KL(q||p), nats/token", "lower"),
     ("forward_kl", "forward KL", "KL(p||q), nats/token", "lower"),
     ("mean_length", "mean length", "tokens", None),
+    ("eos_rate", "EOS rate", "share of responses that stopped", None),
     ("ece", "ECE", "ECE (fraction)", "lower"),
     ("distinct_4", "Dist-4", "distinct 4-grams (fraction)", None),
 ]

@@ -3,7 +3,9 @@
 For each entry of ``models`` ("teacher", "student" = the current student, or the name of an
 earlier stage, whose ``final/`` is loaded; ``<stage>/best`` for its best checkpoint) it samples
 responses, scores ROUGE-L against the split's references (the teacher's responses after a
-``generate`` stage), and measures per-token KL to the teacher: reverse KL(q||p) on the model's
+``generate`` stage), the share of responses that stop with EOS before ``max_new_tokens`` (set
+it well above a training stage's limit to see whether the student still stops), and measures
+per-token KL to the teacher: reverse KL(q||p) on the model's
 own samples and forward KL(p||q) on the teacher's samples. Models are scored in the recipe's
 precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
 bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
@@ -95,6 +97,8 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
             "reverse_kl": 0.0 if model is teacher else summary["reverse_kl"],
             "forward_kl": fkl,
             "mean_length": summary["mean_length"],
+            "eos_rate": summary["eos_rate"],
+            "max_new_tokens": cfg.max_new_tokens,
             "n_prompts": len(prompts),
             "seeds": list(cfg.seeds),
         })
@@ -103,10 +107,11 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
 
 def print_table(rows: list[dict], title: str) -> None:
     table = Table(title=title)
-    for col in ("model", "ROUGE-L", "reverse KL", "forward KL", "mean length"):
+    for col in ("model", "ROUGE-L", "reverse KL", "forward KL", "mean length", "EOS rate"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        table.add_row(r["model"], f"{r['rougeL']:.1f}", f"{r['reverse_kl']:.3f}", f"{r['forward_kl']:.3f}", f"{r['mean_length']:.1f}")
+        table.add_row(r["model"], f"{r['rougeL']:.1f}", f"{r['reverse_kl']:.3f}", f"{r['forward_kl']:.3f}", f"{r['mean_length']:.1f}",
+                      f"{r['eos_rate']:.2f}")
     console.print(table)
 
 
@@ -115,8 +120,10 @@ def run(run, cfg: Config, student) -> None:
     if run.accelerator.is_main_process:
         path = run.out_dir / "eval_table.json"
         ckpt.write_json_atomic(path, rows)
-        print_table(rows, f"{cfg.name}: {rows[0]['n_prompts']} {cfg.split} prompts, seeds {cfg.seeds} "
-                          "(ROUGE-L vs references; KL in nats/token)")
+        print_table(rows, f"{cfg.name}: {rows[0]['n_prompts']} {cfg.split} prompts, seeds {cfg.seeds}, at most "
+                          f"{cfg.max_new_tokens} new tokens (ROUGE-L vs references; KL in nats/token; EOS rate = share "
+                          "of responses that stopped)")
         console.print(f"evaluation table: {path}")
-        run.log(cfg.name, 0, {f"{r['model']}/{k}": r[k] for r in rows for k in ("rougeL", "reverse_kl", "forward_kl", "mean_length")})
+        run.log(cfg.name, 0, {f"{r['model']}/{k}": r[k] for r in rows
+                              for k in ("rougeL", "reverse_kl", "forward_kl", "mean_length", "eos_rate")})
     return None

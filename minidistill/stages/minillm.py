@@ -45,6 +45,7 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..loop import train
+from ..tracking import console
 from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample, score
 
 
@@ -209,6 +210,10 @@ class RolloutSource:
         self.iteration += 1
         self.stats = rollout_stats(buf, run.tokenizer.eos_token_id, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"),
                                    mix_alpha=cfg.mix_alpha)
+        if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
+            console.print(f"[yellow]stage '{cfg.name}': {100 * (1 - self.stats['eos_rate']):.0f}% of the first rollouts hit "
+                          f"max_new_tokens={cfg.max_new_tokens}: MiniLLM trains only the positions it samples, so it cannot learn "
+                          "where to stop beyond that limit (raise it if the teacher's answers are longer)[/]")
 
     def next_batch(self) -> dict:
         if self.buffer is None or self.order_pos >= len(self.order):
