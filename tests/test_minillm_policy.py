@@ -126,3 +126,36 @@ def test_stage_trains_without_dropout(recipe_file, tmp_path, student_kind):
     for r in rows:  # steps 2 and 3 run with a LoRA adapter that is no longer zero
         assert abs(r["ratio_new_old"] - 1.0) < 1e-5, r
         assert r["clip_frac"] == 0.0, r
+
+
+def test_rescored_behaviour_logp_makes_rho_exact_in_bf16():
+    """Under bf16 autocast KV-cached decoding and the loss's full forward round differently;
+    rescoring the rollout with the loss's forward (recompute_logp) makes rho exactly 1 at a = 0."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    tok = make_tokenizer()
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2).to(torch.bfloat16).eval()
+    models.train_mode(student, dropout=False)
+    ratios = {}
+    for recompute in ("never", "always"):
+        cfg = cfg_of(recompute_logp=recompute)
+        prompts = [tok("Say hi").input_ids, tok("A longer prompt").input_ids, tok("Q").input_ids]
+        ids, mask = collate_prompts(prompts, tok.pad_token_id)
+        with acc.autocast():
+            ro = sample(student, teacher, ids, mask, max_new_tokens=12, mix_alpha=0.0, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), vocab=len(tok))
+        if minillm.recompute_logp(cfg, "bf16"):
+            ro = minillm.rescore_behaviour(student, ro, cfg, acc, len(tok))
+        batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
+        batch.update(minillm.advantages_for(cfg, ro))
+        batch["num_tokens"], batch["stats"] = int(batch["response_mask"].sum()), {}
+        with acc.autocast():
+            _, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
+        ratios[recompute] = metrics["ratio_new_old"]
+    assert abs(ratios["always"] - 1.0) < 1e-7, ratios
+    assert abs(ratios["never"] - 1.0) > 1e-6, ratios  # the check has something to catch (a mean: deviations partly cancel)
+    assert minillm.recompute_logp(cfg_of(), "bf16") and not minillm.recompute_logp(cfg_of(), "fp32")
+    AcceleratorState._reset_state()

@@ -3,7 +3,9 @@
 For each split in ``splits`` the teacher samples one response per prompt (saved as JSONL with
 its sampling settings under ``<stage>/``, reused when the settings match, exactly as the SeqKD
 stage does). The split's examples are then replaced by (prompt, teacher response) pairs, so SFT,
-KD and the MiniLLM validation score against the teacher's own answers; with ``corpus: true``
+KD and the MiniLLM validation score against the teacher's own answers (an answer cut at
+``max_new_tokens`` is marked incomplete: SFT/KD train on it without an EOS, so the student is not
+taught to stop where the teacher was cut); with ``corpus: true``
 the prompt+response texts of the train split also become the plain-text corpus (PD, L_PT).
 This is what lets the quickstart run from prompts alone.
 """
