@@ -448,7 +448,7 @@ def run(run, cfg: Config, student):
     def on_best(model):
         run.export(model, best_dir)
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, step):
         return minillm_loss(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
 
     return train(run, cfg, student, source, loss_fn, total,
