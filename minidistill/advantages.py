@@ -44,8 +44,8 @@ Importance weights for teacher-mixed sampling (y ~ p~), verified by the same enu
 by ``SequenceWeights.long_term``. tests/test_advantages.py enumerates every response through the
 stage's own ``advantages_for`` and ``minillm_loss``: "exact" has zero bias, "step" does not.
 
-Presets (``PRESETS``; both use a = 0.2 and PPO clip 0.2)
---------------------------------------------------------
+Presets (``stages.minillm.PRESETS``; both use a = 0.2 and PPO clip 0.2)
+-----------------------------------------------------------------------
 ``"paper"``: return R_{t+1} from the next token, gamma 1, length-normalised, no whitening,
 reward scale 1, per-step importance weight on the single-step term. It is the estimator the
 paper writes down; with length normalisation and clipping off it is exactly unbiased at a = 0.
@@ -59,7 +59,7 @@ includes r_t while the single-step term is also added, the current-token KL is c
 (in expectation, without whitening, the single-step gradient gets weight 2), and gamma 0.95 makes
 the long-term term look about 20 tokens ahead.
 
-Default: ``"minidistill"`` (``PRESETS``): the paper's estimator (return from the next token,
+Default: ``"minidistill"`` (``stages.minillm.PRESETS``): the paper's estimator (return from the next token,
 gamma 1, no double-counted current-token KL, per-step weights on the single-step term) with two
 changes. (1) Advantages are whitened over valid tokens, as the official code does: that subtracts
 a constant baseline from the long-term term (unbiased) and divides it by the batch's std(R), which
@@ -76,16 +76,12 @@ reproduces microsoft/LMOps for comparison. The padding fixes here apply to all t
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from minidistill.errors import UserError
-
 __all__ = [
-    "PRESETS",
     "SequenceWeights",
-    "get_preset",
     "masked_moments",
     "mixed_logp",
     "pg_loss",
@@ -97,54 +93,6 @@ __all__ = [
     "token_rewards",
     "whiten",
 ]
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # minidistill's default: the paper's estimator (return from the NEXT token, gamma 1, no
-    # double-counted single-step part, per-step weights) plus whitening over valid tokens (a
-    # baseline and a 1/std(R) re-weighting of the long-term term against the single-step term:
-    # not direction-preserving, but the official lr/clip transfer) and truncation bootstrapping.
-    "minidistill": {
-        "include_current": False,
-        "gamma": 1.0,
-        "length_norm": True,
-        "bootstrap_truncated": True,
-        "whiten": True,
-        "reward_scale": 1.0,
-        "single_step_importance_weight": True,
-        "clip_eps": 0.2,
-        "mix_alpha": 0.2,
-    },
-    "paper": {
-        "include_current": False,
-        "gamma": 1.0,
-        "length_norm": True,
-        "bootstrap_truncated": False,
-        "whiten": False,
-        "reward_scale": 1.0,
-        "single_step_importance_weight": True,
-        "clip_eps": 0.2,
-        "mix_alpha": 0.2,
-    },
-    "official": {
-        "include_current": True,
-        "gamma": 0.95,
-        "length_norm": True,
-        "bootstrap_truncated": False,
-        "whiten": True,
-        "reward_scale": 2.0,
-        "single_step_importance_weight": False,
-        "clip_eps": 0.2,
-        "mix_alpha": 0.2,
-    },
-}
-
-
-def get_preset(name: str) -> dict[str, Any]:
-    """A fresh copy of the named preset ("minidistill", "paper" or "official")."""
-    if name not in PRESETS:
-        raise UserError(f"unknown MiniLLM preset {name!r}: expected one of {sorted(PRESETS)}")
-    return dict(PRESETS[name])
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 (float64 stays float64)."""

@@ -47,5 +47,7 @@ class ShuffledBatches:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
+        if "inner" in state:  # a PD checkpoint written when PD wrapped this class to count steps
+            state = state["inner"]
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._perm = self._permutation()

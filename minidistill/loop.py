@@ -2,24 +2,35 @@
 
 A stage hands the loop three things:
 - a *batch source*: ``next_batch() -> dict`` (an endless stream: it reshuffles per epoch, or
-  for MiniLLM samples fresh rollouts when its buffer is used up), ``state_dict()`` and
-  ``load_state_dict()`` so a resumed run continues at the same batch; every batch carries
-  ``num_tokens``, the number of tokens its loss sums over;
-- ``loss_fn(model, batch) -> (loss_sum, metrics)``: the loss *summed* over the batch's tokens;
+  for MiniLLM walks its explicit collect -> ppo_epochs x minibatches iteration), ``state_dict()``
+  and ``load_state_dict()`` so a resumed run continues at the same batch; every batch carries
+  ``num_tokens``, what its loss terms are counted in (see below), known before the forward;
+- ``loss_fn(model, batch, step) -> (loss, metrics)``, ``step`` the 0-based index of the optimizer
+  update this micro-batch belongs to (the same index the LR scheduler uses for it);
 - optionally ``evaluate(model) -> metrics`` with a key to keep the best checkpoint by.
 
-Per optimizer step the loop draws ``grad_accum`` micro-batches, all-reduces their token count,
-and back-propagates ``loss_sum / global_tokens`` (times the process count, which DDP's gradient
-averaging divides out), so the update is the per-token mean over the whole global batch no
-matter how it is split into micro-batches or processes. Then: gradient clipping, a NaN/inf
-guard, AdamW, the LR schedule, logging, evaluation, checkpoints. Logged values are global:
-the loss over all processes' tokens, stage metrics averaged over processes; only the main
-process writes them.
+Loss terms. A loss is one or several named *terms*, each a sum over its own units (tokens):
+``loss`` is a tensor (one term, named ``"loss"``, counted by ``batch["num_tokens"]``, an int) or
+a dict ``{name: sum}`` whose counts are ``batch["num_tokens"] = {name: count}`` (every micro-batch
+and process with the same names). Per optimizer step the loop draws ``grad_accum`` micro-batches,
+all-reduces each term's count over micro-batches and processes, and back-propagates
+``sum_i sum_term / global_count_term`` (times the process count, which DDP's gradient averaging
+divides out), so each term is the mean over ITS units of the whole global batch no matter how it
+is split into micro-batches or processes (MiniLLM: the rollout term per response token, L_PT per
+corpus token). The counts must be known before the first backward of the step, which is why they
+come with the batch rather than out of the loss. Then: gradient clipping, a NaN/inf guard,
+AdamW, the LR schedule, logging, evaluation, checkpoints.
+
+Logged values are global: ``loss`` is the objective, the sum over terms of each term's global
+sum over its global count (one term: the per-token mean over all processes' tokens, as always);
+``tokens`` is the global count of the first term; stage metrics are averaged over micro-batches
+and processes; only the main process writes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -33,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
+from . import schedules
 from .models import train_mode
 from .errors import UserError
 from .tracking import console, fmt
@@ -58,14 +70,26 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, cfg, total_steps: int):
+    """The stage's LR schedule. ``wsd`` is a ``LambdaLR`` over ``schedules.wsd_factor``, the WSD
+    definition PD's alpha schedule uses too (bit-identical to transformers' warmup_stable_decay,
+    pinned by tests/test_schedules.py); the others are transformers' schedulers."""
     total = max(1, total_steps)
     warm = min(cfg.warmup_steps, total)
     if cfg.scheduler == "wsd":
-        decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, total // 10)
-        return get_scheduler("warmup_stable_decay", optimizer, num_warmup_steps=warm, num_training_steps=total,
-                             scheduler_specific_kwargs={"num_decay_steps": min(decay, total - warm)})
+        phases = schedules.wsd_phases(total_steps, cfg.warmup_steps, cfg.decay_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_wsd_lambda, phases=phases))
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.scheduler]
     return get_scheduler(name, optimizer, num_warmup_steps=warm, num_training_steps=total)
+
+
+def _wsd_lambda(step: int, *, phases: tuple[int, int, int]) -> float:
+    return schedules.wsd_factor(step, *phases)
+
+
+def _term_counts(batch: dict) -> dict:
+    """``batch["num_tokens"]`` as ``{term: count}`` (an int counts the single term ``"loss"``)."""
+    n = batch["num_tokens"]
+    return dict(n) if isinstance(n, dict) else {"loss": n}
 
 
 class GracefulStop:
@@ -173,18 +197,30 @@ def train(
         while step < total_steps:
             t0 = time.perf_counter()
             micro = [source.next_batch() for _ in range(cfg.grad_accum)]
-            local_tokens = sum(float(b["num_tokens"]) for b in micro)
-            global_tokens = float(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
-            scale = acc.num_processes / max(global_tokens, 1.0)
-            total_loss, sums = 0.0, {}
+            counts = [_term_counts(b) for b in micro]
+            names = list(counts[0])
+            if any(list(c) != names for c in counts):
+                raise ValueError(f"stage '{cfg.name}': micro-batches of one step name different loss terms: {counts}")
+            local = torch.tensor([sum(float(c[k]) for c in counts) for k in names], device=acc.device)
+            global_counts = [float(x) for x in acc.reduce(local, "sum")]
+            scales = [acc.num_processes / max(n, 1.0) for n in global_counts]
+            term_sums, sums = [0.0] * len(names), {}
             for i, batch in enumerate(micro):
                 sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(model)
                 with sync, acc.autocast():
-                    loss_sum, metrics = loss_fn(model, batch)
-                    acc.backward(loss_sum * scale)
-                total_loss += float(loss_sum.detach())
+                    loss, metrics = loss_fn(model, batch, step)
+                    terms = loss if isinstance(loss, dict) else {"loss": loss}
+                    if list(terms) != names:
+                        raise ValueError(f"stage '{cfg.name}': the loss returned terms {list(terms)}, the batch counts {names}")
+                    objective = None
+                    for k, scale in zip(names, scales):
+                        objective = terms[k] * scale if objective is None else objective + terms[k] * scale
+                    acc.backward(objective)
+                for j, k in enumerate(names):
+                    term_sums[j] += float(terms[k].detach())
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+            total_loss = sum(term_sums)
             grad_norm = None
             if cfg.grad_clip is not None and cfg.grad_clip > 0:
                 norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # None under DeepSpeed before its first step
@@ -205,10 +241,11 @@ def train(
             step += 1
             dt = time.perf_counter() - t0
             values = {
-                "loss": float(acc.reduce(torch.tensor(total_loss, device=acc.device), "sum")) / max(global_tokens, 1.0),
+                "loss": sum(float(x) / max(n, 1.0) for x, n in
+                            zip(acc.reduce(torch.tensor(term_sums, device=acc.device), "sum"), global_counts)),
                 "lr": scheduler.get_last_lr()[0],
-                "tokens": global_tokens,
-                "tokens_per_s": global_tokens / dt,
+                "tokens": global_counts[0],
+                "tokens_per_s": global_counts[0] / dt,
                 "step_time_s": dt,
                 "skipped_steps": skipped,
             }

@@ -1,4 +1,10 @@
-"""Loss-weight schedules: pure functions of the optimizer step.
+"""Schedules: pure functions of the optimizer step (0-based, the index the LR scheduler uses).
+
+The WSD shape is defined once here: ``wsd_phases`` (warm-up, stable, decay step counts) and
+``wsd_factor`` (the multiplier at a step). ``loop.make_scheduler`` builds the WSD learning rate
+from them (a ``LambdaLR``, bit-identical to transformers' ``warmup_stable_decay``, pinned by
+tests/test_schedules.py) and PD's ``wsd`` alpha schedule uses the same two functions, so the LR
+and alpha cannot drift apart.
 
 PD's loss is ``(1 - alpha) * L_lm + alpha * L_kd``. ``alpha_at`` gives alpha for the optimizer
 step ``step`` (0-based, the same index the LR scheduler uses for that update), from the stage
@@ -9,7 +15,7 @@ Schedules (``alpha`` is the peak value, ``alpha_min`` the floor):
 - ``linear_increase``: ``alpha_min`` at step 0 rising linearly to ``alpha`` at the last step.
 - ``linear_decrease``: ``alpha`` at step 0 falling linearly to ``alpha_min`` at the last step.
 - ``wsd``: alpha follows the shape of the WSD learning rate of ``loop.make_scheduler``
-  (transformers' ``warmup_stable_decay``: linear warm-up, stable, cosine decay): linear from
+  (linear warm-up, stable, cosine decay; the same ``wsd_factor``): linear from
   ``alpha_min`` to ``alpha`` over the stage's ``warmup_steps``, ``alpha`` through the stable phase,
   then down towards ``alpha_min`` over the decay phase (``decay_steps``, default 10% of the steps)
   with the same cosine curve as the LR. Exactly:
@@ -26,7 +32,8 @@ ALPHA_SCHEDULES = ("constant", "linear_increase", "linear_decrease", "wsd")
 
 
 def wsd_phases(total_steps: int, warmup_steps: int, decay_steps: int | None) -> tuple[int, int, int]:
-    """(warmup, stable, decay) step counts exactly as ``loop.make_scheduler`` builds its WSD LR."""
+    """(warmup, stable, decay) step counts of a WSD schedule over ``total_steps`` steps
+    (``decay_steps`` None: 10% of the steps; the warm-up and decay are clipped to fit)."""
     total = max(1, total_steps)
     warm = min(warmup_steps, total)
     decay = decay_steps if decay_steps is not None else max(1, total // 10)
@@ -35,13 +42,17 @@ def wsd_phases(total_steps: int, warmup_steps: int, decay_steps: int | None) -> 
 
 
 def wsd_factor(step: int, warm: int, stable: int, decay: int) -> float:
-    """The WSD LR multiplier at ``step`` (linear warm-up, 1, cosine decay; 0 after the end)."""
+    """The WSD multiplier at ``step``: linear warm-up from 0, 1, half-cosine decay to 0; 0 after.
+
+    The same floating-point operations as transformers' ``_get_wsd_scheduler_lambda`` with
+    linear warm-up, cosine decay, ``min_lr_ratio`` 0 and ``num_cycles`` 0.5, so the LR built from
+    it is bit-identical to ``get_scheduler("warmup_stable_decay", ...)``."""
     if step < warm:
-        return step / max(1, warm)
+        return float(step) / float(max(1, warm))
     if step < warm + stable:
         return 1.0
     if step < warm + stable + decay:
-        progress = (step - warm - stable) / max(1, decay)
+        progress = float(step - warm - stable) / float(max(1, decay))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 0.0
 

@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from minidistill.advantages import (
-    PRESETS,
-    get_preset,
     masked_moments,
     mixed_logp,
     pg_loss,
@@ -30,6 +28,7 @@ from minidistill.advantages import (
     whiten,
 )
 from minidistill.errors import UserError
+from minidistill.stages.minillm import PRESETS, get_preset
 
 F64 = torch.float64
 

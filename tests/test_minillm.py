@@ -138,3 +138,52 @@ def test_minillm_runs_with_lora_and_gradient_checkpointing(recipe_file, precisio
     assert not any("lora" in k for k in merged.state_dict())
     rows = [r for r in read_metrics(path.parent / "run" / "metrics.jsonl") if "pg_loss" in r]
     assert len(rows) == 2 and all(r["skipped_steps"] == 0 for r in rows)
+
+
+def test_iteration_order_and_resume_at_every_micro_batch():
+    """The source walks collect -> ppo_epochs x minibatches (never straddling epochs) -> collect;
+    a source loaded from state_dict after any micro-batch (also in the pre-(epoch, position)
+    checkpoint format) yields exactly the same following micro-batches."""
+    from tiny_assets import fake_run
+
+    tok = make_tokenizer()
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    run = fake_run(teacher, tok)
+    prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit", "2 and 3"]]
+    cfg = cfg_of(num_rollouts=5, rollout_batch_size=3, batch_size=2, ppo_epochs=2, max_new_tokens=5, lm_coef=0.5)
+    corpus = torch.randint(3, len(tok), (6, 9), generator=torch.Generator().manual_seed(0))
+
+    def source():
+        return minillm.RolloutSource(run, cfg, student, prompts, corpus)
+
+    def walk(src, n):
+        return [src.next_batch() for _ in range(n)]
+
+    ref = source()
+    states, batches = [], []
+    for _ in range(8):  # 3 minibatches (2 + 2 + 1 rows) per epoch, 2 epochs: 6 per iteration
+        states.append(ref.state_dict())
+        batches.append(ref.next_batch())
+    assert [b["response_ids"].shape[0] for b in batches] == [2, 2, 1, 2, 2, 1, 2, 2]
+    assert ref.iteration == 2 and ref.epoch == 0 and ref.position == 4
+    first = torch.cat([b["prompt_ids"][:, -1] for b in batches[:3]])  # each epoch covers every row once
+    assert sorted(first.tolist()) == sorted(torch.cat([b["prompt_ids"][:, -1] for b in batches[3:6]]).tolist())
+    for b in batches:
+        assert b["num_tokens"] == {"response": int(b["response_mask"].sum()), "lm": b["lm_ids"].numel() - b["lm_ids"].shape[0]}
+        assert b["response_mask"][:, -1].any()  # response columns trimmed to the longest row
+
+    def same(a, b):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), k
+
+    for i in range(1, 8):
+        for legacy in (False, True):
+            state = dict(states[i])
+            if legacy and state["buffer"]:  # the former format: one flat order and a flat position
+                state["order"] = state["order"].reshape(-1)
+                state["order_pos"] = state.pop("epoch") * state["order"].numel() // cfg.ppo_epochs + state.pop("position")
+            src = source()
+            src.load_state_dict(state)
+            for a, b in zip(walk(src, 8 - i), batches[i:]):
+                same(a, b)

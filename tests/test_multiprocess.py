@@ -193,7 +193,7 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     source = minillm.RolloutSource(run, cfg, student, prompts, None)
     source.collect()
     keep = ("returns", "advantages", "response_mask", "rewards", "student_logp", "teacher_logp", "response_ids")
-    torch.save({**{k: source.buffer[k] for k in keep}, "stats": source.stats}, Path(out) / f"rank{rank}.pt")
+    torch.save({**{k: source.buffer.tensors()[k] for k in keep}, "stats": source.stats}, Path(out) / f"rank{rank}.pt")
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -142,7 +142,7 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
         else:
             assert n == cfg.max_new_tokens and mask[i].all()
     assert any(k + 1 < ids.shape[1] for _, k in ended)  # a finished row followed by padding columns
-    assert batch["num_tokens"] == int(mask.sum()) == sum(k + 1 for _, k in ended) + \
+    assert batch["num_tokens"]["response"] == int(mask.sum()) == sum(k + 1 for _, k in ended) + \
         cfg.max_new_tokens * (ids.shape[0] - len(ended))
     if not cfg.include_current:  # returns start at r_{t+1}: an EOS at t = 0 reaches no return
         ended = [(i, k) for i, k in ended if k >= 1]

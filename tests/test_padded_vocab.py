@@ -209,7 +209,7 @@ def test_stage_samplers_pass_the_run_vocab(teacher, student, tok, monkeypatch):
                                  "rollout_batch_size": 2, "batch_size": 2, "max_new_tokens": 6}, "test:")
     source = minillm.RolloutSource(run, cfg, student, ids, None)
     batch = source.next_batch()
-    assert int(source.buffer["response_ids"].max()) < N_TOK and batch["num_tokens"] > 0
+    assert int(source.buffer.rollout.response_ids.max()) < N_TOK and batch["num_tokens"]["response"] > 0
 
     seen = []
     real = evaluation.generate_ids

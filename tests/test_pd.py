@@ -65,7 +65,7 @@ def test_pd_loss_matches_reference_and_only_the_student_gets_gradients(top_k):
     cfg = pd.Config(alpha=0.7, top_p=0.6, top_k=top_k, temperature=2.0)
     ids = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(0))
     loss_fn = pd.make_loss_fn(run, cfg, total=10)
-    loss, metrics = loss_fn(student, {"input_ids": ids, "step": 3})
+    loss, metrics = loss_fn(student, {"input_ids": ids}, 3)
 
     with torch.no_grad():
         s = student(input_ids=ids).logits[:, :-1].reshape(-1, V).double()
@@ -92,7 +92,7 @@ def test_pd_loss_matches_reference_and_only_the_student_gets_gradients(top_k):
     # alpha = 0 everywhere: plain LM loss, the teacher is never run
     calls.clear()
     lm_fn = pd.make_loss_fn(run, pd.Config(alpha=0.0), total=10)
-    lm, m = lm_fn(student, {"input_ids": ids, "step": 0})
+    lm, m = lm_fn(student, {"input_ids": ids}, 0)
     assert not calls and float(lm.detach()) == pytest.approx(float(ce), rel=1e-4) and "kd_loss" not in m
 
 
@@ -124,22 +124,53 @@ def test_fused_losses_equal_the_library_calls(kind, top_k, tau):
 
 
 def test_alpha_follows_the_schedule_by_step():
-    run = SimpleNamespace(teacher=None, vocab_size=10)
-    fn = pd.make_loss_fn(run, pd.Config(alpha=0.9, alpha_min=0.1, alpha_schedule="linear_decrease"), total=5)
-    assert [round(fn.alpha_for(s), 6) for s in range(5)] == [0.9, 0.7, 0.5, 0.3, 0.1]
+    cfg = pd.Config(alpha=0.9, alpha_min=0.1, alpha_schedule="linear_decrease")
+    assert [round(pd.alpha_for(cfg, s, 5), 6) for s in range(5)] == [0.9, 0.7, 0.5, 0.3, 0.1]
 
 
-def test_block_batches_count_optimizer_steps_and_resume():
+def test_the_loss_takes_its_alpha_from_the_step_it_is_given():
+    """The loop passes the optimizer step; the logged alpha is the schedule's at that step."""
+    from tiny_tokenizer import make_tokenizer, tiny_llama
+
+    tok = make_tokenizer()
+    teacher, student = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    run = SimpleNamespace(teacher=teacher, vocab_size=len(tok))
+    cfg = pd.Config(alpha=0.9, alpha_min=0.1, alpha_schedule="linear_decrease", top_k=5)
+    fn = pd.make_loss_fn(run, cfg, total=5)
+    ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    assert [round(fn(student, {"input_ids": ids}, s)[1]["alpha"], 6) for s in range(5)] == [0.9, 0.7, 0.5, 0.3, 0.1]
+
+
+def test_alpha_and_lr_come_from_the_loop_step_under_grad_accum(recipe_file, tmp_path):
+    """With grad_accum 3 every micro-batch of an update gets that update's step: the logged alpha
+    at step s is the schedule's at s - 1 (0-based), and the wsd LR and wsd alpha share the phases."""
+    stage = pd_stage(max_steps=5, grad_accum=3, batch_size=2, scheduler="wsd", warmup_steps=1, decay_steps=2,
+                     alpha_schedule="wsd", alpha=0.9, alpha_min=0.3, eval_every=0, top_k=5)
+    path = recipe_file([stage], output_dir=str(tmp_path / "run"), threads=1)
+    assert main([str(path)]) == 0
+    logged = rows(tmp_path / "run")
+    cfg = pd.Config(scheduler="wsd", warmup_steps=1, decay_steps=2, alpha_schedule="wsd", alpha=0.9, alpha_min=0.3)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4, 5]
+    # (logged: the mean over the step's 3 micro-batches, hence approx)
+    assert [r["alpha"] for r in logged] == pytest.approx([pd.alpha_for(cfg, s, 5) for s in range(5)], abs=1e-12)
+    # the LR logged after update s is the one update s + 1 uses: alpha - alpha_min is proportional to it
+    lrs = [3e-3 * 0.0] + [r["lr"] for r in logged[:-1]]  # warm-up starts at 0
+    assert [0.3 + 0.6 * lr / 3e-3 for lr in lrs] == pytest.approx([r["alpha"] for r in logged], abs=1e-12)
+
+
+def test_pd_source_resumes_from_old_checkpoints():
+    """PD's batch source is a plain ShuffledBatches; a checkpoint written by the former step-counting
+    wrapper ({"inner": ..., "drawn": ...}) still restores its position."""
     from minidistill.batches import ShuffledBatches
 
     def src():
-        return pd.BlockBatches(ShuffledBatches(10, 2, lambda idx: {"idx": idx}, seed=0), grad_accum=3)
+        return ShuffledBatches(10, 2, lambda idx: {"idx": idx}, seed=0)
 
     a = src()
-    steps = [a.next_batch()["step"] for _ in range(7)]
-    assert steps == [0, 0, 0, 1, 1, 1, 2]
+    for _ in range(7):
+        a.next_batch()
     b = src()
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict({"inner": a.state_dict(), "drawn": 7})
     assert b.next_batch() == a.next_batch()
 
 

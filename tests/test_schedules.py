@@ -56,3 +56,35 @@ def test_wsd_alpha_follows_the_wsd_learning_rate(total, warm, decay):
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown alpha schedule"):
         alpha_at(0, 10, schedule="cosine")
+
+
+@pytest.mark.parametrize("total,warm,decay", [(100, 10, 20), (37, 5, None), (10, 0, 3), (8, 8, None), (5, 2, 10),
+                                              (1, 0, None), (12, 2, 4), (30, 3, 8), (7, 20, 2)])
+def test_wsd_lr_is_bitwise_transformers_warmup_stable_decay(total, warm, decay):
+    """loop.make_scheduler builds WSD from schedules.wsd_factor (the definition alpha uses); its LR
+    equals transformers' warmup_stable_decay (what it used before) bit for bit, also after a resume."""
+    from transformers import get_scheduler
+
+    class Cfg:
+        scheduler, warmup_steps, decay_steps = "wsd", warm, decay
+
+    def pair():
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=3e-3)
+        t = max(1, total)
+        w = min(warm, t)
+        d = decay if decay is not None else max(1, t // 10)
+        ref = get_scheduler("warmup_stable_decay", opt, num_warmup_steps=w, num_training_steps=t,
+                            scheduler_specific_kwargs={"num_decay_steps": min(d, t - w)})
+        opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
+        return opt, ref, opt2, make_scheduler(opt2, Cfg, total)
+
+    opt, ref, opt2, ours = pair()
+    for step in range(total + 2):
+        assert ours.get_last_lr() == ref.get_last_lr(), step  # exact float equality
+        opt.step(), opt2.step()
+        ref.step(), ours.step()
+        if step == total // 2:  # a resume from a checkpoint of the scheduler
+            state = ours.state_dict()
+            _, _, opt3, ours = pair()
+            ours.load_state_dict(state)

@@ -83,7 +83,7 @@ def kd_loss(model, teacher, batch: dict, cfg, vocab_size: int | None = None) -> 
 
 
 def make_loss_fn(run, cfg):
-    return lambda model, batch: kd_loss(model, run.teacher, batch, cfg, run.vocab_size)
+    return lambda model, batch, step: kd_loss(model, run.teacher, batch, cfg, run.vocab_size)
 
 
 def make_kd_evaluate(run, cfg, rows: list[dict]):

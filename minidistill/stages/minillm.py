@@ -1,40 +1,52 @@
 """MiniLLM: minimise the reverse KL, KL(q_student || p_teacher), over whole responses.
 
-One iteration, read top to bottom:
+The module reads top to bottom as the update does:
 
-1. ``collect``: draw ``num_rollouts`` prompts, sample responses from the mixture
+0. Settings: ``Config``; the named ``preset`` (``PRESETS``, below it) fills the fields left null
+   (``Config.apply_preset``, called by validation); any field set in the recipe wins.
+1. Collect (``collect_buffer``): draw ``num_rollouts`` prompts, sample responses from the mixture
    p~ = a*p + (1-a)*q (``sampler.sample``; both models keep KV caches) recording per token
    log q (at sampling time), log p~ and log p. Rewards r_t = log p - log q come from those
    numbers (no second teacher pass); the return R (from the next token, or including the
    current one; discount gamma^(t'-t); divided by the number of *valid* remaining tokens) is
    turned into advantages (optionally whitened with statistics over valid tokens of every
-   process). Padding never enters any of it (``advantages.py``, tested for it).
-2. ``ppo_epochs`` passes over the buffer in shuffled minibatches; each minibatch's loss
-   (``minillm_loss``) is
+   process). Padding never enters any of it (``advantages.py``, tested for it). The result is a
+   ``Buffer``: the ``Rollout`` plus those per-token scores and each PPO epoch's row order.
+2. Iterate (``RolloutSource.minibatches``, the loop's batch source), written out as
+       for each iteration: buffer = collect
+           for epoch in range(ppo_epochs): for each minibatch of the epoch's order: one micro-batch
+       then discard the buffer and sample again with the updated student.
+   Its position (iteration, epoch, minibatch) is explicit state, checkpointed with the buffer
+   and the RNGs, so a run killed anywhere resumes bitwise where it stopped.
+3. The loss of one minibatch (``minillm_objective``), two terms the loop averages separately:
+   ``response``, summed over response tokens (``minillm_loss``):
        long-term   -min(rho*A, clip(rho, 1-eps, 1+eps)*A),  rho = q_theta(y_t) / p~(y_t)
      + single-step  KL(q_theta(.|y_<t) || p(.|y_<t)) over the whole vocabulary, exact,
                     optionally times an importance weight: the per-step q/p~ of y_t
                     (``importance: step``, the paper's) or the prefix product
                     prod_{t'<t} q/p~ (``importance: exact``, which also multiplies the
                     long-term advantage by the product over the other tokens)
-     + lm_coef * L_PT, the LM loss on a plain-text batch (mixed with token-level KD to the
-                    teacher on that text by ``kd_ratio``, as the official code).
+   and ``lm``, summed over corpus tokens: lm_coef * L_PT, the LM loss on a plain-text batch
+   (mixed with token-level KD to the teacher on that text by ``kd_ratio``, as the official code).
+   The loop divides each term by its own global count, so L_PT is a per-corpus-token mean, not
+   rescaled by the number of response tokens (with one process and grad_accum 1 the objective
+   is exactly the former ``(pg + ss)/response_tokens + lm_coef * L_PT``; with several
+   micro-batches L_PT is the mean over all of the step's corpus tokens instead of a
+   response-token-weighted mean of per-micro-batch means).
    The teacher's full-vocabulary logits for the single-step term come from the last hidden
    states the sampler kept (one LM-head matmul per minibatch, no teacher forward): caching the
    logits themselves would take rollouts x length x vocab floats (6 GB for 256 x 256 x 49k in
    fp16), and top-k caching would make the term inexact. L_PT's CE and KD terms share one fused
    chunked pass over the vocabulary (``losses.forward_kl_and_ce``).
-3. Discard the buffer; sample again with the updated student.
-
-Settings come from a named ``preset`` (see ``advantages.PRESETS``); any field set explicitly
-in the recipe overrides the preset. Validation samples responses for the validation prompts
-and scores ROUGE-L against the references; the best model goes to ``<stage>/best``.
+4. Validation samples responses for the validation prompts and scores ROUGE-L against the
+   references; the best model goes to ``<stage>/best``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,6 +59,11 @@ from ..errors import UserError
 from ..loop import train
 from ..tracking import console
 from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample, score
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. settings
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -107,20 +124,74 @@ class Config(TrainConfig):
         if self.importance == "exact" and self.single_step_importance_weight is False:
             raise UserError(f"{where}.single_step_importance_weight: importance 'exact' needs the single-step importance "
                             "weight (the prefix product q/p~ of the earlier tokens); set it true or leave it unset")
-        if self.importance == "exact":
-            self.single_step_importance_weight = True  # wins over the preset (official: false)
-        for key, value in adv.get_preset(self.preset).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        self.apply_preset()
         if (self.top_k > 0 or self.top_p < 1.0) and self.mix_alpha > 0:
             raise UserError(f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
                             f"can lie outside the student's kept set, where log q = -inf); got mix_alpha={self.mix_alpha}")
         if self.num_rollouts < self.batch_size:
             raise UserError(f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})")
 
+    def apply_preset(self) -> None:
+        """Fill every field left null from the named preset (``PRESETS``); ``importance: exact``
+        first sets single_step_importance_weight (it wins over the preset: official says false)."""
+        if self.importance == "exact":
+            self.single_step_importance_weight = True
+        for key, value in get_preset(self.preset).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+# The presets (see the ``advantages`` module docstring for what each estimator is and why).
+PRESETS: dict[str, dict[str, Any]] = {
+    # minidistill's default: the paper's estimator (return from the NEXT token, gamma 1, no
+    # double-counted single-step part, per-step weights) plus whitening over valid tokens (a
+    # baseline and a 1/std(R) re-weighting of the long-term term against the single-step term:
+    # not direction-preserving, but the official lr/clip transfer) and truncation bootstrapping.
+    "minidistill": {
+        "include_current": False,
+        "gamma": 1.0,
+        "length_norm": True,
+        "bootstrap_truncated": True,
+        "whiten": True,
+        "reward_scale": 1.0,
+        "single_step_importance_weight": True,
+        "clip_eps": 0.2,
+        "mix_alpha": 0.2,
+    },
+    "paper": {
+        "include_current": False,
+        "gamma": 1.0,
+        "length_norm": True,
+        "bootstrap_truncated": False,
+        "whiten": False,
+        "reward_scale": 1.0,
+        "single_step_importance_weight": True,
+        "clip_eps": 0.2,
+        "mix_alpha": 0.2,
+    },
+    "official": {
+        "include_current": True,
+        "gamma": 0.95,
+        "length_norm": True,
+        "bootstrap_truncated": False,
+        "whiten": True,
+        "reward_scale": 2.0,
+        "single_step_importance_weight": False,
+        "clip_eps": 0.2,
+        "mix_alpha": 0.2,
+    },
+}
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A fresh copy of the named preset ("minidistill", "paper" or "official")."""
+    if name not in PRESETS:
+        raise UserError(f"unknown MiniLLM preset {name!r}: expected one of {sorted(PRESETS)}")
+    return dict(PRESETS[name])
+
 
 # ----------------------------------------------------------------------------------------------
-# 1. rollouts -> advantages
+# 1. collect: rollouts -> advantages -> a buffer
 # ----------------------------------------------------------------------------------------------
 
 
@@ -162,100 +233,69 @@ def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t, mix_alpha: flo
             "response_length": tokens / max(rows, 1.0), "eos_rate": n_eos / max(rows, 1.0)}
 
 
-class RolloutSource:
-    """The loop's batch source: minibatches of the current buffer; resamples when used up."""
+@dataclass
+class Buffer:
+    """One iteration's rollouts, the PPO buffer: the ``Rollout``, what the loss needs per token
+    from the collection (``scores``: rewards, returns, advantages, single_step_weights, each
+    (B, T) aligned with the responses), every PPO epoch's row order and the rollout statistics
+    logged with each step of the iteration."""
 
-    def __init__(self, run, cfg: Config, student, prompts: list[list[int]], corpus: torch.Tensor | None):
-        acc = run.accelerator
-        self.run, self.cfg, self.student = run, cfg, student
-        self.prompts = prompts
-        self.per_process = max(cfg.batch_size, cfg.num_rollouts // acc.num_processes)
-        self.prompt_order = ShuffledBatches(len(prompts), self.per_process, lambda idx: idx, seed=run.recipe.seed,
-                                            rank=acc.process_index, world=acc.num_processes)
-        self.generator = torch.Generator(device=run.device).manual_seed(run.recipe.seed * 1000 + acc.process_index)
-        self.corpus = None
-        if corpus is not None:
-            self.corpus = ShuffledBatches(len(corpus), cfg.lm_batch_size, lambda idx: corpus[idx], seed=run.recipe.seed + 1,
-                                          rank=acc.process_index, world=acc.num_processes)
-        self.buffer: dict | None = None
-        self.order: list[int] = []
-        self.iteration = 0
-        self.stats: dict = {}
+    rollout: Rollout
+    scores: dict[str, torch.Tensor]
+    order: torch.Tensor  # (ppo_epochs, B) long: the rows of epoch e in order[e]
+    stats: dict
 
-    def minibatches_per_iteration(self) -> int:
-        return self.cfg.ppo_epochs * math.ceil(self.per_process / self.cfg.batch_size)
+    def minibatch(self, rows: torch.Tensor) -> dict:
+        """Rows ``rows`` as the loss's batch: ``Rollout.select`` (response columns trimmed to the
+        longest selected response) and the scores trimmed the same way."""
+        ro = self.rollout.select(rows)
+        t = ro.response_mask.shape[1]
+        idx = torch.as_tensor(rows, device=self.rollout.prompt_ids.device)
+        return {**rollout_tensors(ro), **{k: v[idx][:, :t] for k, v in self.scores.items()}}
 
-    def collect(self) -> None:
-        """Sample a fresh buffer with the current student and compute its advantages."""
-        run, cfg, acc = self.run, self.cfg, self.run.accelerator
-        idx = self.prompt_order.next_batch()
-        parts = []
-        for i in range(0, len(idx), cfg.rollout_batch_size):
-            ids, mask = data.collate_prompts([self.prompts[j] for j in idx[i:i + cfg.rollout_batch_size]], run.tokenizer.pad_token_id)
-            with acc.autocast():
-                parts.append(sample(self.student, run.teacher, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                    mix_alpha=cfg.mix_alpha, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
-                                    vocab=run.vocab_size, generator=self.generator))
-        ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
-        if recompute_logp(cfg, run.precision):
-            ro = rescore_behaviour(self.student, ro, cfg, acc, run.vocab_size)
-        buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-        buf.update(advantages_for(cfg, ro, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum")))
-        self.buffer = buf
-        g = torch.Generator().manual_seed(run.recipe.seed + 7919 * self.iteration)
-        n = ro.batch_size
-        self.order = [int(j) for _ in range(cfg.ppo_epochs) for j in torch.randperm(n, generator=g)]
-        self.order_pos = 0
-        self.iteration += 1
-        self.stats = rollout_stats(buf, run.tokenizer.eos_token_id, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"),
-                                   mix_alpha=cfg.mix_alpha)
-        if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
-            console.print(f"[yellow]stage '{cfg.name}': {100 * (1 - self.stats['eos_rate']):.0f}% of the first rollouts hit "
-                          f"max_new_tokens={cfg.max_new_tokens}: MiniLLM trains only the positions it samples, so it cannot learn "
-                          "where to stop beyond that limit (raise it if the teacher's answers are longer)[/]")
+    def tensors(self) -> dict:
+        """Every tensor of the buffer but the order, by name (checkpoints)."""
+        return {**rollout_tensors(self.rollout), **self.scores}
 
-    def next_batch(self) -> dict:
-        if self.buffer is None or self.order_pos >= len(self.order):
-            self.collect()
-        take = self.order[self.order_pos:self.order_pos + self.cfg.batch_size]
-        # minibatches never straddle two PPO epochs of the buffer
-        epoch_end = (self.order_pos // self.per_epoch() + 1) * self.per_epoch()
-        take = take[: max(1, epoch_end - self.order_pos)]
-        self.order_pos += len(take)
-        rows = torch.tensor(take)
-        batch = {k: v[rows] for k, v in self.buffer.items()}
-        t = int(batch["response_mask"].sum(-1).max())
-        for k in (*RESPONSE_FIELDS, "rewards", "returns", "advantages", "single_step_weights"):
-            if k in batch:
-                batch[k] = batch[k][:, :t]
-        batch["num_tokens"] = int(batch["response_mask"].sum())
-        if self.corpus is not None and self.cfg.lm_coef > 0:
-            batch["lm_ids"] = self.corpus.next_batch().to(self.run.device)
-        batch["stats"] = self.stats
-        return batch
+    @classmethod
+    def from_tensors(cls, tensors: dict, order: torch.Tensor, stats: dict) -> Buffer:
+        names = set(Rollout.__dataclass_fields__)
+        return cls(Rollout(**{k: v for k, v in tensors.items() if k in names}),
+                   {k: v for k, v in tensors.items() if k not in names}, order, stats)
 
-    def per_epoch(self) -> int:
-        return len(self.order) // max(1, self.cfg.ppo_epochs)
 
-    def state_dict(self) -> dict:
-        return {"buffer": {k: v for k, v in (self.buffer or {}).items()}, "order": torch.tensor(self.order, dtype=torch.long),
-                "order_pos": getattr(self, "order_pos", 0), "iteration": self.iteration,
-                "prompt_order": self.prompt_order.state_dict(), "generator": self.generator.get_state(),
-                "corpus": self.corpus.state_dict() if self.corpus is not None else {}, "stats": self.stats}
+def rollout_tensors(ro: Rollout) -> dict:
+    """The rollout's tensors by field name (fields that are None left out)."""
+    return {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.buffer = state["buffer"] or None
-        if self.buffer is not None and "step_weights" in self.buffer:  # checkpoints written before the rename
-            self.buffer["single_step_weights"] = self.buffer.pop("step_weights")
-        self.order = state["order"].tolist()
-        self.order_pos = int(state["order_pos"])
-        self.iteration = int(state["iteration"])
-        self.prompt_order.load_state_dict(state["prompt_order"])
-        self.generator.set_state(state["generator"])
-        if self.corpus is not None and state["corpus"]:
-            self.corpus.load_state_dict(state["corpus"])
-        self.stats = state["stats"]
+
+def epoch_orders(seed: int, iteration: int, rows: int, ppo_epochs: int) -> torch.Tensor:
+    """(ppo_epochs, rows): a fresh permutation of the buffer's rows per PPO epoch, all drawn from
+    one generator seeded by the iteration, so the order is a function of (seed, iteration)."""
+    g = torch.Generator().manual_seed(seed + 7919 * iteration)
+    return torch.stack([torch.randperm(rows, generator=g) for _ in range(ppo_epochs)])
+
+
+def collect_buffer(run, cfg: Config, student, prompts: list[list[int]], generator: torch.Generator,
+                   iteration: int) -> Buffer:
+    """Sample responses to ``prompts`` with the current student, score them, compute advantages."""
+    acc = run.accelerator
+    parts = []
+    for i in range(0, len(prompts), cfg.rollout_batch_size):
+        ids, mask = data.collate_prompts(prompts[i:i + cfg.rollout_batch_size], run.tokenizer.pad_token_id)
+        with acc.autocast():
+            parts.append(sample(student, run.teacher, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                mix_alpha=cfg.mix_alpha, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
+                                vocab=run.vocab_size, generator=generator))
+    ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
+    if recompute_logp(cfg, run.precision):
+        ro = rescore_behaviour(student, ro, cfg, acc, run.vocab_size)
+    reduce_sum = lambda t: acc.reduce(t.to(acc.device), "sum")  # noqa: E731
+    scores = advantages_for(cfg, ro, reduce_sum=reduce_sum)
+    stats = rollout_stats({**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum,
+                          mix_alpha=cfg.mix_alpha)
+    return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
 
 
 def recompute_logp(cfg: Config, precision: str) -> bool:
@@ -305,7 +345,115 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. the loss of one minibatch
+# 2. the iteration: collect, then ppo_epochs passes in minibatches, then discard
+# ----------------------------------------------------------------------------------------------
+
+
+class RolloutSource:
+    """The loop's batch source for MiniLLM: one micro-batch per ``next_batch``, walking
+    ``minibatches`` (the iteration written out). Resumable at any micro-batch: ``state_dict``
+    holds the buffer, the position (``iteration``, ``epoch``, ``position``), the prompt and
+    corpus orders and the sampling generator."""
+
+    def __init__(self, run, cfg: Config, student, prompts: list[list[int]], corpus: torch.Tensor | None):
+        acc = run.accelerator
+        self.run, self.cfg, self.student = run, cfg, student
+        self.prompts = prompts
+        self.per_process = max(cfg.batch_size, cfg.num_rollouts // acc.num_processes)
+        self.prompt_order = ShuffledBatches(len(prompts), self.per_process, lambda idx: idx, seed=run.recipe.seed,
+                                            rank=acc.process_index, world=acc.num_processes)
+        self.generator = torch.Generator(device=run.device).manual_seed(run.recipe.seed * 1000 + acc.process_index)
+        self.corpus = None
+        if corpus is not None:
+            self.corpus = ShuffledBatches(len(corpus), cfg.lm_batch_size, lambda idx: corpus[idx], seed=run.recipe.seed + 1,
+                                          rank=acc.process_index, world=acc.num_processes)
+        self.buffer: Buffer | None = None
+        self.iteration = 0  # buffers collected so far
+        self.epoch = 0  # PPO epoch over the current buffer
+        self.position = 0  # rows of that epoch's order already handed out
+        self._walk = None
+
+    def minibatches_per_iteration(self) -> int:
+        return self.cfg.ppo_epochs * math.ceil(self.per_process / self.cfg.batch_size)
+
+    @property
+    def stats(self) -> dict:
+        return self.buffer.stats if self.buffer is not None else {}
+
+    def minibatches(self):
+        """The MiniLLM iteration. The position lives in ``self`` (not in the generator's frame),
+        updated before each yield, so a fresh generator over a loaded ``state_dict`` continues
+        exactly where the checkpointed one stood."""
+        cfg = self.cfg
+        while True:
+            if self.buffer is None:
+                self.collect()  # 1. sample a buffer with the current student
+            while self.epoch < cfg.ppo_epochs:  # 2. ppo_epochs passes over it ...
+                order = self.buffer.order[self.epoch]
+                while self.position < len(order):  # ... in minibatches, never straddling two epochs
+                    rows = order[self.position:self.position + cfg.batch_size]
+                    self.position += len(rows)
+                    yield self.minibatch(rows)
+                self.epoch, self.position = self.epoch + 1, 0
+            self.buffer = None  # 3. discard it: the next micro-batch samples again
+
+    def collect(self) -> None:
+        """Sample a fresh buffer (this process's share of the next prompts) and start its epoch 0."""
+        run, cfg, acc = self.run, self.cfg, self.run.accelerator
+        idx = self.prompt_order.next_batch()
+        self.buffer = collect_buffer(run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration)
+        self.iteration, self.epoch, self.position = self.iteration + 1, 0, 0
+        if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
+            console.print(f"[yellow]stage '{cfg.name}': {100 * (1 - self.stats['eos_rate']):.0f}% of the first rollouts hit "
+                          f"max_new_tokens={cfg.max_new_tokens}: MiniLLM trains only the positions it samples, so it cannot learn "
+                          "where to stop beyond that limit (raise it if the teacher's answers are longer)[/]")
+
+    def minibatch(self, rows: torch.Tensor) -> dict:
+        """The loss's micro-batch: the buffer's rows ``rows``, a corpus batch for L_PT, each loss
+        term's count (``num_tokens``: response tokens; corpus tokens) and the buffer's statistics."""
+        batch = self.buffer.minibatch(rows)
+        batch["num_tokens"] = {"response": int(batch["response_mask"].sum())}
+        if self.corpus is not None and self.cfg.lm_coef > 0:
+            lm_ids = self.corpus.next_batch().to(self.run.device)
+            batch["lm_ids"] = lm_ids
+            batch["num_tokens"]["lm"] = lm_ids.shape[0] * (lm_ids.shape[1] - 1)  # next-token targets
+        batch["stats"] = self.buffer.stats
+        return batch
+
+    def next_batch(self) -> dict:
+        if self._walk is None:
+            self._walk = self.minibatches()
+        return next(self._walk)
+
+    def state_dict(self) -> dict:
+        buf = self.buffer
+        return {"buffer": buf.tensors() if buf is not None else {},
+                "order": buf.order if buf is not None else torch.zeros(0, dtype=torch.long),
+                "epoch": self.epoch, "position": self.position, "iteration": self.iteration,
+                "prompt_order": self.prompt_order.state_dict(), "generator": self.generator.get_state(),
+                "corpus": self.corpus.state_dict() if self.corpus is not None else {}, "stats": self.stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors, order = dict(state["buffer"]), state["order"]
+        if "step_weights" in tensors:  # checkpoints written before the rename
+            tensors["single_step_weights"] = tensors.pop("step_weights")
+        if "order_pos" in state:  # checkpoints written before the position was (epoch, position)
+            rows = tensors["response_ids"].shape[0] if tensors else 1
+            order = order.reshape(-1, rows) if tensors else order
+            self.epoch, self.position = divmod(int(state["order_pos"]), rows)
+        else:
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.buffer = Buffer.from_tensors(tensors, order, state["stats"]) if tensors else None
+        self.iteration = int(state["iteration"])
+        self.prompt_order.load_state_dict(state["prompt_order"])
+        self.generator.set_state(state["generator"])
+        if self.corpus is not None and state["corpus"]:
+            self.corpus.load_state_dict(state["corpus"])
+        self._walk = None  # the next batch starts a fresh walk from the loaded position
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the loss of one minibatch
 # ----------------------------------------------------------------------------------------------
 
 
@@ -335,10 +483,26 @@ def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
     return out
 
 
+def minillm_objective(model, batch: dict, *, cfg: Config, teacher, vocab: int) -> tuple[dict, dict]:
+    """The loss terms of one micro-batch and its metrics: ``response``, the rollout loss summed
+    over the minibatch's response tokens (``minillm_loss``), and with a corpus ``lm``, lm_coef *
+    L_PT summed over the corpus batch's tokens. The loop divides each by its global count
+    (``batch["num_tokens"]``), so the step minimises (pg + single-step) per response token
+    + lm_coef * L_PT per corpus token."""
+    response, metrics = minillm_loss(model, batch, cfg=cfg, teacher=teacher, vocab=vocab)
+    terms = {"response": response}
+    if "lm_ids" in batch:
+        lm = pretrain_loss(model, teacher, batch["lm_ids"], cfg.kd_ratio, vocab)  # mean over this batch's tokens
+        terms["lm"] = cfg.lm_coef * lm * batch["num_tokens"]["lm"]  # as a sum: the loop divides by the global count
+        metrics["lm_loss"] = float(lm.detach())
+    return terms, metrics
+
+
 def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
-    """Summed MiniLLM loss of a minibatch and its metrics. The policy forward runs in chunks of
-    ``cfg.chunk_rows`` rows of similar prompt length (padding columns dropped); every term is a
-    sum over tokens, so chunking changes nothing but the work.
+    """The rollout loss of a minibatch summed over its response tokens (long-term + single-step),
+    and its metrics, with the buffer's rollout statistics (``batch["stats"]``). The policy forward
+    runs in chunks of ``cfg.chunk_rows`` rows of similar prompt length (padding columns dropped);
+    every term is a sum over tokens, so chunking changes nothing but the work.
 
     The stage trains the student without dropout (``models.train_mode(model, dropout=False)``,
     set by the loop for the whole step; base and LoRA dropout), as the official code keeps the
@@ -380,10 +544,6 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
     metrics = {"pg_loss": pg_all / n, "clip_frac": clipped / n}
     if cfg.single_step:
         metrics["single_step_kl"] = ss_all / n
-    if "lm_ids" in batch:
-        lm = pretrain_loss(model, teacher, batch["lm_ids"], cfg.kd_ratio, vocab)
-        loss = loss + cfg.lm_coef * lm * batch["num_tokens"]  # the loop divides by response tokens
-        metrics["lm_loss"] = float(lm.detach())
     metrics.update(batch["stats"])
     metrics["ratio_new_old"] = ratio_all / n
     return loss, metrics
@@ -404,7 +564,7 @@ def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. validation and the stage
+# 4. validation and the stage
 # ----------------------------------------------------------------------------------------------
 
 
@@ -448,8 +608,8 @@ def run(run, cfg: Config, student):
     def on_best(model):
         run.export(model, best_dir)
 
-    def loss_fn(model, batch):
-        return minillm_loss(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
+    def loss_fn(model, batch, step):
+        return minillm_objective(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
 
     return train(run, cfg, student, source, loss_fn, total,
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,

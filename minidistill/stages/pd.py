@@ -98,30 +98,7 @@ def check_in_recipe(recipe, index: int, where: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-class BlockBatches:
-    """Shuffled corpus blocks; each batch carries its optimizer ``step`` (0-based), restored on resume."""
-
-    def __init__(self, inner: ShuffledBatches, grad_accum: int):
-        self.inner, self.grad_accum, self.drawn = inner, grad_accum, 0
-
-    def steps_per_epoch(self) -> int:
-        return self.inner.steps_per_epoch()
-
-    def next_batch(self) -> dict:
-        batch = self.inner.next_batch()
-        batch["step"] = self.drawn // self.grad_accum
-        self.drawn += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "drawn": self.drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
-        self.drawn = int(state["drawn"])
-
-
-def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) -> BlockBatches:
+def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) -> ShuffledBatches:
     acc = run.accelerator
 
     def make(idx: list[int]) -> dict:
@@ -131,12 +108,11 @@ def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) 
             batch["teacher"] = store.truncated(idx, run.device)  # (B, T-1, K)
         return batch
 
-    inner = ShuffledBatches(len(blocks), cfg.batch_size, make, seed=run.recipe.seed,
-                            rank=acc.process_index, world=acc.num_processes)
-    return BlockBatches(inner, cfg.grad_accum)
+    return ShuffledBatches(len(blocks), cfg.batch_size, make, seed=run.recipe.seed,
+                           rank=acc.process_index, world=acc.num_processes)
 
 
-def total_steps(cfg, source: BlockBatches) -> int:
+def total_steps(cfg, source: ShuffledBatches) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * source.steps_per_epoch() / cfg.grad_accum))
@@ -242,13 +218,16 @@ def lm_only(cfg) -> bool:
     return cfg.alpha == 0 and (cfg.alpha_schedule == "constant" or cfg.alpha_min == 0)
 
 
-def make_loss_fn(run, cfg, total: int):
-    def alpha_for(step: int) -> float:
-        return alpha_at(step, total, schedule=cfg.alpha_schedule, alpha=cfg.alpha, alpha_min=cfg.alpha_min,
-                        warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
+def alpha_for(cfg, step: int, total: int) -> float:
+    """alpha for optimizer step ``step`` (0-based) of ``total``: ``schedules.alpha_at`` with the
+    stage's settings (its ``wsd`` uses the LR's own WSD phases, ``warmup_steps``/``decay_steps``)."""
+    return alpha_at(step, total, schedule=cfg.alpha_schedule, alpha=cfg.alpha, alpha_min=cfg.alpha_min,
+                    warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
 
-    def pd_loss(model, batch):
-        a = alpha_for(batch["step"])
+
+def make_loss_fn(run, cfg, total: int):
+    def pd_loss(model, batch, step: int):
+        a = alpha_for(cfg, step, total)
         ids = batch["input_ids"]  # (B, T)
         logits = _logits(model, ids, run.vocab_size)  # (B, T-1, V)
         mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
@@ -266,7 +245,6 @@ def make_loss_fn(run, cfg, total: int):
                 metrics["student_kept_mass"] = float(kept) / n
         return (1 - a) * lm + a * kd, metrics
 
-    pd_loss.alpha_for = alpha_for  # for tests and logging
     return pd_loss
 
 

@@ -107,6 +107,6 @@ def run(run, cfg: Config, student):
         if cfg.keep_best:
             run.export(model, best_dir)
 
-    return train(run, cfg, student, source, sft_loss, total_steps(cfg, source),
+    return train(run, cfg, student, source, lambda model, batch, step: sft_loss(model, batch), total_steps(cfg, source),
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,
                  best_key="loss", best_mode="min", on_best=on_best)
