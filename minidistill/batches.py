@@ -12,15 +12,18 @@ class ShuffledBatches:
 
     With several processes every process draws the same permutation and takes its slice of each
     global batch (``batch_size * world`` items), so one process with batch B*w sees exactly the
-    same data per step as w processes with batch B each.
+    same data per step as w processes with batch B each. An optimizer step takes ``accum``
+    consecutive micro-batches; an epoch ends at a step boundary, when a whole step
+    (``batch_size * world * accum`` items) no longer fits, so batch 8 x accum 1 and batch 1 x
+    accum 8 see the same items in every step.
     """
 
     def __init__(self, n: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int,
-                 rank: int = 0, world: int = 1, shuffle: bool = True):
+                 rank: int = 0, world: int = 1, shuffle: bool = True, accum: int = 1):
         if n <= 0:
             raise ValueError("empty dataset")
         self.n, self.batch_size, self.make_batch = n, batch_size, make_batch
-        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.seed, self.rank, self.world, self.shuffle, self.accum = seed, rank, world, shuffle, max(1, accum)
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation()
 
@@ -31,11 +34,15 @@ class ShuffledBatches:
         return torch.randperm(self.n, generator=g).tolist()
 
     def steps_per_epoch(self) -> int:
-        return max(1, self.n // (self.batch_size * self.world))
+        """Micro-batches per epoch (a whole number of optimizer steps)."""
+        per_step = self.batch_size * self.world * self.accum
+        return max(1, self.n // per_step) * self.accum
 
     def next_batch(self) -> dict:
         global_bs = self.batch_size * self.world
-        if self.pos + global_bs > self.n and self.pos > 0:  # drop the ragged tail: a new epoch
+        step_items = global_bs * self.accum
+        at_step_start = self.pos % step_items == 0
+        if at_step_start and self.pos + step_items > self.n and self.pos > 0:  # drop the ragged tail: a new epoch
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm = self._permutation()
         idx = [self._perm[(self.pos + i) % self.n] for i in range(global_bs)]

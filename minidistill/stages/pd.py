@@ -109,7 +109,7 @@ def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) 
         return batch
 
     return ShuffledBatches(len(blocks), cfg.batch_size, make, seed=run.recipe.seed,
-                           rank=acc.process_index, world=acc.num_processes)
+                           rank=acc.process_index, world=acc.num_processes, accum=cfg.grad_accum)
 
 
 def total_steps(cfg, source: ShuffledBatches) -> int:

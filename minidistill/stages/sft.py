@@ -50,7 +50,7 @@ def source_for(run, cfg, rows: list[dict]) -> ShuffledBatches:
     acc = run.accelerator
     pad = run.tokenizer.pad_token_id
     return ShuffledBatches(len(rows), cfg.batch_size, lambda idx: collate([rows[i] for i in idx], pad, run.device),
-                           seed=run.recipe.seed, rank=acc.process_index, world=acc.num_processes)
+                           seed=run.recipe.seed, rank=acc.process_index, world=acc.num_processes, accum=cfg.grad_accum)
 
 
 def total_steps(cfg, source: ShuffledBatches) -> int:
