@@ -36,8 +36,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import models
-from .config import RecipeConfig, dump_yaml, load_recipe, stage_module
+from .config import RecipeConfig, dump_yaml, load_recipe
 from .errors import UserError
+from .stages import stage
 from .tracking import Metrics, console
 
 
@@ -106,6 +107,8 @@ class Run:
         self.metrics.log(stage, step, values)
 
     def cached(self, key: str, make):
+        """``make()`` once per run. Keys starting with ``instructions/`` hold data made from the
+        instruction examples (tokenized rows, prompt ids): ``set_instructions`` drops them."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -121,7 +124,7 @@ class Run:
             if d.train is None:
                 raise UserError("recipe.data.train: required by this stage (instruction data path)")
             # prompt-only data is fine when a generate stage lets the teacher write the responses
-            need = not any(st.type == "generate" for st in self.recipe.stages)
+            need = not any(stage(st.type).writes_responses for st in self.recipe.stages)
             train = _named("data.train", lambda: data.load_instructions(d.train, require_output=need))
             if d.valid:
                 valid = _named("data.valid", lambda: data.load_instructions(d.valid, require_output=need))
@@ -144,7 +147,7 @@ class Run:
         """Replace a split's examples for the stages that follow (e.g. with teacher responses)."""
         self.instructions(split)  # load the other split first
         self._cache["instructions"][split] = examples
-        for key in [k for k in self._cache if k.startswith(("sft_rows/", "seqkd_prompts/"))]:
+        for key in [k for k in self._cache if k.startswith("instructions/")]:  # data made from them
             del self._cache[key]
 
     def set_corpus_texts(self, texts: list[str], source: str = "generated text") -> None:
@@ -335,9 +338,6 @@ def build_student(run: Run):
     return student
 
 
-GENERATING_STAGES = ("minillm", "seqkd", "generate", "evaluate")
-
-
 def shard_teacher(run: Run) -> None:
     """Under FSDP, shard the frozen teacher like the student: one FSDP unit per decoder layer
     (accelerate's auto-wrap policy from the accelerate config), gathered layer by layer in each
@@ -346,7 +346,7 @@ def shard_teacher(run: Run) -> None:
     that generate text are refused: every process would have to decode in step."""
     if not run.sharded:
         return
-    gen = [st.name for st in run.recipe.stages if st.type in GENERATING_STAGES]
+    gen = [st.name for st in run.recipe.stages if stage(st.type).generates]
     if gen:
         raise UserError(f"recipe.stages: {', '.join(gen)} generate text, which is not supported with sharded weights "
                         "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
@@ -370,32 +370,30 @@ def shard_teacher(run: Run) -> None:
     run.teacher.eval()
 
 
-INSTRUCTION_STAGES = ("sft", "kd", "seqkd", "minillm", "generate", "evaluate")
-
-
 def preflight(run: Run, student) -> None:
     """Read and check, before anything is written, what the stages will read: LoRA targets, the
     instruction data (parsed, and its prompts fit max_prompt_length), the corpus (packs into blocks)
-    and logit stores given by path. Data a stage produces (generate) is checked when it exists."""
+    and each stage's own inputs (``Stage.preflight``, e.g. logit stores given by path). Data a stage
+    produces (generate) is checked when it exists."""
     from . import data
-    from .stages import pd
 
     r, d = run.recipe, run.recipe.data
     if r.student.lora.enabled:
         models.check_lora_targets(student, r.student.lora)
-    if any(s.type in INSTRUCTION_STAGES for s in r.stages):
+    if any(stage(s.type).needs_instructions for s in r.stages):
         for split in ("train", "valid"):
             examples = run.instructions(split)
             if examples:
                 data.tokenize_prompts(examples, run.tokenizer, template=d.template,
                                       max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
     for s in r.stages:
-        if s.type == "generate" and s.corpus and "train" in s.splits:
+        st = stage(s.type)
+        if st.provides_corpus(s):
             break  # later stages read the generated text, not data.corpus
-        if s.type in ("pd", "pd_store") or (s.type == "minillm" and s.lm_coef > 0):
-            blocks = run.corpus()[0]
-            if s.type == "pd" and s.teacher_logits == "offline" and s.store and not pd.lm_only(s):
-                pd.open_store(run, s, blocks)
+        if st.needs_corpus(s):
+            run.corpus()
+        if st.preflight is not None:
+            st.preflight(run, s)
 
 
 def prepare_for_stage(run: Run, student):
@@ -506,14 +504,14 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         # every stage starts from its own seeded RNG state, so a run resumed between stages (earlier
         # finals loaded from disk) continues exactly like an uninterrupted one
         set_seed(recipe.seed + index)
-        module = stage_module(cfg.type)
+        st = stage(cfg.type)
         t0 = time.time()
-        if not getattr(module, "TRAINS", True):  # generate / evaluate: no student update, no final/
-            module.run(run, cfg, student)
+        if not st.trains:  # generate / evaluate / pd_store: no student update, no final/
+            st.run(run, cfg, student)
             run.log(cfg.name, 0, {"stage_wall_s": time.time() - t0})
             continue
         student = prepare_for_stage(run, student)
-        result = module.run(run, cfg, student)
+        result = st.run(run, cfg, student)
         run.log(cfg.name, result.step, {"stage_wall_s": time.time() - t0})  # the report's wall time
         if result.stopped:
             raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
