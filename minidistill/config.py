@@ -2,7 +2,9 @@
 
 A recipe is a YAML file with shared settings (output_dir, seed, precision, teacher, student,
 data) and an ordered list of ``stages``; each stage has a ``type`` (sft, kd, seqkd, pd,
-pd_store, minillm) whose settings are the dataclass ``Config`` in ``minidistill/stages/<type>.py``.
+pd_store, minillm, generate, evaluate) whose settings are the dataclass ``Config`` of its
+``STAGE`` in ``minidistill/stages/<type>.py`` (the stages import this module; ``parse_recipe``
+reaches them through the registry in ``minidistill/stages/__init__.py``, imported when called).
 
 Every field carries its default and a one-line help text in ``metadata``; ``min``/``max``/
 ``choices`` in the metadata are checked. Unknown keys are errors that name the key and suggest
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,22 +141,6 @@ class TrainConfig:
     eval_batches: int | None = opt(None, "Cap on validation batches (null: all).", min=1)
     nan_policy: Literal["skip", "stop"] = opt("skip", "Non-finite loss/grad: skip the step (counted) or stop at once.")
     max_bad_steps: int = opt(5, "Stop after this many non-finite steps in a row.", min=1)
-
-
-STAGE_MODULES = {
-    "sft": "minidistill.stages.sft",
-    "kd": "minidistill.stages.kd",
-    "seqkd": "minidistill.stages.seqkd",
-    "pd": "minidistill.stages.pd",
-    "pd_store": "minidistill.stages.pd_store",
-    "minillm": "minidistill.stages.minillm",
-    "generate": "minidistill.stages.generate",
-    "evaluate": "minidistill.stages.evaluate",
-}
-
-
-def stage_module(kind: str):
-    return importlib.import_module(STAGE_MODULES[kind])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +336,8 @@ def _stage_by_name_or_index(stages: list, part: str, key: str) -> dict:
 
 def parse_recipe(data: dict, source: str = "recipe") -> RecipeConfig:
     """Raw mapping -> validated RecipeConfig with typed stage configs."""
+    from .stages import TYPES, stage  # the stage modules import this module: only here, never at import
+
     data = dict(data)
     raw_stages = data.pop("stages", [])
     recipe = build(RecipeConfig, data, f"{source}:")
@@ -364,11 +351,11 @@ def parse_recipe(data: dict, source: str = "recipe") -> RecipeConfig:
         if not isinstance(raw, dict):
             raise UserError(f"{where}: expected a mapping with a 'type'")
         kind = raw.get("type")
-        if kind not in STAGE_MODULES:
-            close = difflib.get_close_matches(str(kind), list(STAGE_MODULES), n=1, cutoff=0.5)
+        if kind not in TYPES:
+            close = difflib.get_close_matches(str(kind), TYPES, n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{where}.type: unknown stage type {kind!r}{hint}; expected one of {', '.join(STAGE_MODULES)}")
-        cfg = build(stage_module(kind).Config, raw, f"{where} ({raw.get('name') or kind})")
+            raise UserError(f"{where}.type: unknown stage type {kind!r}{hint}; expected one of {', '.join(TYPES)}")
+        cfg = build(stage(kind).config, raw, f"{where} ({raw.get('name') or kind})")
         cfg.name = cfg.name or kind
         if cfg.name in seen:
             raise UserError(f"{where}.name: duplicate stage name '{cfg.name}' (stage names must be unique)")
@@ -376,7 +363,7 @@ def parse_recipe(data: dict, source: str = "recipe") -> RecipeConfig:
         stages.append(cfg)
     recipe.stages = stages
     for i, cfg in enumerate(stages):  # checks that need the other stages (e.g. pd reading a pd_store)
-        check = getattr(stage_module(cfg.type), "check_in_recipe", None)
+        check = stage(cfg.type).check_in_recipe
         if check is not None:
             check(recipe, i, f"{source}: stages[{i}] ({cfg.name})")
     _check_cross(recipe, source)

@@ -10,3 +10,11 @@ class UserError(Exception):
     """A problem in the user's input, explained in one line."""
 
     exit_code = 2
+
+
+def named(key: str, load):
+    """Call ``load()``; a UserError from it is prefixed with the recipe key that named the input."""
+    try:
+        return load()
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None

@@ -165,13 +165,13 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 def prune_layers(teacher: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     """A student that is a copy of ``teacher`` with only the decoder layers in ``keep``."""
-    layers = _decoder_layers(teacher)
+    layers = decoder_layers(teacher)
     n = len(layers)
     if not keep or any(i < 0 or i >= n for i in keep) or len(set(keep)) != len(keep):
         raise UserError(f"student.keep_layers: expected distinct layer indices in [0, {n - 1}], got {keep}")
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
-    kept = torch.nn.ModuleList([_decoder_layers(student)[i] for i in sorted(keep)])
+    kept = torch.nn.ModuleList([decoder_layers(student)[i] for i in sorted(keep)])
     for new_idx, layer in enumerate(kept):
         # The KV cache is indexed by layer_idx: renumber the kept layers.
         for mod in layer.modules():
@@ -193,7 +193,7 @@ def stride_layers(n_layers: int, stride: int) -> list[int]:
     return keep
 
 
-def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     base = getattr(model, model.base_model_prefix, model)
     for name in ("layers", "h", "blocks"):
         if isinstance(getattr(base, name, None), torch.nn.ModuleList):

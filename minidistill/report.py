@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .stages import LOSS_PLOTS, TYPES, Plot, stage
 
 __all__ = ["write_report", "load_run", "main"]
 
@@ -47,18 +48,6 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Plot:
-    """One figure: several metric keys on one y axis."""
-
-    name: str
-    keys: list[str]
-    title: str
-    ylabel: str
-    logy: bool = False
-    smooth: bool = True  # False for deterministic schedules (lr, alpha)
-
-
 LABELS = {
     "loss": "train loss", "valid/loss": "valid loss", "valid/total": "valid loss (training mix)",
     "valid/kd": "valid KD divergence", "rkl_estimate": "reverse KL estimate (rollouts)",
@@ -70,28 +59,6 @@ LABELS = {
     "student_kept_mass": "student mass on kept tokens", "pg_loss": "policy-gradient loss",
 }
 
-STAGE_PLOTS: dict[str, list[Plot]] = {
-    "minillm": [
-        Plot("loss", ["loss"], "Training loss (PG + single-step KL + L_PT)", "loss per response token"),
-        Plot("kl", ["rkl_estimate", "mix_log_ratio", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
-        Plot("reward", ["reward"], "Reward log p(y_t) - log q(y_t)", "nats/token"),
-        Plot("response_length", ["response_length", "valid/mean_length"], "Response length", "tokens"),
-        Plot("clip_frac", ["clip_frac"], "PPO clip fraction", "fraction of tokens"),
-        Plot("lm_loss", ["lm_loss"], "Pre-training loss L_PT", "nats/token"),
-        Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),
-    ],
-    "pd": [
-        Plot("loss", ["loss", "lm_loss", "kd_loss", "valid/loss", "valid/kd_loss"], "Losses", "nats/token"),
-        Plot("alpha", ["alpha"], "KD weight alpha", "alpha (0 = LM only, 1 = KD only)", smooth=False),
-        Plot("valid_ppl", ["valid/ppl"], "Validation perplexity", "perplexity (log scale)", logy=True),
-        Plot("kept_mass", ["teacher_kept_mass", "student_kept_mass"], "Mass on the teacher's kept tokens",
-             "probability mass"),
-    ],
-    "default": [
-        Plot("loss", ["loss", "valid/loss", "valid/total", "valid/kd"], "Loss", "nats/token"),
-        Plot("valid_ppl", ["valid/ppl"], "Validation perplexity", "perplexity (log scale)", logy=True),
-    ],
-}
 LR_PLOT = Plot("lr", ["lr"], "Learning rate schedule", "learning rate", smooth=False)
 SKIP_KEYS = {"time", "stage", "step", "tokens", "tokens_per_s", "step_time_s", "skipped_steps", "grad_norm",
              "ratio_new_old", "eos_rate", "pg_loss"}
@@ -201,7 +168,7 @@ def load_run(run_dir: str | Path) -> RunData:
                     data.stage_types[str(s["name"])] = str(s.get("type", s["name"]))
                     data.stage_order.append(str(s["name"]))
         except yaml.YAMLError:
-            data.problems.append(f"{recipe}: not valid YAML; stage types guessed from the metrics")
+            data.problems.append(f"{recipe}: not valid YAML; stage types unknown (default plots)")
     for r in data.rows:
         if str(r["stage"]) not in data.stage_order:
             data.stage_order.append(str(r["stage"]))
@@ -238,20 +205,19 @@ def load_run(run_dir: str | Path) -> RunData:
 
 
 def stage_type(data: RunData, stage: str) -> str:
-    if stage in data.stage_types:
-        return data.stage_types[stage]
-    keys = set(data.keys(stage))
-    if {"reward", "rkl_estimate", "mix_log_ratio"} & keys:
-        return "minillm"
-    if "alpha" in keys:
-        return "pd"
-    return "default"
+    """The stage's type from the run's recipe.yaml ("default" without one)."""
+    return data.stage_types.get(stage, "default")
+
+
+def stage_plots(kind: str) -> tuple[Plot, ...]:
+    """The figures the stage type declares (``STAGE.plots``; imports its module); the loss plots
+    for types minidistill does not know."""
+    return stage(kind).plots if kind in TYPES else LOSS_PLOTS
 
 
 def plots_for(data: RunData, stage: str) -> list[Plot]:
     """The stage type's plots that have data, then one plot per remaining validation key, then lr."""
-    kind = stage_type(data, stage)
-    base = STAGE_PLOTS.get(kind, STAGE_PLOTS["default"])
+    base = stage_plots(stage_type(data, stage))
     present = set(data.keys(stage))
     plots = [Plot(p.name, [k for k in p.keys if k in present], p.title, p.ylabel, p.logy, p.smooth) for p in base]
     plots = [p for p in plots if p.keys]

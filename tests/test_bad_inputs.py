@@ -534,12 +534,12 @@ def test_output_dir_not_writable(recipe_file, tmp_path, capsys):
 
 def test_output_dir_not_writable_message(recipe_file, tmp_path, capsys, monkeypatch):
     """The same refusal where permissions cannot be tested for real (root): the access check says no."""
-    import minidistill.run as run_mod
+    import minidistill.outputs as outputs_mod
 
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
-    monkeypatch.setattr(run_mod.os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+    monkeypatch.setattr(outputs_mod.os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
     fails(capsys, [recipe_file(SFT1), f"output_dir={locked / 'run'}"], "output_dir", "not writable",
           "no write permission on", out=locked, alone=True)
 

@@ -70,3 +70,20 @@ def test_shipped_recipes_parse(tmp_path):
     for path in recipes:
         r = load_recipe(path)
         assert r.stages and r.output_dir
+
+
+def test_stage_registry_declares_every_type_and_config_imports_no_stage():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from minidistill.stages import TYPES, stage
+
+    for kind in TYPES:
+        st = stage(kind)
+        assert st.type == kind and dataclasses.is_dataclass(st.config) and callable(st.run)
+    # config.py (and the report) import no stage module: the stages import config, not the reverse
+    code = ("import sys, minidistill.config, minidistill.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('minidistill.stages.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -117,7 +117,7 @@ def test_precision_auto_follows_native_bf16(monkeypatch):
 
 def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
     from minidistill.config import RecipeConfig
-    from minidistill.run import Run
+    from minidistill.context import Run
 
     for native, want_mp in ((False, "no"), (True, "bf16")):
         monkeypatch.setattr(models, "native_bf16", lambda device_type, native=native: native)
@@ -128,12 +128,12 @@ def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
 
 
 def test_precision_auto_judges_the_device_accelerate_will_pick(monkeypatch):
-    from minidistill import run as run_mod
+    from minidistill import launch
 
-    monkeypatch.setattr(run_mod.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(run_mod, "_has_device_backend", lambda: False)
-    assert run_mod._device_type("auto", cpu=False) == "cpu"
-    monkeypatch.setattr(run_mod, "_has_device_backend", lambda: True)  # e.g. an XPU: not the CPU
-    assert run_mod._device_type("auto", cpu=False) == "accelerator"
-    assert models.resolve_precision("auto", run_mod._device_type("auto", cpu=False)) == "fp32"
-    assert run_mod._device_type("auto", cpu=True) == "cpu" and run_mod._device_type("cuda:1", cpu=False) == "cuda"
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "has_device_backend", lambda: False)
+    assert launch.device_type("auto", cpu=False) == "cpu"
+    monkeypatch.setattr(launch, "has_device_backend", lambda: True)  # e.g. an XPU: not the CPU
+    assert launch.device_type("auto", cpu=False) == "accelerator"
+    assert models.resolve_precision("auto", launch.device_type("auto", cpu=False)) == "fp32"
+    assert launch.device_type("auto", cpu=True) == "cpu" and launch.device_type("cuda:1", cpu=False) == "cuda"

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from minidistill import advantages as adv
-from minidistill.run import _accelerate_launch_argv, accelerate_cpu_processes, main, use_cpu
+from minidistill.launch import _accelerate_launch_argv, accelerate_cpu_processes, use_cpu
+from minidistill.run import main
 from minidistill.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +239,7 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
 
 
 def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Shard the tiny teacher with run.shard_teacher over 2 gloo processes. accelerate enables FSDP
+    """Shard the tiny teacher with build.shard_teacher over 2 gloo processes. accelerate enables FSDP
     only for GPU process groups, so the accelerator is a stand-in carrying a real FSDP2 plugin."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -248,7 +249,7 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     from minidistill import models
-    from minidistill.run import shard_teacher
+    from minidistill.build import shard_teacher
     from tiny_tokenizer import make_tokenizer, tiny_llama
 
     acc = Accelerator(cpu=True)
@@ -263,7 +264,7 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
     run = SimpleNamespace(accelerator=fake, sharded=True, fsdp=True, teacher=teacher, recipe=SimpleNamespace(stages=[]))
     shard_teacher(run)
     local = sum(p.to_local().numel() for p in run.teacher.parameters())
-    layers = models._decoder_layers(run.teacher)
+    layers = models.decoder_layers(run.teacher)
     with torch.no_grad():
         got = run.teacher(input_ids=ids).logits
     torch.save({"full": full, "local": local, "max_diff": float((got - ref).abs().max()), "training": run.teacher.training,
@@ -288,7 +289,7 @@ def test_fsdp_shards_the_teacher_per_layer_and_keeps_its_outputs(tmp_path):
 
 def test_fsdp_refuses_stages_that_generate():
     from minidistill.errors import UserError
-    from minidistill.run import shard_teacher
+    from minidistill.build import shard_teacher
 
     run = SimpleNamespace(sharded=True, recipe=SimpleNamespace(stages=[SimpleNamespace(name="sft", type="sft"),
                                                                        SimpleNamespace(name="rl", type="minillm")]))

@@ -126,7 +126,7 @@ def test_series_last_value_wins_and_bad_rows(tmp_path):
     data = R.load_run(tmp_path)
     assert data.series("s", "loss") == ([1.0, 2.0], [3.0, 4.0])
     assert any("not JSON" in p for p in data.problems)
-    assert R.stage_type(data, "s") == "default"  # no recipe.yaml: guessed from the keys
+    assert R.stage_type(data, "s") == "default"  # no recipe.yaml: type unknown, the loss plots
     out = R.write_report(tmp_path)
     assert (tmp_path / "plots" / "s_loss.png").is_file() and "Skipped inputs" in out.read_text()
 

@@ -118,7 +118,7 @@ class FakeAccelerator:
 
 def fake_run(teacher, tokenizer, *, seed: int = 0, vocab_size: int | None = None, template: str = "alpaca",
              max_prompt_length: int = 224, long_prompt: str = "drop"):
-    """A stand-in for ``minidistill.run.Run`` with what the sampling/rollout helpers of the stages
+    """A stand-in for ``minidistill.context.Run`` with what the sampling/rollout helpers of the stages
     read: accelerator, device, teacher, tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
     and recipe.data.template/max_prompt_length/long_prompt."""
     from types import SimpleNamespace

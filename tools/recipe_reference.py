@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minidistill.config import STAGE_MODULES, RecipeConfig, TrainConfig, describe, stage_module  # noqa: E402
+from minidistill.config import RecipeConfig, TrainConfig, describe  # noqa: E402
+from minidistill.stages import TYPES, stage  # noqa: E402
 from minidistill.checkpoint import write_text_atomic  # noqa: E402
 
 
@@ -29,10 +30,10 @@ def render() -> str:
              "## Shared settings", "", table([r for r in describe(RecipeConfig) if r[0] != "stages"]), "",
              "## Settings every training stage has", "", table(describe(TrainConfig)), ""]
     common = {f for f, _, _ in describe(TrainConfig)}
-    for kind in STAGE_MODULES:
-        mod = stage_module(kind)
-        rows = [r for r in describe(mod.Config) if r[0] not in common or _changed(r, mod.Config)]
-        doc = (mod.__doc__ or "").strip().splitlines()[0]
+    for kind in TYPES:
+        cls = stage(kind).config
+        rows = [r for r in describe(cls) if r[0] not in common or _changed(r, cls)]
+        doc = (sys.modules[f"minidistill.stages.{kind}"].__doc__ or "").strip().splitlines()[0]
         parts += [f"## `type: {kind}`", "", doc, "", table(rows), ""]
     return "\n".join(parts)
 

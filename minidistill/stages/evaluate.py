@@ -26,8 +26,7 @@ from ..config import opt
 from ..errors import UserError
 from ..evaluation import mean_rouge_l
 from ..tracking import console
-
-TRAINS = False
+from . import Stage
 
 
 @dataclass
@@ -127,3 +126,6 @@ def run(run, cfg: Config, student) -> None:
         run.log(cfg.name, 0, {f"{r['model']}/{k}": r[k] for r in rows
                               for k in ("rougeL", "reverse_kl", "forward_kl", "mean_length", "eos_rate")})
     return None
+
+
+STAGE = Stage("evaluate", Config, run, trains=False, generates=True, needs_instructions=True)

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from .. import data
 from ..config import opt
 from ..tracking import console
-from . import seqkd
-
-TRAINS = False
+from . import Stage, seqkd
 
 
 @dataclass
@@ -57,3 +55,6 @@ def run(run, cfg: Config, student) -> None:
             run.set_corpus_texts([r["prompt"] + r["output"] for r in records], f"stage '{cfg.name}' generated text")
     return None
 
+
+STAGE = Stage("generate", Config, run, trains=False, generates=True, needs_instructions=True,
+              writes_responses=True, provides_corpus=lambda cfg: cfg.corpus and "train" in cfg.splits)

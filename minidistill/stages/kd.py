@@ -27,6 +27,7 @@ import torch
 from ..config import TrainConfig, opt
 from ..loop import train
 from ..losses import token_divergence
+from . import Stage
 from .sft import ce_sum, instruction_rows, make_evaluate, response_logits, source_for, total_steps
 
 
@@ -129,3 +130,6 @@ def train_on_rows(run, cfg, student, rows: list[dict], valid: list[dict]):
 
 def run(run, cfg: Config, student):
     return train_on_rows(run, cfg, student, instruction_rows(run, "train"), instruction_rows(run, "valid"))
+
+
+STAGE = Stage("kd", Config, run, needs_instructions=True)

@@ -59,6 +59,7 @@ from ..errors import UserError
 from ..loop import train
 from ..tracking import console
 from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample, score
+from . import Plot, Stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,3 +615,17 @@ def run(run, cfg: Config, student):
     return train(run, cfg, student, source, loss_fn, total,
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,
                  best_key="rougeL", best_mode="max", on_best=on_best, dropout=False)
+
+
+PLOTS = (  # the report's training curves
+    Plot("loss", ["loss"], "Training loss (PG + single-step KL + L_PT)", "loss per response token"),
+    Plot("kl", ["rkl_estimate", "mix_log_ratio", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
+    Plot("reward", ["reward"], "Reward log p(y_t) - log q(y_t)", "nats/token"),
+    Plot("response_length", ["response_length", "valid/mean_length"], "Response length", "tokens"),
+    Plot("clip_frac", ["clip_frac"], "PPO clip fraction", "fraction of tokens"),
+    Plot("lm_loss", ["lm_loss"], "Pre-training loss L_PT", "nats/token"),
+    Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),
+)
+
+STAGE = Stage("minillm", Config, run, generates=True, needs_instructions=True,
+              needs_corpus=lambda cfg: cfg.lm_coef > 0, plots=PLOTS)  # L_PT reads the corpus

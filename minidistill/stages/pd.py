@@ -40,6 +40,7 @@ from ..losses import _FULL, NEG_INF, Truncated, _truncated_div, lm_loss, token_d
 from ..loop import train
 from ..schedules import alpha_at
 from ..tracking import console
+from . import Plot, Stage, always
 
 
 @dataclass
@@ -317,3 +318,20 @@ def run(run, cfg: Config, student):
         console.print(f"[cyan]{cfg.name} step 0 valid: ppl {values['ppl']:.4g}, kd_loss {values['kd_loss']:.4g}[/]")
     return train(run, cfg, student, source, make_loss_fn(run, cfg, steps), steps, evaluate=evaluate,
                  best_key="ppl", best_mode="min", on_best=on_best)
+
+
+def preflight(run, cfg) -> None:
+    """A logit store given by path is opened and checked against this run before anything is written."""
+    if cfg.teacher_logits == "offline" and cfg.store and not lm_only(cfg):
+        open_store(run, cfg, run.corpus()[0])
+
+
+PLOTS = (  # the report's training curves
+    Plot("loss", ["loss", "lm_loss", "kd_loss", "valid/loss", "valid/kd_loss"], "Losses", "nats/token"),
+    Plot("alpha", ["alpha"], "KD weight alpha", "alpha (0 = LM only, 1 = KD only)", smooth=False),
+    Plot("valid_ppl", ["valid/ppl"], "Validation perplexity", "perplexity (log scale)", logy=True),
+    Plot("kept_mass", ["teacher_kept_mass", "student_kept_mass"], "Mass on the teacher's kept tokens", "probability mass"),
+)
+
+STAGE = Stage("pd", Config, run, needs_corpus=always, preflight=preflight, check_in_recipe=check_in_recipe,
+              plots=PLOTS)

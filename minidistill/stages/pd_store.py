@@ -10,9 +10,9 @@ Resuming: a complete store with the same identity is reused (checked, not recomp
 interrupted build continues from its complete shards (``on_partial: continue``) or starts over
 (``on_partial: rebuild``). Shards are written to temporary names and renamed, ``header.json`` last.
 
-The stage trains nothing (``TRAINS = False``, like generate/evaluate): the student passes through
-unchanged, no ``final/`` is exported, and the stage runs again on resume, which only re-checks the
-finished store. ``run`` still returns a ``LoopResult`` (step 0, best None) for direct callers.
+The stage trains nothing (``trains=False`` in ``STAGE``, like generate/evaluate): the student
+passes through unchanged, no ``final/`` is exported, and the stage runs again on resume, which only
+re-checks the finished store. ``run`` still returns a ``LoopResult`` (step 0, best None) for direct callers.
 Unlike training stages this Config has no optimizer settings (a typo'd ``lr`` here is an error).
 """
 
@@ -29,8 +29,7 @@ from .. import data, logit_store
 from ..config import opt
 from ..loop import LoopResult
 from ..tracking import console
-
-TRAINS = False  # run.py: no prepare_for_stage (LoRA), no final/ export; the student passes through
+from . import Stage, always
 
 
 @dataclass
@@ -88,3 +87,6 @@ def run(run, cfg: Config, student):
                       f"{stats['bytes'] / 1e6:.1f} MB, {stats['bytes_per_token']:.1f} bytes/token, "
                       f"mean kept {stats['mean_kept']:.1f} of {cfg.top_k}, teacher kept mass {stats['mean_teacher_kept_mass']:.3f}")
     return LoopResult(model=student, step=0, best=None, stopped=False)
+
+
+STAGE = Stage("pd_store", Config, run, trains=False, needs_corpus=always)

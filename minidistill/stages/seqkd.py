@@ -36,7 +36,7 @@ from .. import data
 from ..config import opt
 from ..evaluation import generate_ids
 from ..tracking import console
-from . import kd
+from . import Stage, kd
 from .sft import instruction_rows
 
 FORMAT = 1
@@ -69,7 +69,7 @@ def prompts(run, split: str = "train") -> tuple[list[list[int]], list[int]]:
                                               max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
         return ids, list(stats.kept_indices)
 
-    return run.cached(f"seqkd_prompts/{split}", make)
+    return run.cached(f"instructions/seqkd_prompts/{split}", make)
 
 
 def max_new_tokens(run, cfg) -> int:
@@ -246,3 +246,6 @@ def run(run, cfg: Config, student):
     if truncated:
         console.print(f"stage '{cfg.name}': {truncated} teacher responses cut to data.max_length={run.recipe.data.max_length}")
     return kd.train_on_rows(run, cfg, student, rows, instruction_rows(run, "valid"))
+
+
+STAGE = Stage("seqkd", Config, run, generates=True, needs_instructions=True)

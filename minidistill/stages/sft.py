@@ -16,6 +16,7 @@ from .. import data
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..loop import train
+from . import Stage
 
 
 @dataclass
@@ -36,7 +37,7 @@ def instruction_rows(run, split: str) -> list[dict]:
 
     if split == "valid" and not run.instructions("valid"):
         return []
-    return run.cached(f"sft_rows/{split}", make)
+    return run.cached(f"instructions/sft_rows/{split}", make)
 
 
 def collate(rows: list[dict], pad_id: int, device) -> dict:
@@ -110,3 +111,6 @@ def run(run, cfg: Config, student):
     return train(run, cfg, student, source, lambda model, batch, step: sft_loss(model, batch), total_steps(cfg, source),
                  evaluate=make_evaluate(run, cfg, valid) if valid else None,
                  best_key="loss", best_mode="min", on_best=on_best)
+
+
+STAGE = Stage("sft", Config, run, needs_instructions=True)
