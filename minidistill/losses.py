@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import RowForwardKLCE
+
 KINDS = ("fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse")
 NEG_INF = float("-inf")
 
@@ -231,50 +233,6 @@ def lm_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 1
     return total, keep.sum()
 
 
-class _RowForwardKLCE(torch.autograd.Function):
-    """Per row of (N, V) logits: KL(softmax(t) || softmax(s)) and -log softmax(s)[target], chunked
-    over rows and recomputed in backward (nothing full-vocabulary is saved; one chunk of float32
-    temporaries is alive at a time). d/ds: g_kl * (q - p) + g_ce * (q - onehot(y))."""
-
-    @staticmethod
-    def _chunk(student, teacher, a: int, chunk: int, dt):
-        ls = F.log_softmax(student[a:a + chunk].to(dt), -1)  # (C, V)
-        lt = F.log_softmax(teacher[a:a + chunk].to(dt), -1)
-        return ls, lt
-
-    @staticmethod
-    def forward(ctx, student, teacher, targets, chunk: int):
-        dt = torch.promote_types(student.dtype, torch.float32)
-        N = student.shape[0]
-        kl = torch.zeros(N, dtype=dt, device=student.device)
-        ce = torch.zeros(N, dtype=dt, device=student.device)
-        for a in range(0, N, chunk):
-            ls, lt = _RowForwardKLCE._chunk(student, teacher, a, chunk, dt)
-            ce[a:a + chunk] = -ls.gather(-1, targets[a:a + chunk, None])[:, 0]
-            p = lt.exp()
-            kl[a:a + chunk] = (p * torch.where(p > 0, lt.sub_(ls), 0.0)).sum(-1)  # 0 log 0 = 0
-        ctx.save_for_backward(student, teacher, targets)
-        ctx.chunk = chunk
-        return kl, ce
-
-    @staticmethod
-    def backward(ctx, g_kl, g_ce):  # autograd materialises unused output grads as zeros
-        student, teacher, targets = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        dt = torch.promote_types(student.dtype, torch.float32)
-        grad = torch.empty_like(student)
-        for a in range(0, student.shape[0], ctx.chunk):
-            rows = slice(a, a + ctx.chunk)
-            ls, lt = _RowForwardKLCE._chunk(student, teacher, a, ctx.chunk, dt)
-            gk, gc = g_kl[rows, None].to(dt), g_ce[rows, None].to(dt)  # (C, 1)
-            g = ls.exp_().mul_(gk + gc)  # (g_kl + g_ce) * q, in place on the chunk's log q
-            g.sub_(lt.exp_().mul_(gk))  # - g_kl * p
-            g.scatter_add_(-1, targets[rows, None], -gc)  # - g_ce at the target
-            grad[rows] = g.to(grad.dtype)
-        return grad, None, None, None
-
-
 def forward_kl_and_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *,
                       chunk_size: int = 512) -> tuple[Tensor, Tensor, Tensor]:
     """(forward-KL sum, cross-entropy sum, count) over valid positions, in one fused pass.
@@ -295,7 +253,7 @@ def forward_kl_and_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     y = labels.reshape(-1).long()
     if not bool(keep.all()):  # gather the valid rows (all-valid batches, the usual case, are views)
         s, t, y = s[keep], t[keep], y[keep]
-    kl, ce = _RowForwardKLCE.apply(s, t, y, int(chunk_size))
+    kl, ce = RowForwardKLCE.apply(s, t, y, int(chunk_size))
     return kl.sum(), ce.sum(), keep.sum()
 
 
