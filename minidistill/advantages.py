@@ -82,6 +82,7 @@ import torch
 
 from minidistill.errors import UserError
 from minidistill.kernels import RowReverseKL
+from minidistill.losses import log_mix
 from minidistill.kernels import compute_dtype as _compute_dtype
 
 __all__ = [
@@ -331,15 +332,9 @@ def reverse_kl_and_logp(
 def mixed_logp(
     teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float
 ) -> torch.Tensor:
-    """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached. (B, T)"""
+    """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached, in at least float32 (``losses.log_mix``). (B, T)"""
     dt = _compute_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
-    lp, lq = teacher_logp.detach().to(dt), student_logp.detach().to(dt)
-    if alpha == 0.0:
-        return lq
-    if alpha == 1.0:
-        return lp
-    return torch.logaddexp(lp + torch.log(torch.tensor(alpha, dtype=dt)),
-                           lq + torch.log(torch.tensor(1.0 - alpha, dtype=dt)))
+    return log_mix(teacher_logp.detach().to(dt), student_logp.detach().to(dt), alpha)
 
 
 def step_importance_weights(

@@ -39,13 +39,17 @@ def _kl(loga: Tensor, logb: Tensor) -> Tensor:
     return (a * diff).sum(-1)
 
 
-def _mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
-    """log(w*a + (1-w)*b) in log space; w = 0 or 1 returns the exact endpoint."""
+def log_mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
+    """log(w*a + (1-w)*b) from log a and log b, in log space (the one log-of-a-mixture: the skew
+    divergences here, the sampler's log p~, ``advantages.mixed_logp``). w = 0 or 1 returns the
+    exact endpoint (the input itself); otherwise differentiable, in the inputs' promoted dtype,
+    with log w and log(1-w) rounded in that dtype."""
     if w == 0:
         return logb
     if w == 1:
         return loga
-    return torch.logaddexp(loga + math.log(w), logb + math.log1p(-w))
+    dt = torch.promote_types(loga.dtype, logb.dtype)
+    return torch.logaddexp(loga + torch.log(torch.tensor(w, dtype=dt)), logb + torch.log(torch.tensor(1.0 - w, dtype=dt)))
 
 
 def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -60,12 +64,12 @@ def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def skew_forward_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
     """DistiLLM skew KL: KL(p || s*p + (1-s)*q); s = 0 is exactly forward KL."""
-    return _kl(teacher_logp, _mix(teacher_logp, student_logp, skew))
+    return _kl(teacher_logp, log_mix(teacher_logp, student_logp, skew))
 
 
 def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
     """DistiLLM skew reverse KL: KL(q || (1-s)*p + s*q); s = 0 is exactly reverse KL."""
-    return _kl(student_logp, _mix(student_logp, teacher_logp, skew))
+    return _kl(student_logp, log_mix(student_logp, teacher_logp, skew))
 
 
 def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.5) -> Tensor:
@@ -80,7 +84,7 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.
         return forward_kl(student_logp, teacher_logp)
     if beta == 1:
         return reverse_kl(student_logp, teacher_logp)
-    m = _mix(teacher_logp, student_logp, beta)
+    m = log_mix(teacher_logp, student_logp, beta)
     return beta * _kl(teacher_logp, m) + (1 - beta) * _kl(student_logp, m)
 
 
@@ -113,7 +117,7 @@ _FULL = {
 
 def _kept_skew_rkl(lq_k: Tensor, lp_k: Tensor, q_k: Tensor, q_out: Tensor, s: float) -> Tensor:
     """KL(q || (1-s)p + s*q) when p lives on K slots: kept slots + closed form -q_out*log(s) outside."""
-    lm = _mix(lq_k, lp_k, s)  # (N, K) finite: the student log-probs are finite
+    lm = log_mix(lq_k, lp_k, s)  # (N, K) finite: the student log-probs are finite
     return (q_k * (lq_k - lm)).sum(-1) - q_out * math.log(s)
 
 
@@ -130,7 +134,7 @@ def _truncated_div(kind: str, lq: Tensor, idx: Tensor, lp_k: Tensor, skew: float
         return 0.5 * ((lp_k.exp() - q_k).abs().sum(-1) + q_out)
     if kind == "skew_rkl":
         return _kept_skew_rkl(lq_k, lp_k, q_k, q_out, skew)
-    fkl_part = _kl(lp_k, _mix(lp_k, lq_k, beta))  # jsd, 0 < beta < 1
+    fkl_part = _kl(lp_k, log_mix(lp_k, lq_k, beta))  # jsd, 0 < beta < 1
     return beta * fkl_part + (1 - beta) * _kept_skew_rkl(lq_k, lp_k, q_k, q_out, 1 - beta)
 
 

@@ -29,7 +29,6 @@ teacher in lockstep; such runs fall back to this implementation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -41,6 +40,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .losses import log_mix
 from .logits import accepts_logits_to_keep, length_chunks, response_hidden, response_logits, split_head
 
 __all__ = ["Rollout", "process_logits", "sample", "score"]
@@ -174,15 +174,6 @@ class _Stepper:
 
     def keep_rows(self, idx: torch.Tensor) -> None:
         self.cache.batch_select_indices(idx.to(self.dev))
-
-
-def _log_mix(logq: torch.Tensor, logp: torch.Tensor, a: float) -> torch.Tensor:
-    """log(a*p + (1-a)*q), exact at a = 0 and a = 1."""
-    if a == 0.0:
-        return logq
-    if a == 1.0:
-        return logp
-    return torch.logaddexp(logp + math.log(a), logq + math.log1p(-a))
 
 
 def sample(
@@ -380,7 +371,7 @@ def _sample_loop(
         y = torch.where(alive, y, torch.full_like(y, pad_token_id))
         lq = logq.gather(-1, y[:, None])[:, 0]  # (Ba,)
         lp = logp.gather(-1, y[:, None])[:, 0] if teacher is not None else torch.zeros_like(lq)  # (Ba,)
-        lm = _log_mix(lq, lp, a)  # (Ba,)
+        lm = log_mix(lp, lq, a)  # (Ba,)
         zero = torch.zeros_like(lq)
         resp[rows, t] = y.to(resp.dtype)
         rmask[rows, t] = alive.to(rmask.dtype)
