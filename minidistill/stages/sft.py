@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import data
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..loop import train
+from ..losses import lm_loss
 
 
 @dataclass
@@ -66,7 +66,7 @@ def response_logits(model, batch) -> torch.Tensor:
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed token cross-entropy; ``labels`` aligned with ``logits``, -100 = ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return lm_loss(logits, labels, labels != -100)[0]
 
 
 def sft_loss(model, batch):
