@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from ..config import TrainConfig, opt
+from ..logits import next_token_logits
 from ..loop import train
 from ..losses import ce_and_divergence
 from .sft import ce_sum, instruction_rows, make_evaluate, response_logits, source_for, total_steps
@@ -58,8 +59,7 @@ def kd_terms(model, teacher, batch: dict, cfg, vocab_size: int | None = None) ->
     if cfg.kd_ratio == 0:
         return ce_sum(logits, labels), None
     with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1]  # (B, T-1, Vt)
+        t_logits = next_token_logits(teacher, batch["input_ids"], batch["attention_mask"])  # (B, T-1, Vt)
     v = vocab_size if vocab_size is not None else min(logits.shape[-1], t_logits.shape[-1])
     r = ce_and_divergence(logits, t_logits, labels, labels != -100, cfg.kind, vocab=v, temperature=cfg.temperature,
                           student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta)

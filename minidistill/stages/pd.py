@@ -35,6 +35,7 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..logit_store import LogitStore, truncate_raw
+from ..logits import next_token_logits
 from ..losses import Truncated, ce_and_divergence, lm_loss
 from ..loop import train
 from ..schedules import alpha_at
@@ -178,15 +179,10 @@ def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
 # ---------------------------------------------------------------- loss
 
 
-def _logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    z = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V'): position t predicts token t+1
-    return z[..., :vocab] if z.shape[-1] > vocab else z  # padded head rows are not tokens
-
-
 def teacher_target(run, cfg, ids: torch.Tensor) -> torch.Tensor | Truncated:
     """Online teacher target for blocks ``ids`` (B, T): Truncated (B, T-1, K) raw log-probs, or full logits."""
     with torch.no_grad():
-        z = _logits(run.teacher, ids, run.vocab_size)  # (B, T-1, V)
+        z = next_token_logits(run.teacher, ids, vocab=run.vocab_size)  # (B, T-1, V)
         return truncate_raw(z, cfg.top_p, cfg.top_k) if cfg.top_k else z
 
 
@@ -221,7 +217,7 @@ def make_loss_fn(run, cfg, total: int):
     def pd_loss(model, batch):
         a = alpha_for(batch["step"])
         ids = batch["input_ids"]  # (B, T)
-        logits = _logits(model, ids, run.vocab_size)  # (B, T-1, V)
+        logits = next_token_logits(model, ids, vocab=run.vocab_size)  # (B, T-1, V)
         mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         n = logits.shape[0] * logits.shape[1]
         if lm_only(cfg):
@@ -270,7 +266,7 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
                 break
             ids = mine[i:i + cfg.batch_size].to(run.device)
             with torch.no_grad(), acc.autocast():
-                logits = _logits(model, ids, run.vocab_size)
+                logits = next_token_logits(model, ids, vocab=run.vocab_size)
                 lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
             lm_tot += lm.float()
             kd_tot += kd.float()

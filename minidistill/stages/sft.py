@@ -14,6 +14,7 @@ import torch
 from .. import data
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
+from ..logits import next_token_logits
 from ..loop import train
 from ..losses import lm_loss
 
@@ -60,8 +61,8 @@ def total_steps(cfg, source: ShuffledBatches) -> int:
 
 
 def response_logits(model, batch) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    """(B, T-1, V): position t predicts token t+1 of the batch's input_ids (``logits.next_token_logits``)."""
+    return next_token_logits(model, batch["input_ids"], batch["attention_mask"])
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
