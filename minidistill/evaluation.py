@@ -3,6 +3,11 @@
 Protocol (MiniLLM paper): sample with temperature 1, top_p 1, top_k 0, prompts <= 256 tokens,
 no_repeat_ngram_size 6, 5 seeds (10..50) averaged; ROUGE-L F-measure (rouge-score,
 use_stemmer=True), max over references, x100.
+
+:func:`generate_ids` is the one sampler for a single model (evaluation, SeqKD teacher data,
+``analysis.sample_and_score``); the MiniLLM rollout sampler (``sampler.sample``) stays separate
+because it mixes teacher and student at every step and records per-token log-probs, which HF
+``generate`` cannot. Both apply temperature/top-k/top-p through ``sampler.process_logits``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ fill ``teacher_logp`` with one teacher-forced pass over prompt+response (logits 
 may differ from HF's in ties and rounding, so such a backend should be checked against this one.
 For a > 0 the mixture needs p at every step, which vLLM cannot provide without serving the
 teacher in lockstep; such runs fall back to this implementation.
+
+This is one of the two generation paths, and it stays separate from
+:func:`minidistill.evaluation.generate_ids` (HF ``generate``, which evaluation, SeqKD data and
+``analysis.sample_and_score`` share) because it steps two models in lockstep, draws from their
+mixture and records per-token log q, log p~ and log p, none of which ``generate`` can do; both
+share :func:`process_logits` for temperature/top-k/top-p.
 """
 
 from __future__ import annotations
