@@ -80,6 +80,10 @@ from typing import NamedTuple
 
 import torch
 
+from minidistill.kernels import RowReverseKL
+from minidistill.kernels import compute_dtype as _compute_dtype
+from minidistill.losses import log_mix
+
 __all__ = [
     "SequenceWeights",
     "masked_moments",
@@ -94,9 +98,6 @@ __all__ = [
     "whiten",
 ]
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32 (float64 stays float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def token_rewards(
@@ -228,78 +229,6 @@ def pg_loss(
     return total, count, clip_fraction
 
 
-class _RowReverseKL(torch.autograd.Function):
-    """Per row of (N, V) logits: KL(softmax(s/T) || softmax(t/T)) and, optionally, the student's
-    log-softmax at a target index; chunked over rows, recomputed in backward.
-
-    Only one chunk of full-vocabulary compute-dtype tensors is alive at a time, in forward and in
-    backward; nothing per chunk is saved for backward. Rows where ``valid`` is False are never
-    read (their logits may hold anything) and get 0. A chunk whose rows are all valid is read as
-    a view (no gather copy); the logits may stay in bf16 (cast per chunk).
-    """
-
-    @staticmethod
-    def _chunk(student, teacher, valid, a: int, chunk: int, dt, scale: float):
-        v = valid[a : a + chunk]
-        if bool(v.all()):
-            idx = slice(a, a + v.numel())
-        else:
-            idx = v.nonzero()[:, 0] + a
-        # a fresh copy (dtype cast or row gather) may be overwritten; a view of the inputs may not
-        own_s = student.dtype != dt or not isinstance(idx, slice)
-        own_t = teacher.dtype != dt or not isinstance(idx, slice)
-        s, t = student[idx].to(dt), teacher[idx].to(dt)
-        if scale != 1.0:
-            s = s.mul_(scale) if own_s else s * scale
-            t, own_t = (t.mul_(scale) if own_t else t * scale), True
-        ls = torch.log_softmax(s, dim=-1)  # (C, V)
-        lt = torch.log_softmax(t, dim=-1)
-        d = ls.sub(lt) if not own_t else torch.sub(ls, lt, out=t)  # (C, V) log q - log p
-        return idx, ls, ls.exp(), d
-
-    @staticmethod
-    def forward(ctx, student, teacher, valid, targets, chunk: int, scale: float):
-        # student, teacher: (N, V); valid: (N,) bool; targets: (N,) long or None -> kl (N,), logq (N,)
-        dt = _compute_dtype(student.dtype)
-        N = student.shape[0]
-        kl = torch.zeros(N, dtype=dt, device=student.device)
-        logq = torch.zeros(N, dtype=dt, device=student.device)
-        for a in range(0, N, chunk):
-            if not bool(valid[a : a + chunk].any()):
-                continue
-            idx, ls, q, d = _RowReverseKL._chunk(student, teacher, valid, a, chunk, dt, scale)
-            kl[idx] = torch.mul(q, d).nansum(-1)  # q = 0 where log q = -inf: those entries add nothing
-            if targets is not None:
-                logq[idx] = ls.gather(-1, targets[idx][:, None])[:, 0]
-        ctx.save_for_backward(student, teacher, valid, targets, kl)
-        ctx.chunk, ctx.scale = chunk, scale
-        return kl, logq
-
-    @staticmethod
-    def backward(ctx, g_kl, g_logq):
-        student, teacher, valid, targets, kl = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        dt = kl.dtype
-        grad = torch.zeros_like(student)  # (N, V)
-        for a in range(0, student.shape[0], ctx.chunk):
-            if not bool(valid[a : a + ctx.chunk].any()):
-                continue
-            idx, ls, q, d = _RowReverseKL._chunk(student, teacher, valid, a, ctx.chunk, dt, ctx.scale)
-            # d KL / d s_v = q_v (log q_v - log p_v - KL);  d log q_y / d s_v = 1[v = y] - q_v
-            # (in place on d: one chunk-sized buffer; q = 0 with log q = -inf gives NaN -> 0)
-            g = d.sub_(kl[idx, None]).mul_(q).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            g = g.mul_(g_kl[idx, None].to(dt)) if g_kl is not None else g.zero_()
-            if targets is not None and g_logq is not None:
-                gl = g_logq[idx].to(dt)[:, None]
-                g.addcmul_(q, gl, value=-1.0)
-                g.scatter_add_(-1, targets[idx][:, None], gl)
-            if ctx.scale != 1.0:
-                g.mul_(ctx.scale)
-            grad[idx] = g.to(grad.dtype)
-        return grad, None, None, None, None, None
-
-
 def single_step_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -346,7 +275,7 @@ def reverse_kl_and_logp(
     shape, V = mask.shape, student_logits.shape[-1]
     valid = mask.bool().reshape(-1)  # (B*T,)
     tgt = targets.reshape(-1).long() if targets is not None else None
-    kl, logq = _RowReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), valid, tgt,
+    kl, logq = RowReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), valid, tgt,
                                    int(chunk_size), 1.0 / float(temperature))
     return kl.reshape(shape), logq.reshape(shape)
 
@@ -354,15 +283,9 @@ def reverse_kl_and_logp(
 def mixed_logp(
     teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float
 ) -> torch.Tensor:
-    """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached. (B, T)"""
+    """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached, in at least float32 (``losses.log_mix``). (B, T)"""
     dt = _compute_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
-    lp, lq = teacher_logp.detach().to(dt), student_logp.detach().to(dt)
-    if alpha == 0.0:
-        return lq
-    if alpha == 1.0:
-        return lp
-    return torch.logaddexp(lp + torch.log(torch.tensor(alpha, dtype=dt)),
-                           lq + torch.log(torch.tensor(1.0 - alpha, dtype=dt)))
+    return log_mix(teacher_logp.detach().to(dt), student_logp.detach().to(dt), alpha)
 
 
 def step_importance_weights(

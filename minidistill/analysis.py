@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from minidistill.logits import response_logits
 from minidistill.losses import forward_kl, reverse_kl
 
 __all__ = [
@@ -190,13 +191,6 @@ def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 # --------------------------------------------------------------------------------------------
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 def collate_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt_ids, prompt_mask) left-padded and (response_ids, response_mask) right-padded."""
@@ -218,16 +212,6 @@ def collate_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
             ri[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
             rm[i, :len(r)] = 1
     return pi, pm, ri, rm
-
-
-def _response_logits(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                     response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Logits predicting each response token: (B, T, V), on the model's device (only response
-    positions reach the LM head, see :func:`minidistill.logits.response_logits`)."""
-    from minidistill.logits import response_logits
-
-    dev = _device(model)
-    return response_logits(model, prompt_ids.to(dev), prompt_mask.to(dev), response_ids.to(dev), response_mask.to(dev))
 
 
 def _vocab(a: torch.Tensor, b: torch.Tensor | None, vocab_size: int | None) -> int:
@@ -258,8 +242,8 @@ def token_kl_per_position(model: Any, teacher: Any, prompt_ids: torch.Tensor, pr
     Teacher-forced on the given responses: the value at t is the exact KL between the two
     next-token distributions given (x, y_<t); it does not depend on y_t itself.
     """
-    s_logits = _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
-    t_logits = _response_logits(teacher, prompt_ids, prompt_mask, response_ids, response_mask)
+    s_logits = response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
+    t_logits = response_logits(teacher, prompt_ids, prompt_mask, response_ids, response_mask)
     V = _vocab(s_logits, t_logits, vocab_size)
     B, T = response_ids.shape
     rkl = torch.zeros((B, T), dtype=torch.float32)
@@ -336,7 +320,7 @@ def calibration_ece(model: Any, prompts: Sequence[Sequence[int]], responses: Seq
     hits: list[torch.Tensor] = []
     for idx in _batches(order, batch_size):
         pi, pm, ri, rm = collate_pairs([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
-        logits = _response_logits(model, pi, pm, ri, rm)
+        logits = response_logits(model, pi, pm, ri, rm)
         V = _vocab(logits, None, vocab_size)
         valid = rm.bool()
         for b in range(len(idx)):
@@ -383,13 +367,6 @@ class Samples:
     fkl: list[list[float]] = field(default_factory=list)
 
 
-def _eos_id(tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ValueError("tokenizer has no eos_token_id")
-    return int(eos)
-
-
 def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
                      seeds: Sequence[int] = (0,), max_new_tokens: int = 256, batch_size: int = 4,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, no_repeat_ngram_size: int = 0,
@@ -399,9 +376,9 @@ def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, p
     ``vocab_size`` (``len(tokenizer)``) bounds both: no id >= it is sampled, and the KLs are over the
     first ``vocab_size`` logits.
     """
-    from minidistill.evaluation import generate_ids
+    from minidistill.evaluation import eos_id, generate_ids
 
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out = Samples()
     for seed in seeds:

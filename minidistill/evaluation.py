@@ -3,6 +3,11 @@
 Protocol (MiniLLM paper): sample with temperature 1, top_p 1, top_k 0, prompts <= 256 tokens,
 no_repeat_ngram_size 6, 5 seeds (10..50) averaged; ROUGE-L F-measure (rouge-score,
 use_stemmer=True), max over references, x100.
+
+:func:`generate_ids` is the one sampler for a single model (evaluation, SeqKD teacher data,
+``analysis.sample_and_score``); the MiniLLM rollout sampler (``sampler.sample``) stays separate
+because it mixes teacher and student at every step and records per-token log-probs, which HF
+``generate`` cannot. Both apply temperature/top-k/top-p through ``sampler.process_logits``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from minidistill.data import (
     tokenize_prompts,
 )
 from minidistill.errors import UserError
+from minidistill.logits import model_device
 from minidistill.sampler import process_logits
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -32,13 +38,6 @@ PAPER_SEEDS = (10, 20, 30, 40, 50)
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
-
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameterless model
-        return torch.device("cpu")
 
 
 def _context_size(model: Any) -> int | None:
@@ -54,7 +53,17 @@ def _context_size(model: Any) -> int | None:
     return None
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's EOS id; UserError when it has none."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+        raise UserError(f"{name}: tokenizer has no eos_token; set one in its tokenizer_config.json")
+    return int(eos)
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a generation: the model's generation-config EOS ids and the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
@@ -125,7 +134,7 @@ def generate_ids(
     ids = [encode_prompt(p, tokenizer, prefix) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     if not ids:
         return []
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     ctx = _context_size(model)
     longest = max(len(x) for x in ids)
@@ -149,7 +158,7 @@ def generate_ids(
         warp = (1.0, 0, 1.0)
     kwargs["logits_processor"] = LogitsProcessorList([_VocabLogits(vocab_size, *warp)])
 
-    device = _model_device(model)
+    device = model_device(model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: list[list[int]] = [[] for _ in ids]
     stop_set = set(stop) | {pad_id}

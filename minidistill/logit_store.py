@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import write_json_atomic
 from .errors import UserError
 from .losses import NEG_INF, Truncated, truncate_top_p_k
 
@@ -93,12 +94,6 @@ def identity(*, tokenizer_hash: str, vocab_size: int, block_len: int, n_blocks: 
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -154,13 +149,13 @@ def _write_shard(folder: Path, i: int, start: int, blocks: torch.Tensor, logits_
         os.replace(tmp[k], folder / v)
     rec = {"shard": i, "blocks": [start, start + n], "files": {v: (folder / v).stat().st_size for v in files.values()},
            "kept_sum": kept_count, "teacher_kept_mass_sum": kept_mass, "positions": n * P}
-    _write_json_atomic(folder / f"{name}.json", rec)
+    write_json_atomic(folder / f"{name}.json", rec)
     return rec
 
 
 def _clear(folder: Path) -> None:
     for p in folder.iterdir():
-        if p.name.startswith(("shard_", ".tmp-shard_")) or p.name in (HEADER, PLAN, f".tmp-{HEADER}", f".tmp-{PLAN}"):
+        if p.name.startswith(("shard_", ".tmp-shard_", f".tmp-{HEADER}", f".tmp-{PLAN}")) or p.name in (HEADER, PLAN):
             p.unlink()
 
 
@@ -198,7 +193,7 @@ def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[t
                 done = sum(_shard_complete(folder, i) is not None for i in range(n_shards))
                 if done:
                     log(f"logit store {folder}: continuing an unfinished build ({done}/{n_shards} shards complete)")
-            _write_json_atomic(folder / PLAN, plan)
+            write_json_atomic(folder / PLAN, plan)
     barrier()
     header = _read_json(folder / HEADER)
     if header is None:
@@ -223,7 +218,7 @@ def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[t
                                  "bytes_per_slot": nbytes / (positions * ident["top_k"]),
                                  "mean_kept": sum(s["kept_sum"] for s in shards) / positions,
                                  "mean_teacher_kept_mass": sum(s["teacher_kept_mass_sum"] for s in shards) / positions})
-            _write_json_atomic(folder / HEADER, header)
+            write_json_atomic(folder / HEADER, header)
         barrier()
         header = _read_json(folder / HEADER)
     return header

@@ -24,7 +24,8 @@ import inspect
 
 import torch
 
-__all__ = ["hf_model", "split_head", "head_logits", "response_logits", "response_hidden", "length_chunks"]
+__all__ = ["unwrap", "hf_model", "model_device", "split_head", "head_logits", "next_token_logits", "response_logits",
+           "response_hidden", "length_chunks"]
 
 # config attributes of models whose logits are not head(hidden) (Gemma soft-capping, Cohere
 # logit_scale, Granite logits_scaling, ...): no split for those
@@ -32,13 +33,27 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
                      "logits_scaling")
 
 
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP/accelerate (``.module``) and peft wrappers."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/accelerate wrappers (``.module``), else the model itself (peft kept)."""
     while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
+    return model
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/accelerate (``.module``) and peft wrappers."""
+    model = unwrap(model)
     if hasattr(model, "get_base_model"):  # peft
         model = model.get_base_model()
     return model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -77,13 +92,30 @@ def _inputs(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids, mask, pos
 
 
-def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, vocab: int | None = None):
-    """Logits predicting each response token: (B, T, V); position P-1+t predicts y_t.
+def next_token_logits(model, input_ids, attention_mask=None, vocab: int | None = None) -> torch.Tensor:
+    """Logits of every position but the last, (B, L-1, V): position t predicts token t+1 of
+    ``input_ids`` (B, L) (right-padded rows or packed text blocks); the first ``vocab`` logits
+    (None: the whole head). No KV cache is built."""
+    z = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    return z[..., :vocab] if vocab is not None and z.shape[-1] > vocab else z
 
-    Prompts LEFT-padded (B, P), responses RIGHT-padded (B, T). Only the last T+1 positions go
-    through the LM head when the model takes ``logits_to_keep``. No KV cache is built (a model in
-    eval mode would make one by default, and activation checkpointing would replay into it).
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, vocab: int | None = None, *,
+                    hidden: torch.Tensor | None = None):
+    """Logits predicting each response token: (B, T, V), on the model's device; position P-1+t predicts y_t.
+
+    Prompts LEFT-padded (B, P), responses RIGHT-padded (B, T), moved to the model's device. Only
+    the last T+1 positions go through the LM head when the model takes ``logits_to_keep``. No KV
+    cache is built (a model in eval mode would make one by default, and activation checkpointing
+    would replay into it). ``hidden``: the model's final hidden states predicting each response
+    token (B, T, H), e.g. the teacher's as the sampler kept them; when given and the model splits
+    (:func:`split_head`) the logits are ``head(hidden)`` (one matmul, no forward).
     """
+    if hidden is not None and split_head(model) is not None:
+        return head_logits(model, hidden, vocab)
+    dev = model_device(model)
+    prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+    response_ids, response_mask = response_ids.to(dev), response_mask.to(dev)
     ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     if accepts_logits_to_keep(model):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import RowForwardKLCE
+
 KINDS = ("fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse")
 NEG_INF = float("-inf")
 
@@ -37,13 +39,17 @@ def _kl(loga: Tensor, logb: Tensor) -> Tensor:
     return (a * diff).sum(-1)
 
 
-def _mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
-    """log(w*a + (1-w)*b) in log space; w = 0 or 1 returns the exact endpoint."""
+def log_mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
+    """log(w*a + (1-w)*b) from log a and log b, in log space (the one log-of-a-mixture: the skew
+    divergences here, the sampler's log p~, ``advantages.mixed_logp``). w = 0 or 1 returns the
+    exact endpoint (the input itself); otherwise differentiable, in the inputs' promoted dtype,
+    with log w and log(1-w) rounded in that dtype."""
     if w == 0:
         return logb
     if w == 1:
         return loga
-    return torch.logaddexp(loga + math.log(w), logb + math.log1p(-w))
+    dt = torch.promote_types(loga.dtype, logb.dtype)
+    return torch.logaddexp(loga + torch.log(torch.tensor(w, dtype=dt)), logb + torch.log(torch.tensor(1.0 - w, dtype=dt)))
 
 
 def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -58,12 +64,12 @@ def reverse_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def skew_forward_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
     """DistiLLM skew KL: KL(p || s*p + (1-s)*q); s = 0 is exactly forward KL."""
-    return _kl(teacher_logp, _mix(teacher_logp, student_logp, skew))
+    return _kl(teacher_logp, log_mix(teacher_logp, student_logp, skew))
 
 
 def skew_reverse_kl(student_logp: Tensor, teacher_logp: Tensor, skew: float = 0.1) -> Tensor:
     """DistiLLM skew reverse KL: KL(q || (1-s)*p + s*q); s = 0 is exactly reverse KL."""
-    return _kl(student_logp, _mix(student_logp, teacher_logp, skew))
+    return _kl(student_logp, log_mix(student_logp, teacher_logp, skew))
 
 
 def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.5) -> Tensor:
@@ -78,7 +84,7 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, beta: float = 0.
         return forward_kl(student_logp, teacher_logp)
     if beta == 1:
         return reverse_kl(student_logp, teacher_logp)
-    m = _mix(teacher_logp, student_logp, beta)
+    m = log_mix(teacher_logp, student_logp, beta)
     return beta * _kl(teacher_logp, m) + (1 - beta) * _kl(student_logp, m)
 
 
@@ -111,7 +117,7 @@ _FULL = {
 
 def _kept_skew_rkl(lq_k: Tensor, lp_k: Tensor, q_k: Tensor, q_out: Tensor, s: float) -> Tensor:
     """KL(q || (1-s)p + s*q) when p lives on K slots: kept slots + closed form -q_out*log(s) outside."""
-    lm = _mix(lq_k, lp_k, s)  # (N, K) finite: the student log-probs are finite
+    lm = log_mix(lq_k, lp_k, s)  # (N, K) finite: the student log-probs are finite
     return (q_k * (lq_k - lm)).sum(-1) - q_out * math.log(s)
 
 
@@ -128,11 +134,11 @@ def _truncated_div(kind: str, lq: Tensor, idx: Tensor, lp_k: Tensor, skew: float
         return 0.5 * ((lp_k.exp() - q_k).abs().sum(-1) + q_out)
     if kind == "skew_rkl":
         return _kept_skew_rkl(lq_k, lp_k, q_k, q_out, skew)
-    fkl_part = _kl(lp_k, _mix(lp_k, lq_k, beta))  # jsd, 0 < beta < 1
+    fkl_part = _kl(lp_k, log_mix(lp_k, lq_k, beta))  # jsd, 0 < beta < 1
     return beta * fkl_part + (1 - beta) * _kept_skew_rkl(lq_k, lp_k, q_k, q_out, 1 - beta)
 
 
-# ---------------------------------------------------------------- masked, chunked wrappers
+# ---------------------------------------------------------------- CE + divergence: one masked, chunked pass
 
 
 def _check(kind: str, truncated: bool, temperature: float, skew: float, beta: float, chunk_size: int) -> None:
@@ -149,6 +155,143 @@ def _check(kind: str, truncated: bool, temperature: float, skew: float, beta: fl
                          "teacher logits, or fkl / skew_rkl with skew > 0 / jsd with beta < 1 / tv")
 
 
+class LossSums(NamedTuple):
+    """Sums over the valid positions (0-dim tensors) of :func:`ce_and_divergence`."""
+
+    ce: Tensor | None  # token cross-entropy over the whole student head; None without labels
+    divergence: Tensor | None  # the divergence ``kind``; None without a teacher
+    count: Tensor  # number of valid positions
+    student_kept: Tensor | None  # no-grad student mass on a truncated teacher's kept set; else None
+
+
+def ce_and_divergence(
+    student_logits: Tensor,
+    teacher: Tensor | Truncated | None,
+    labels: Tensor | None,
+    mask: Tensor | None = None,
+    kind: str = "fkl",
+    *,
+    vocab: int | None = None,
+    temperature: float = 1.0,
+    student_temperature: bool = False,
+    skew: float = 0.1,
+    beta: float = 0.5,
+    chunk_size: int = 1024,
+) -> LossSums:
+    """Token cross-entropy and a divergence to the teacher, summed over valid positions, in one pass.
+
+    The one entry point for a CE + distillation loss (KD, PD, MiniLLM's L_PT; ``lm_loss``,
+    ``token_divergence`` and ``forward_kl_and_ce`` call it). student_logits (B, T, V) any float
+    dtype; ``labels`` (B, T) aligned with the logits (the caller shifts; ignored where ``mask`` is
+    False; None: no CE); ``mask`` (B, T) (None: every position); ``teacher`` full logits (B, T, V)
+    or ``Truncated`` (B, T, K), detached (None: no divergence).
+
+    CE is over the whole student head; the divergence over the first ``vocab`` logits of student
+    and full teacher (None: all; a full teacher must then be as wide as the student). Kinds: fkl,
+    rkl, skew_fkl, skew_rkl (``skew``), jsd (``beta``, TRL convention), tv, ce (soft cross-entropy),
+    mse (raw logits; full teacher only). The teacher is tempered (logits/tau; truncated:
+    log_softmax(logprobs/tau) over the kept set); with ``student_temperature`` the student's
+    divergence side is tempered too and the divergence scaled by tau**2 (CE stays untempered).
+    A truncated teacher is compared with the student's FULL softmax; reverse-KL-like kinds and mse
+    raise ValueError there. ``student_kept`` (truncated teacher, no student temperature) is the
+    student's probability on the kept slots, summed over positions, without grad.
+
+    Two paths, the same numbers up to float rounding: forward KL against full teacher logits at
+    tau = 1 with CE over the same vocabulary runs the fused kernel ``kernels.RowForwardKLCE`` (both
+    log-softmaxes once per chunk, recomputed in backward: no (N, V) float32 tensor is kept); every
+    other case runs ``chunk_size`` valid rows at a time in float32 through autograd, one student
+    log-softmax per chunk shared by CE, divergence and kept mass (the kinds without a closed-form
+    fused backward live there).
+    """
+    truncated = isinstance(teacher, Truncated)
+    if teacher is not None:
+        _check(kind, truncated, temperature, skew, beta, chunk_size)
+    elif chunk_size < 1:
+        raise ValueError(f"need chunk_size >= 1, got {chunk_size=}")
+    if teacher is None and labels is None:
+        raise ValueError("ce_and_divergence needs labels (CE), a teacher (divergence) or both")
+    B, T, Vs = student_logits.shape
+    if mask is None:
+        mask = torch.ones((B, T), dtype=torch.bool, device=student_logits.device)
+    if mask.shape != (B, T) or (labels is not None and labels.shape != (B, T)):
+        if labels is None:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != student (B, T) {(B, T)}")
+        raise ValueError(f"labels {tuple(labels.shape)} / mask {tuple(mask.shape)} must be (B, T) = {(B, T)}")
+    v = Vs if vocab is None else int(vocab)
+    if not 1 <= v <= Vs:
+        raise ValueError(f"vocab {vocab} must be in [1, {Vs}] (the student head's width)")
+    if truncated:
+        if teacher.indices.shape != teacher.logprobs.shape or teacher.indices.shape[:2] != (B, T):
+            raise ValueError(f"truncated teacher shapes {tuple(teacher.indices.shape)}, "
+                             f"{tuple(teacher.logprobs.shape)} do not match (B, T, K) with {(B, T)}")
+    elif teacher is not None:
+        if vocab is None and teacher.shape != student_logits.shape:
+            raise ValueError(f"teacher logits shape {tuple(teacher.shape)} != student {tuple(student_logits.shape)}")
+        if teacher.shape[:2] != (B, T) or teacher.shape[-1] < v:
+            raise ValueError(f"teacher logits shape {tuple(teacher.shape)} does not cover (B, T, vocab) = {(B, T, v)}")
+    keep = mask.reshape(-1).bool()  # (B*T,)
+    all_valid = bool(keep.all())
+
+    def valid_rows(x: Tensor) -> Tensor:  # (B, T, ...) -> (N, ...): views when every position is valid
+        x = x.reshape(B * T, *x.shape[2:])
+        return x if all_valid else x[keep]
+
+    rows = valid_rows(student_logits)  # (N, Vs) original dtype
+    y = valid_rows(labels).long() if labels is not None else None  # (N,)
+    tau = float(temperature)
+    if not truncated and teacher is not None and y is not None and kind == "fkl" and tau == 1 and v == Vs:
+        t_full = teacher.detach()
+        kl, ce = RowForwardKLCE.apply(rows, valid_rows(t_full[..., :v] if t_full.shape[-1] > v else t_full), y,
+                                      int(chunk_size))
+        return LossSums(ce.sum(), kl.sum(), keep.sum(), None)
+
+    if truncated:
+        K = teacher.indices.shape[-1]
+        t_idx = valid_rows(teacher.indices).long().split(chunk_size)  # (n, K) chunks
+        t_rows = valid_rows(teacher.logprobs.detach()).split(chunk_size)  # (n, K) chunks
+    elif teacher is not None:
+        t_full = teacher.detach()
+        t_rows = valid_rows(t_full[..., :v] if t_full.shape[-1] > v else t_full).split(chunk_size)  # (n, v)
+    ys = y[:, None].split(chunk_size) if y is not None else None
+    with_kept = truncated and not student_temperature
+    ce = div = None
+    kept = torch.zeros((), device=student_logits.device) if with_kept else None
+    for i, chunk in enumerate(rows.split(chunk_size)):  # split: cheap backward (cat of grads)
+        s = chunk.float()  # (n, Vs)
+        lq_ce = F.log_softmax(s, -1) if ys is not None else None  # (n, Vs) student log-probs
+        if ys is not None:
+            c = -lq_ce.gather(-1, ys[i]).sum()
+            ce = c if ce is None else ce + c
+        if teacher is None:
+            continue
+        sd = s[:, :v] if v < Vs else s  # (n, v) the divergence's student logits
+        if student_temperature and tau != 1:
+            sd = sd / tau
+        t = t_rows[i].float()
+        if tau != 1:
+            t = t / tau
+        if kind == "mse":
+            d = logit_mse(sd, t).sum()
+        else:
+            lq = lq_ce if (lq_ce is not None and sd is s) else F.log_softmax(sd, -1)  # (n, v)
+            lp = F.log_softmax(t, -1)  # (n, v) or (n, K) teacher target
+            if truncated:
+                d = _truncated_div(kind, lq, t_idx[i], lp, skew, beta).sum()
+                if with_kept:
+                    with torch.no_grad():
+                        kept += torch.where(lp > NEG_INF, lq.gather(-1, t_idx[i]).exp(), 0.0).sum()
+            else:
+                d = _FULL[kind](lq, lp, skew, beta).sum()
+        div = d if div is None else div + d
+    if rows.shape[0] == 0:  # no valid position: exact zeros still connected to the graph
+        zero = rows.float().sum()
+        ce = zero if ys is not None else None
+        div = zero if teacher is not None else None
+    if div is not None and student_temperature:
+        div = div * tau**2
+    return LossSums(ce, div, keep.sum(), kept)
+
+
 def token_divergence(
     student_logits: Tensor,
     teacher: Tensor | Truncated,
@@ -163,55 +306,15 @@ def token_divergence(
 ) -> tuple[Tensor, Tensor]:
     """Sum over valid positions of the per-position divergence ``kind``; returns (sum, count).
 
-    student_logits (B, T, V) any float dtype; teacher is full logits (B, T, V) or ``Truncated``
-    (treated as a constant: detached). Kinds: fkl, rkl, skew_fkl, skew_rkl (``skew``), jsd
-    (``beta``, TRL convention), tv, ce (soft cross-entropy), mse (logits; full teacher only).
-    The teacher is tempered (logits/tau; truncated: log_softmax(logprobs/tau) over the kept set).
-    With ``student_temperature`` the student is tempered too and the result scaled by tau**2.
-    A truncated teacher is compared with the student's FULL softmax; reverse-KL-like kinds and
-    mse raise ValueError there. Valid positions are processed ``chunk_size`` rows at a time in
-    float32, so only one chunk of full-vocab float32 temporaries is alive in the forward pass.
+    :func:`ce_and_divergence` without CE (see it for the kinds, temperatures and truncated
+    teachers): student_logits (B, T, V), teacher full logits (B, T, V) or ``Truncated``. Valid
+    positions are processed ``chunk_size`` rows at a time in float32.
     """
-    truncated = isinstance(teacher, Truncated)
-    _check(kind, truncated, temperature, skew, beta, chunk_size)
-    B, T, V = student_logits.shape
-    if mask.shape != (B, T):
-        raise ValueError(f"mask shape {tuple(mask.shape)} != student (B, T) {(B, T)}")
-    keep = mask.reshape(-1).bool()  # (B*T,)
-    rows = student_logits.reshape(-1, V)[keep]  # (N, V) original dtype
-    if truncated:
-        if teacher.indices.shape != teacher.logprobs.shape or teacher.indices.shape[:2] != (B, T):
-            raise ValueError(f"truncated teacher shapes {tuple(teacher.indices.shape)}, "
-                             f"{tuple(teacher.logprobs.shape)} do not match (B, T, K) with {(B, T)}")
-        K = teacher.indices.shape[-1]
-        t_idx = teacher.indices.reshape(-1, K)[keep].long().split(chunk_size)  # (n, K) chunks
-        t_rows = teacher.logprobs.detach().reshape(-1, K)[keep].split(chunk_size)  # (n, K) chunks
-    else:
-        if teacher.shape != student_logits.shape:
-            raise ValueError(f"teacher logits shape {tuple(teacher.shape)} != student {tuple(student_logits.shape)}")
-        t_idx = None
-        t_rows = teacher.detach().reshape(-1, V)[keep].split(chunk_size)  # (n, V) chunks
-    tau = float(temperature)
-    total: Tensor | None = None
-    for i, chunk in enumerate(rows.split(chunk_size)):  # split: cheap backward (cat of grads)
-        s = chunk.float()  # (n, V)
-        if student_temperature and tau != 1:
-            s = s / tau
-        t = t_rows[i].float()
-        if tau != 1:
-            t = t / tau
-        if kind == "mse":
-            value = logit_mse(s, t)
-        elif truncated:
-            value = _truncated_div(kind, F.log_softmax(s, -1), t_idx[i], F.log_softmax(t, -1), skew, beta)
-        else:
-            value = _FULL[kind](F.log_softmax(s, -1), F.log_softmax(t, -1), skew, beta)
-        total = value.sum() if total is None else total + value.sum()
-    if total is None:  # no valid position: an exact 0 still connected to the graph
-        total = rows.float().sum()
-    if student_temperature:
-        total = total * tau**2
-    return total, keep.sum()
+    if teacher is None:
+        raise ValueError("token_divergence needs a teacher")
+    r = ce_and_divergence(student_logits, teacher, None, mask, kind, temperature=temperature,
+                          student_temperature=student_temperature, skew=skew, beta=beta, chunk_size=chunk_size)
+    return r.divergence, r.count
 
 
 def lm_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
@@ -219,84 +322,26 @@ def lm_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 1
 
     labels (B, T) are already aligned with the logits (the caller shifts). ``mask`` is
     authoritative: labels at masked positions are ignored (e.g. -100); valid ones must be real ids.
+    (:func:`ce_and_divergence` without a teacher.)
     """
-    B, T, V = logits.shape
-    if labels.shape != (B, T) or mask.shape != (B, T):
-        raise ValueError(f"labels {tuple(labels.shape)} / mask {tuple(mask.shape)} must be (B, T) = {(B, T)}")
-    keep = mask.reshape(-1).bool()  # (B*T,)
-    rows = logits.reshape(-1, V)[keep]  # (N, V)
-    targets = labels.reshape(-1)[keep].long().split(chunk_size)
-    parts = [F.cross_entropy(c.float(), y, reduction="sum") for c, y in zip(rows.split(chunk_size), targets)]
-    total = torch.stack(parts).sum() if parts else rows.float().sum()  # (N == 0: exact 0 with a graph)
-    return total, keep.sum()
-
-
-class _RowForwardKLCE(torch.autograd.Function):
-    """Per row of (N, V) logits: KL(softmax(t) || softmax(s)) and -log softmax(s)[target], chunked
-    over rows and recomputed in backward (nothing full-vocabulary is saved; one chunk of float32
-    temporaries is alive at a time). d/ds: g_kl * (q - p) + g_ce * (q - onehot(y))."""
-
-    @staticmethod
-    def _chunk(student, teacher, a: int, chunk: int, dt):
-        ls = F.log_softmax(student[a:a + chunk].to(dt), -1)  # (C, V)
-        lt = F.log_softmax(teacher[a:a + chunk].to(dt), -1)
-        return ls, lt
-
-    @staticmethod
-    def forward(ctx, student, teacher, targets, chunk: int):
-        dt = torch.promote_types(student.dtype, torch.float32)
-        N = student.shape[0]
-        kl = torch.zeros(N, dtype=dt, device=student.device)
-        ce = torch.zeros(N, dtype=dt, device=student.device)
-        for a in range(0, N, chunk):
-            ls, lt = _RowForwardKLCE._chunk(student, teacher, a, chunk, dt)
-            ce[a:a + chunk] = -ls.gather(-1, targets[a:a + chunk, None])[:, 0]
-            p = lt.exp()
-            kl[a:a + chunk] = (p * torch.where(p > 0, lt.sub_(ls), 0.0)).sum(-1)  # 0 log 0 = 0
-        ctx.save_for_backward(student, teacher, targets)
-        ctx.chunk = chunk
-        return kl, ce
-
-    @staticmethod
-    def backward(ctx, g_kl, g_ce):  # autograd materialises unused output grads as zeros
-        student, teacher, targets = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        dt = torch.promote_types(student.dtype, torch.float32)
-        grad = torch.empty_like(student)
-        for a in range(0, student.shape[0], ctx.chunk):
-            rows = slice(a, a + ctx.chunk)
-            ls, lt = _RowForwardKLCE._chunk(student, teacher, a, ctx.chunk, dt)
-            gk, gc = g_kl[rows, None].to(dt), g_ce[rows, None].to(dt)  # (C, 1)
-            g = ls.exp_().mul_(gk + gc)  # (g_kl + g_ce) * q, in place on the chunk's log q
-            g.sub_(lt.exp_().mul_(gk))  # - g_kl * p
-            g.scatter_add_(-1, targets[rows, None], -gc)  # - g_ce at the target
-            grad[rows] = g.to(grad.dtype)
-        return grad, None, None, None
+    r = ce_and_divergence(logits, None, labels, mask, chunk_size=chunk_size)
+    return r.ce, r.count
 
 
 def forward_kl_and_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *,
                       chunk_size: int = 512) -> tuple[Tensor, Tensor, Tensor]:
     """(forward-KL sum, cross-entropy sum, count) over valid positions, in one fused pass.
 
-    The same numbers as ``token_divergence(..., kind="fkl")`` and ``lm_loss`` (teacher detached,
-    tau = 1), but the student's and teacher's log-softmaxes are computed once per chunk for both
-    terms and recomputed in backward instead of saved: no (B, T, V) float32 tensor exists, and
-    the backward is one pass. student_logits, teacher_logits (B, T, V) any float dtype; labels
-    (B, T) aligned with the logits (ignored where ``mask`` is False).
+    :func:`ce_and_divergence` with kind fkl at tau = 1 (the fused ``kernels.RowForwardKLCE``):
+    the student's and teacher's log-softmaxes are computed once per chunk for both terms and
+    recomputed in backward instead of saved, so no (B, T, V) float32 tensor exists.
+    student_logits, teacher_logits (B, T, V) any float dtype; labels (B, T) aligned with the
+    logits (ignored where ``mask`` is False).
     """
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits shape {tuple(teacher_logits.shape)} != student {tuple(student_logits.shape)}")
-    B, T, V = student_logits.shape
-    if labels.shape != (B, T) or mask.shape != (B, T):
-        raise ValueError(f"labels {tuple(labels.shape)} / mask {tuple(mask.shape)} must be (B, T) = {(B, T)}")
-    keep = mask.reshape(-1).bool()
-    s, t = student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V)
-    y = labels.reshape(-1).long()
-    if not bool(keep.all()):  # gather the valid rows (all-valid batches, the usual case, are views)
-        s, t, y = s[keep], t[keep], y[keep]
-    kl, ce = _RowForwardKLCE.apply(s, t, y, int(chunk_size))
-    return kl.sum(), ce.sum(), keep.sum()
+    r = ce_and_divergence(student_logits, teacher_logits, labels, mask, "fkl", chunk_size=chunk_size)
+    return r.divergence, r.ce, r.count
 
 
 # ---------------------------------------------------------------- truncation (PD "top-p-k")

@@ -25,11 +25,16 @@ fill ``teacher_logp`` with one teacher-forced pass over prompt+response (logits 
 may differ from HF's in ties and rounding, so such a backend should be checked against this one.
 For a > 0 the mixture needs p at every step, which vLLM cannot provide without serving the
 teacher in lockstep; such runs fall back to this implementation.
+
+This is one of the two generation paths, and it stays separate from
+:func:`minidistill.evaluation.generate_ids` (HF ``generate``, which evaluation, SeqKD data and
+``analysis.sample_and_score`` share) because it steps two models in lockstep, draws from their
+mixture and records per-token log q, log p~ and log p, none of which ``generate`` can do; both
+share :func:`process_logits` for temperature/top-k/top-p.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -41,7 +46,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .logits import accepts_logits_to_keep, length_chunks, response_hidden, response_logits, split_head
+from .losses import log_mix
+from .logits import (accepts_logits_to_keep, length_chunks, model_device, response_hidden, response_logits, split_head,
+                     unwrap)
 
 __all__ = ["Rollout", "process_logits", "sample", "score"]
 
@@ -130,22 +137,11 @@ def process_logits(
     return x.reshape(shape)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside a DDP/accelerate wrapper (``.module``), else the model itself."""
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _head_rows(model: torch.nn.Module) -> int | None:
     """Rows of the model's output head (its vocabulary width), None when it has no plain head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     w = getattr(head, "weight", None)
     return int(w.shape[0]) if isinstance(w, torch.Tensor) else None
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _Stepper:
@@ -161,7 +157,7 @@ class _Stepper:
         self.cache = DynamicCache(config=getattr(model, "config", None))
         self.split = split_head(model) if keep_hidden else None
         self.kw = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(model) else {}
-        self.dev = _device_of(model)
+        self.dev = model_device(model)
 
     def __call__(self, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor | None]:
         args = dict(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), position_ids=pos.to(self.dev),
@@ -174,15 +170,6 @@ class _Stepper:
 
     def keep_rows(self, idx: torch.Tensor) -> None:
         self.cache.batch_select_indices(idx.to(self.dev))
-
-
-def _log_mix(logq: torch.Tensor, logp: torch.Tensor, a: float) -> torch.Tensor:
-    """log(a*p + (1-a)*q), exact at a = 0 and a = 1."""
-    if a == 0.0:
-        return logq
-    if a == 1.0:
-        return logp
-    return torch.logaddexp(logp + math.log(a), logq + math.log1p(-a))
 
 
 def sample(
@@ -240,12 +227,12 @@ def sample(
         raise ValueError(f"vocab must be >= 1, got {vocab}")
     process_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # validate settings early
 
-    student, teacher = _unwrap(student), _unwrap(teacher)
+    student, teacher = unwrap(student), unwrap(teacher)
     widths = {w for w in (_head_rows(student), _head_rows(teacher)) if w is not None}
     if vocab is None and len(widths) > 1:
         raise ValueError(f"student and teacher heads differ in width ({sorted(widths)} rows): pass "
                          "vocab=len(tokenizer) so both distributions are over the same tokens")
-    dev = _device_of(student)
+    dev = model_device(student)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
     eos = torch.as_tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev
@@ -285,7 +272,7 @@ def score(
     Runs ``chunk`` rows of similar prompt length at a time under ``no_grad``, without their
     all-padding columns; only response positions reach the LM head.
     """
-    dev = _device_of(model)
+    dev = model_device(model)
     split = split_head(model) if keep_hidden else None
     B, T = ro.response_ids.shape
     logp_out = torch.zeros((B, T), dtype=torch.float32, device=dev)
@@ -380,7 +367,7 @@ def _sample_loop(
         y = torch.where(alive, y, torch.full_like(y, pad_token_id))
         lq = logq.gather(-1, y[:, None])[:, 0]  # (Ba,)
         lp = logp.gather(-1, y[:, None])[:, 0] if teacher is not None else torch.zeros_like(lq)  # (Ba,)
-        lm = _log_mix(lq, lp, a)  # (Ba,)
+        lm = log_mix(lp, lq, a)  # (Ba,)
         zero = torch.zeros_like(lq)
         resp[rows, t] = y.to(resp.dtype)
         rmask[rows, t] = alive.to(rmask.dtype)

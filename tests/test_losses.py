@@ -504,3 +504,78 @@ def test_forward_kl_and_ce_equals_the_separate_losses_in_bf16_and_never_reads_pa
     assert s_nan.grad.dtype == torch.bfloat16
     torch.testing.assert_close(s_nan.grad[m].float(), ref_s.grad[m].float(), rtol=2e-2, atol=1e-3)
     assert torch.all(s_nan.grad[~m] == 0)
+
+
+# ---------------------------------------------------------------- ce_and_divergence (KD, PD, L_PT)
+
+
+def _ce_div_reference(kind, s, teacher, y, mask, vocab, tau, student_temperature, skew, beta):
+    """float64 autograd reference from the per-position definitions: CE over the whole head, the
+    divergence over the first ``vocab`` logits (truncated teacher: -inf outside the kept set)."""
+    s64 = s.to(D)
+    lq_full = F.log_softmax(s64, -1)[mask]  # (N, Vs)
+    ce = -lq_full.gather(-1, y[mask][:, None]).sum()
+    sd = s64[..., :vocab][mask]
+    t = (expand(teacher, vocab) if isinstance(teacher, Truncated) else teacher[..., :vocab]).to(D)[mask]
+    if kind == "mse":
+        div = ((sd / tau if student_temperature else sd) - t / tau).pow(2).mean(-1).sum()
+    else:
+        lq = F.log_softmax(sd / tau if student_temperature else sd, -1)
+        div = per_position(kind, lq, F.log_softmax(t / tau, -1), skew, beta).sum()
+    return ce, div * (tau**2 if student_temperature else 1.0)
+
+
+@pytest.mark.parametrize("kind,truncate,tau,student_temperature,pad", [
+    ("fkl", False, 1.0, False, 0),  # the fused kernel
+    ("fkl", False, 1.0, False, 3),  # padded head: CE over the head, KL over the vocabulary
+    ("fkl", False, 1.7, True, 0), ("rkl", False, 1.0, False, 3), ("skew_fkl", False, 1.3, False, 0),
+    ("skew_rkl", False, 1.0, True, 2), ("jsd", False, 0.8, False, 0), ("tv", False, 1.0, False, 0),
+    ("ce", False, 1.5, False, 0), ("mse", False, 1.2, True, 0),
+    ("fkl", True, 1.0, False, 0), ("fkl", True, 2.0, True, 0), ("skew_fkl", True, 1.0, False, 0),
+    ("skew_rkl", True, 1.4, False, 2), ("jsd", True, 1.0, False, 0), ("tv", True, 1.0, False, 0),
+    ("ce", True, 0.7, False, 0),
+])
+def test_ce_and_divergence_matches_definitions(kind, truncate, tau, student_temperature, pad):
+    s, t, mask = batch(seed=31)
+    V = s.shape[-1]
+    s = torch.cat([s, 2 * torch.randn(*s.shape[:2], pad, generator=gen(32))], -1).requires_grad_(True)
+    y = torch.randint(0, V + pad, mask.shape, generator=gen(33)).masked_fill(~mask, -100)
+    teacher = L.truncate_top_p_k(t, top_p=0.8, top_k=5) if truncate else t
+    kw = dict(temperature=tau, student_temperature=student_temperature, skew=0.3, beta=0.6)
+    r = L.ce_and_divergence(s, teacher, y, mask, kind, vocab=V, chunk_size=4, **kw)
+    ce_ref, div_ref = _ce_div_reference(kind, s, teacher, y, mask, V, tau, student_temperature, 0.3, 0.6)
+    assert int(r.count) == int(mask.sum())
+    torch.testing.assert_close(r.ce.to(D), ce_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.divergence.to(D), div_ref, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(0.4 * r.ce + 0.6 * r.divergence, s)[0]
+    g_ref = torch.autograd.grad(0.4 * ce_ref + 0.6 * div_ref, s)[0]
+    torch.testing.assert_close(g.to(D), g_ref.to(D), rtol=1e-4, atol=1e-6)
+    assert torch.all(g[~mask] == 0)  # padding gets no gradient
+    if truncate and not student_temperature:
+        want = L.kept_mass(s.detach()[..., :V], teacher)[mask].sum()
+        torch.testing.assert_close(r.student_kept, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert r.student_kept is None
+
+
+def test_ce_and_divergence_wrappers_and_edges():
+    s, t, mask = batch(seed=34)
+    y = torch.randint(0, s.shape[-1], mask.shape, generator=gen(35))
+    r = L.ce_and_divergence(s, t, y, mask, "jsd", beta=0.3, chunk_size=4)
+    assert torch.equal(r.divergence, token_divergence(s, t, mask, "jsd", beta=0.3, chunk_size=4)[0])
+    assert torch.equal(r.ce, L.lm_loss(s, y, mask, chunk_size=4)[0])
+    kl, ce, n = L.forward_kl_and_ce(s, t, y, mask, chunk_size=4)
+    fused = L.ce_and_divergence(s, t, y, mask, "fkl", chunk_size=4)
+    assert torch.equal(kl, fused.divergence) and torch.equal(ce, fused.ce) and torch.equal(n, fused.count)
+    only_ce = L.ce_and_divergence(s, None, y, mask)
+    assert only_ce.divergence is None and only_ce.student_kept is None
+    x = s.clone().requires_grad_(True)
+    empty = L.ce_and_divergence(x, t, y, torch.zeros_like(mask), "skew_rkl")
+    assert float(empty.ce) == 0 and float(empty.divergence) == 0 and int(empty.count) == 0
+    (empty.ce + empty.divergence).backward()  # still connected to the graph
+    with pytest.raises(ValueError, match="labels"):
+        L.ce_and_divergence(s, None, None, mask)
+    with pytest.raises(ValueError, match="reverse KL"):
+        L.ce_and_divergence(s, L.truncate_top_p_k(t, top_k=4), y, mask, "rkl")
+    with pytest.raises(ValueError, match="vocab"):
+        L.ce_and_divergence(s, t, y, mask, vocab=s.shape[-1] + 1)

@@ -25,9 +25,10 @@ from typing import Literal
 import torch
 
 from ..config import TrainConfig, opt
+from ..logits import next_token_logits
 from ..loop import train
-from ..losses import token_divergence
 from . import Stage
+from ..losses import ce_and_divergence
 from .sft import ce_sum, instruction_rows, make_evaluate, response_logits, source_for, total_steps
 
 
@@ -50,26 +51,20 @@ class Config(TrainConfig):
 def kd_terms(model, teacher, batch: dict, cfg, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(CE sum over response tokens, divergence sum over them or None when kd_ratio == 0).
 
-    The teacher runs under no_grad on the same input_ids/attention_mask. With kd_ratio == 1 the
-    CE is computed without a graph (logged only).
+    The teacher runs under no_grad on the same input_ids/attention_mask; CE (over the student's
+    whole head) and divergence (over the first ``vocab_size`` logits) come from one
+    ``losses.ce_and_divergence`` pass. With kd_ratio == 1 the CE is detached (logged only).
     """
     logits = response_logits(model, batch)  # (B, T-1, Vs)
     labels = batch["labels"][:, 1:]  # (B, T-1)
-    if cfg.kd_ratio < 1:
-        ce = ce_sum(logits, labels)
-    else:
-        with torch.no_grad():
-            ce = ce_sum(logits.detach(), labels)
     if cfg.kd_ratio == 0:
-        return ce, None
+        return ce_sum(logits, labels), None
     with torch.no_grad():
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1]  # (B, T-1, Vt)
+        t_logits = next_token_logits(teacher, batch["input_ids"], batch["attention_mask"])  # (B, T-1, Vt)
     v = vocab_size if vocab_size is not None else min(logits.shape[-1], t_logits.shape[-1])
-    kd, _ = token_divergence(logits[..., :v], t_logits[..., :v], labels != -100, cfg.kind,
-                             temperature=cfg.temperature, student_temperature=cfg.student_temperature,
-                             skew=cfg.skew, beta=cfg.beta)
-    return ce, kd
+    r = ce_and_divergence(logits, t_logits, labels, labels != -100, cfg.kind, vocab=v, temperature=cfg.temperature,
+                          student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta)
+    return (r.ce if cfg.kd_ratio < 1 else r.ce.detach()), r.divergence
 
 
 def kd_loss(model, teacher, batch: dict, cfg, vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:

@@ -466,11 +466,10 @@ def response_logits(model, batch: dict, vocab: int) -> torch.Tensor:
 
 def teacher_response_logits(teacher, batch: dict, vocab: int) -> torch.Tensor:
     """The teacher's (B, T, V) response logits: from the hidden states the sampler kept (one LM
-    head matmul) when there are any, else a teacher forward."""
+    head matmul) when there are any, else a teacher forward (``logits.response_logits``)."""
     with torch.no_grad():
-        if "teacher_hidden" in batch and fwd.split_head(teacher) is not None:
-            return fwd.head_logits(teacher, batch["teacher_hidden"], vocab)
-        return response_logits(teacher, batch, vocab)
+        return fwd.response_logits(teacher, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                   batch["response_mask"], vocab, hidden=batch.get("teacher_hidden"))
 
 
 def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from .. import data, logit_store
@@ -36,7 +35,8 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..logit_store import LogitStore, truncate_raw
-from ..losses import _FULL, NEG_INF, Truncated, _truncated_div, lm_loss, token_divergence
+from ..logits import next_token_logits
+from ..losses import Truncated, ce_and_divergence, lm_loss
 from ..loop import train
 from ..schedules import alpha_at
 from ..tracking import console
@@ -156,15 +156,10 @@ def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
 # ---------------------------------------------------------------- loss
 
 
-def _logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    z = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V'): position t predicts token t+1
-    return z[..., :vocab] if z.shape[-1] > vocab else z  # padded head rows are not tokens
-
-
 def teacher_target(run, cfg, ids: torch.Tensor) -> torch.Tensor | Truncated:
     """Online teacher target for blocks ``ids`` (B, T): Truncated (B, T-1, K) raw log-probs, or full logits."""
     with torch.no_grad():
-        z = _logits(run.teacher, ids, run.vocab_size)  # (B, T-1, V)
+        z = next_token_logits(run.teacher, ids, vocab=run.vocab_size)  # (B, T-1, V)
         return truncate_raw(z, cfg.top_p, cfg.top_k) if cfg.top_k else z
 
 
@@ -175,43 +170,15 @@ def teacher_kept_mass(target: Truncated) -> torch.Tensor:
 def pd_losses(cfg, logits: torch.Tensor, labels: torch.Tensor, target, *, chunk_size: int = 1024):
     """(lm_sum, kd_sum, student_kept_sum) over all positions of ``logits`` (B, T, V).
 
-    The same values as ``losses.lm_loss`` + ``losses.token_divergence`` (pinned by a test), but one
-    float32 log-softmax of the student per chunk serves both terms (and the student's mass on the
-    kept set, a no-grad by-product), instead of two full-vocabulary passes and two backward passes
-    through them: about 15-20% of a CPU training step. ``student_temperature`` and ``mse`` (which
-    need other student transforms) take the two separate calls. ``student_kept_sum`` is None
-    unless the target is ``Truncated``.
+    One ``losses.ce_and_divergence`` pass: the student's log-softmax per chunk serves the CE, the
+    divergence and the student's mass on the kept set (a no-grad by-product), instead of two
+    full-vocabulary passes and two backward passes through them. ``student_kept_sum`` is None
+    unless the target is ``Truncated`` (and ``student_temperature`` is off).
     """
-    B, T, V = logits.shape
-    if cfg.student_temperature or cfg.kd_kind == "mse":
-        mask = torch.ones((B, T), dtype=torch.bool, device=logits.device)
-        kd, _ = token_divergence(logits, target, mask, cfg.kd_kind, temperature=cfg.temperature,
-                                 student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta)
-        return lm_loss(logits, labels, mask)[0], kd, None
-    truncated = isinstance(target, Truncated)
-    tau = float(cfg.temperature)
-    rows = logits.reshape(-1, V).split(chunk_size)  # (n, V) chunks
-    ys = labels.reshape(-1, 1).long().split(chunk_size)
-    if truncated:
-        K = target.indices.shape[-1]
-        t_idx = target.indices.reshape(-1, K).long().split(chunk_size)
-        t_rows = target.logprobs.detach().reshape(-1, K).split(chunk_size)
-    else:
-        t_rows = target.detach().reshape(-1, V).split(chunk_size)
-    lm = kd = None
-    kept = torch.zeros((), device=logits.device) if truncated else None
-    for i, chunk in enumerate(rows):
-        lq = F.log_softmax(chunk.float(), -1)  # (n, V) student log-probs
-        lp = F.log_softmax(t_rows[i].float() / tau if tau != 1 else t_rows[i].float(), -1)  # teacher target
-        ce = -lq.gather(-1, ys[i]).sum()
-        if truncated:
-            d = _truncated_div(cfg.kd_kind, lq, t_idx[i], lp, cfg.skew, cfg.beta).sum()
-            with torch.no_grad():
-                kept += torch.where(lp > NEG_INF, lq.gather(-1, t_idx[i]).exp(), 0.0).sum()
-        else:
-            d = _FULL[cfg.kd_kind](lq, lp, cfg.skew, cfg.beta).sum()
-        lm, kd = (ce, d) if lm is None else (lm + ce, kd + d)
-    return lm, kd, kept
+    r = ce_and_divergence(logits, target, labels, None, cfg.kd_kind, temperature=cfg.temperature,
+                          student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta,
+                          chunk_size=chunk_size)
+    return r.ce, r.divergence, r.student_kept
 
 
 def lm_only(cfg) -> bool:
@@ -230,7 +197,7 @@ def make_loss_fn(run, cfg, total: int):
     def pd_loss(model, batch, step: int):
         a = alpha_for(cfg, step, total)
         ids = batch["input_ids"]  # (B, T)
-        logits = _logits(model, ids, run.vocab_size)  # (B, T-1, V)
+        logits = next_token_logits(model, ids, vocab=run.vocab_size)  # (B, T-1, V)
         mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         n = logits.shape[0] * logits.shape[1]
         if lm_only(cfg):
@@ -278,7 +245,7 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
                 break
             ids = mine[i:i + cfg.batch_size].to(run.device)
             with torch.no_grad(), acc.autocast():
-                logits = _logits(model, ids, run.vocab_size)
+                logits = next_token_logits(model, ids, vocab=run.vocab_size)
                 lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
             lm_tot += lm.float()
             kd_tot += kd.float()

@@ -10,13 +10,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import data
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
+from ..logits import next_token_logits
 from ..loop import train
 from . import Stage
+from ..losses import lm_loss
 
 
 @dataclass
@@ -61,13 +62,13 @@ def total_steps(cfg, source: ShuffledBatches) -> int:
 
 
 def response_logits(model, batch) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return out.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    """(B, T-1, V): position t predicts token t+1 of the batch's input_ids (``logits.next_token_logits``)."""
+    return next_token_logits(model, batch["input_ids"], batch["attention_mask"])
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed token cross-entropy; ``labels`` aligned with ``logits``, -100 = ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return lm_loss(logits, labels, labels != -100)[0]
 
 
 def sft_loss(model, batch):
