@@ -21,6 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from minidistill.data import (
+    eos_id,
     Example,
     collate_prompts,
     encode_prompt,
@@ -51,15 +52,6 @@ def _context_size(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def eos_id(tokenizer: Any) -> int:
-    """The tokenizer's EOS id; UserError when it has none."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
-        raise UserError(f"{name}: tokenizer has no eos_token; set one in its tokenizer_config.json")
-    return int(eos)
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:

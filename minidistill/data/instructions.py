@@ -1,59 +1,44 @@
-"""Data loading for distillation: instruction sets (SFT / prompts for generation) and plain-text corpora.
-
-Instruction records (JSONL, JSON list, or a ``datasets`` hub name) come in three shapes:
-
-* Dolly / MiniLLM: ``instruction``, ``input`` or ``context`` (may be empty), ``output`` or
-  ``response`` (a string, or a list of reference strings; the first is the training target),
-  optionally a pre-rendered ``prompt``.
-* Chat: ``messages`` = [{role, content}, ...] ending with an assistant turn, which is the
-  response; the earlier turns are the prompt.
-* Self-Instruct seed tasks: ``instruction`` + ``instances`` [{input, output}]; one example per
-  instance.
-
-Plain-text corpora (``load_texts``: files, globs, or directories, which contribute their ``.txt``
-and ``.jsonl`` files recursively): ``.jsonl``/``.json`` documents come from a ``text`` field.
-Any other file is read as UTF-8 text and split into documents by this rule: if the file contains
-a blank (empty or whitespace-only) line, documents are the chunks between blank lines; otherwise
-every non-empty line is one document. (``wiki_demo.txt``: one article per line -> 30 documents;
-``tinyshakespeare.txt``: one speech per blank-line-separated chunk.)
-"""
+"""Instruction data: records (Dolly/MiniLLM, chat, Self-Instruct seed tasks) -> examples ->
+prompt templates -> token rows with loss masks -> padded batches. See ``minidistill.data``."""
 
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
-import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from minidistill.errors import UserError
 
+from .files import json_type, read_json_list, read_jsonl
+from .tokens import eos_id, special_affixes, with_prefix
+
+
 IGNORE_INDEX = -100
+
+
 TEMPLATES = ("alpaca", "chat")
+
+
 LONG_PROMPT_POLICIES = ("drop", "truncate")
+
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
+
+
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
 
+
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DIR_SUFFIXES = (".txt", ".jsonl")  # files picked up when a corpus path is a directory
-
-
-# --------------------------------------------------------------------------------------------
-# Instruction data
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -88,9 +73,9 @@ def load_instructions(source: str | Path, *, split: str = "train", require_outpu
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            records = _read_jsonl(path, shown)
+            records = read_jsonl(path, shown)
         elif suffix == ".json":
-            records = _read_json_list(path, shown)
+            records = read_json_list(path, shown)
         else:
             raise UserError(f"{shown}: unsupported file type '{path.suffix}'; expected .jsonl or .json")
     elif path.suffix.lower() in (".json", ".jsonl") or not _HUB_NAME.match(shown):
@@ -103,41 +88,6 @@ def load_instructions(source: str | Path, *, split: str = "train", require_outpu
     if not examples:
         raise UserError(f"{shown}: no instruction records found")
     return examples
-
-
-def _read_lines(path: Path, shown: str) -> Iterable[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{shown}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _read_jsonl(path: Path, shown: str) -> list[tuple[str, Any]]:
-    out = []
-    for lineno, line in _read_lines(path, shown):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{shown}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{shown}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return out
-
-
-def _read_json_list(path: Path, shown: str) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{shown}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        raise UserError(
-            f"{shown}: expected a JSON list of records, got {_json_type(data)} (use .jsonl for one record per line)"
-        )
-    return [(f"{shown}[{i}]", rec) for i, rec in enumerate(data)]
 
 
 def _read_hub(name: str, split: str) -> list[tuple[str, Any]]:
@@ -155,18 +105,12 @@ def _read_hub(name: str, split: str) -> list[tuple[str, Any]]:
     return [(f"{name}[{split}]#{i}", rec) for i, rec in enumerate(ds)]
 
 
-def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
-    )
-
-
 def _str_field(rec: dict, key: str, where: str) -> str:
     value = rec.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}: field '{key}' must be a string, got {_json_type(value)}")
+        raise UserError(f"{where}: field '{key}' must be a string, got {json_type(value)}")
     return value
 
 
@@ -175,16 +119,16 @@ def _outputs(value: Any, key: str, where: str) -> list[str]:
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return list(value)
-    raise UserError(f"{where}: field '{key}' must be a string or a non-empty list of strings, got {_json_type(value)}")
+    raise UserError(f"{where}: field '{key}' must be a string or a non-empty list of strings, got {json_type(value)}")
 
 
 def parse_record(rec: Any, where: str, require_output: bool = True) -> list[Example]:
     """Turn one raw record into examples (one, or one per instance for Self-Instruct seed tasks)."""
     if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object (a record), got {_json_type(rec)}")
+        raise UserError(f"{where}: expected a JSON object (a record), got {json_type(rec)}")
     prompt = rec.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
-        raise UserError(f"{where}: field 'prompt' must be a string, got {_json_type(prompt)}")
+        raise UserError(f"{where}: field 'prompt' must be a string, got {json_type(prompt)}")
 
     if "messages" in rec:
         return [_parse_chat(rec["messages"], prompt, where)]
@@ -284,39 +228,6 @@ class TokenizeStats:
                 f"{self.n_truncated_prompt} prompts and {self.n_truncated_response} responses truncated")
 
 
-def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Ids the tokenizer adds before/after a text with add_special_tokens=True (e.g. ([bos], []))."""
-    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    n = len(bare)
-    for i in range(len(with_special) - n + 1):
-        if with_special[i:i + n] == bare:
-            return with_special[:i], with_special[i + n:]
-    return [], []
-
-
-def encode_prompt(text: str, tokenizer: Any, prefix: list[int] | None = None) -> list[int]:
-    """Token ids of a prompt: the tokenizer's leading special tokens (BOS) at most once, never a trailing EOS."""
-    if prefix is None:
-        prefix = special_affixes(tokenizer)[0]
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _with_prefix(ids, prefix)
-
-
-def _with_prefix(ids: list[int], prefix: list[int]) -> list[int]:
-    if prefix and ids[: len(prefix)] != prefix:
-        return prefix + ids
-    return ids
-
-
-def _eos_id(tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
-        raise UserError(f"{name}: tokenizer has no eos_token; set one in its tokenizer_config.json")
-    return int(eos)
-
-
 def _check_lengths(max_prompt_length: int, max_length: int | None, long_prompt: str, prefix: list[int]) -> None:
     if long_prompt not in LONG_PROMPT_POLICIES:
         raise UserError(f"long_prompt: unknown policy '{long_prompt}' (expected 'drop' or 'truncate')")
@@ -371,7 +282,7 @@ def tokenize_sft(
         raise UserError("<examples>: no instruction examples to tokenize")
     prefix = special_affixes(tokenizer)[0]
     _check_lengths(max_prompt_length, max_length, long_prompt, prefix)
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     prompts = [render_prompt(ex, template, tokenizer) for ex in examples]
     responses = [ex.response for ex in examples]
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -389,7 +300,7 @@ def tokenize_sft(
             r = r + [eos]
         if not r:  # an empty cut-off response teaches nothing
             continue
-        prompt = _fit_prompt(_with_prefix(p, prefix), prefix, max_prompt_length, long_prompt, stats)
+        prompt = _fit_prompt(with_prefix(p, prefix), prefix, max_prompt_length, long_prompt, stats)
         if prompt is None:
             continue
         room = max_length - len(prompt)
@@ -423,7 +334,7 @@ def tokenize_prompts(
     ids_out: list[list[int]] = []
     refs: list[list[str]] = []
     for i, p in enumerate(p_ids):
-        prompt = _fit_prompt(_with_prefix(list(p), prefix), prefix, max_prompt_length, long_prompt, stats)
+        prompt = _fit_prompt(with_prefix(list(p), prefix), prefix, max_prompt_length, long_prompt, stats)
         if prompt is None:
             continue
         ids_out.append(prompt)
@@ -466,159 +377,3 @@ def collate_prompts(id_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[tor
             input_ids[i, width - k:] = torch.as_tensor(list(ids), dtype=torch.long)
             attention_mask[i, width - k:] = 1
     return input_ids, attention_mask
-
-
-# --------------------------------------------------------------------------------------------
-# Plain-text corpora
-# --------------------------------------------------------------------------------------------
-
-
-class TextList(list):
-    """A list of documents that remembers which files they came from (``.sources``)."""
-
-    sources: list[str]
-
-    def __init__(self, docs: Iterable[str] = (), sources: Sequence[str] = ()):
-        super().__init__(docs)
-        self.sources = list(sources)
-
-
-def _expand(paths: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    if not items:
-        raise UserError("corpus: no paths given")
-    files: list[tuple[Path, str]] = []
-    for item in items:
-        shown = str(item)
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _DIR_SUFFIXES)
-            if not found:
-                raise UserError(f"{shown}: directory has no {', '.join(_DIR_SUFFIXES)} files")
-            files.extend((f, str(f)) for f in found)
-        elif p.is_file():
-            files.append((p, shown))
-        elif any(c in shown for c in "*?["):
-            found = sorted(Path(f) for f in _glob.glob(shown, recursive=True) if Path(f).is_file())
-            if not found:
-                raise UserError(f"{shown}: no files match this pattern")
-            files.extend((f, str(f)) for f in found)
-        else:
-            raise UserError(f"{shown}: file not found")
-    return files
-
-
-def split_documents(text: str) -> list[str]:
-    """Documents in a plain text: blank-line-separated chunks, or one per line if there is no blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
-    if re.search(r"\n[ \t]*\n", text):
-        chunks = re.split(r"\n(?:[ \t]*\n)+", text)
-    else:
-        chunks = text.split("\n")
-    return [c.rstrip() for c in chunks if c.strip()]
-
-
-def _texts_from_json(records: list[tuple[str, Any]]) -> list[str]:
-    docs = []
-    for where, rec in records:
-        if isinstance(rec, str):
-            text = rec
-        elif isinstance(rec, dict):
-            if "text" not in rec:
-                raise UserError(f"{where}: record has no 'text' field")
-            text = rec["text"]
-            if not isinstance(text, str):
-                raise UserError(f"{where}: field 'text' must be a string, got {_json_type(text)}")
-        else:
-            raise UserError(f"{where}: expected an object with a 'text' field, got {_json_type(rec)}")
-        if text.strip():
-            docs.append(text)
-    return docs
-
-
-def load_texts(paths: str | Path | Sequence[str | Path]) -> TextList:
-    """Read documents from files, directories (recursive) or glob patterns (see the module docstring)."""
-    files = _expand(paths)
-    docs: list[str] = []
-    for path, shown in files:
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            docs.extend(_texts_from_json(_read_jsonl(path, shown)))
-        elif suffix == ".json":
-            docs.extend(_texts_from_json(_read_json_list(path, shown)))
-        else:
-            try:
-                docs.extend(split_documents(path.read_bytes().decode("utf-8")))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    sources = [s for _, s in files]
-    if not docs:
-        raise UserError(f"{', '.join(sources)}: no text found")
-    return TextList(docs, sources)
-
-
-def pack_blocks(texts: Sequence[str], tokenizer: Any, block_len: int, *,
-                sources: Sequence[str] | None = None) -> torch.Tensor:
-    """Tokenize documents, follow each with EOS, concatenate and cut into full (N, block_len) blocks."""
-    if sources is None:
-        sources = getattr(texts, "sources", None) or ["<texts>"]
-    if block_len < 2:
-        raise UserError(f"block_len: must be at least 2, got {block_len}")
-    eos = _eos_id(tokenizer)
-    prefix = special_affixes(tokenizer)[0]
-    pieces: list[np.ndarray] = []
-    batch = 256
-    for start in range(0, len(texts), batch):
-        chunk = list(texts[start:start + batch])
-        for ids in _tokenize_quiet(tokenizer, chunk):
-            ids = _with_prefix(list(ids), prefix)
-            if not ids or ids[-1] != eos:
-                ids.append(eos)
-            pieces.append(np.asarray(ids, dtype=np.int64))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    n = len(stream) // block_len
-    if n == 0:
-        raise UserError(
-            f"{', '.join(sources)}: corpus has {len(stream)} tokens, fewer than one block of block_len={block_len}"
-        )
-    return torch.from_numpy(stream[: n * block_len].reshape(n, block_len).copy())
-
-
-def _tokenize_quiet(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Batch-tokenize without the 'sequence longer than model_max_length' warning (we cut blocks ourselves)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def corpus_fingerprint(blocks: torch.Tensor) -> str:
-    """Short sha256 of the blocks' shape and little-endian int32 token bytes (16 hex chars)."""
-    arr = blocks.detach().cpu().to(torch.int32).contiguous().numpy().astype("<i4", copy=False)
-    h = hashlib.sha256(f"{tuple(arr.shape)}:".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()[:16]
-
-
-def split_blocks(blocks: torch.Tensor, *, valid_fraction: float | None = None, n_valid: int | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic held-out split: (train, valid), each keeping the original block order."""
-    if (valid_fraction is None) == (n_valid is None):
-        raise ValueError("split_blocks: give exactly one of valid_fraction or n_valid")
-    n = blocks.shape[0]
-    if valid_fraction is not None:
-        if not 0.0 < valid_fraction < 1.0:
-            raise UserError(f"valid_fraction: must be between 0 and 1 (exclusive), got {valid_fraction}")
-        n_valid = max(1, round(n * valid_fraction))
-    assert n_valid is not None
-    if not 1 <= n_valid < n:
-        raise UserError(f"n_valid: cannot hold out {n_valid} of {n} blocks (need 1 <= n_valid < {n})")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    valid_idx = perm[:n_valid].sort().values
-    train_idx = perm[n_valid:].sort().values
-    return blocks[train_idx], blocks[valid_idx]
