@@ -20,7 +20,7 @@ R_t = r_t + R_{t+1}:
   from the NEXT token (:func:`returns` with ``include_current=False``, :func:`pg_loss`).
 
 With gamma = 1, no length normalisation, no whitening, no clipping and a = 0 the sum of the two
-surrogate losses has exactly grad KL(q||p) as its expected gradient; tests/test_advantages.py
+surrogate losses has exactly grad KL(q||p) as its expected gradient; tests/unit/test_advantages.py
 checks this by enumerating every response of a tabular model.
 
 Importance weights for teacher-mixed sampling (y ~ p~), verified by the same enumeration:
@@ -41,7 +41,7 @@ Importance weights for teacher-mixed sampling (y ~ p~), verified by the same enu
 
 :func:`single_step_weights` picks the single-step weight for the stage's ``importance`` setting
 ("step": w_t; "exact": the prefix product); with "exact" the stage also multiplies the advantage
-by ``SequenceWeights.long_term``. tests/test_advantages.py enumerates every response through the
+by ``SequenceWeights.long_term``. tests/unit/test_advantages.py enumerates every response through the
 stage's own ``advantages_for`` and ``minillm_loss``: "exact" has zero bias, "step" does not.
 
 Presets (``stages.minillm.PRESETS``; both use a = 0.2 and PPO clip 0.2)
@@ -65,7 +65,7 @@ changes. (1) Advantages are whitened over valid tokens, as the official code doe
 a constant baseline from the long-term term (unbiased) and divides it by the batch's std(R), which
 the single-step term does not get, so the SUM of the two terms no longer points along the true
 gradient: it re-weights the long-term part by 1/std(R) (cosine with the true expected gradient
-below 1, measured by tests/test_advantages.py). We accept that for the official hyper-parameters
+below 1, measured by tests/unit/test_advantages.py). We accept that for the official hyper-parameters
 (lr 5e-6, clip 0.2, 4 PPO epochs), which were tuned against unit-scale advantages: unwhitened,
 the advantage is in raw nats and the same lr gives a step that moves with the teacher-student gap.
 (2) A response cut at the token limit bootstraps its last token's return (see :func:`returns`).

@@ -6,7 +6,7 @@ prediction of y_t from the prefix (x, y_<t); a response that ended with EOS has 
 EOS prediction counts, as in training), one cut at ``max_new_tokens`` has T.
 
 Pure helpers (lists / tensors in, numbers out; pinned to hand-computed values in
-tests/test_analysis.py): :func:`distinct_n`, :func:`ece_from_confidences`,
+tests/unit/test_analysis.py): :func:`distinct_n`, :func:`ece_from_confidences`,
 :func:`reliability_bins`, :func:`exaccerr_curve`, :func:`kl_per_position`.
 Model-level wrappers (batched, masked, ``torch.no_grad``): :func:`token_kl` (one padded batch),
 :func:`response_kl` (lists of prompts / responses), :func:`calibration_ece`,

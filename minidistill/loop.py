@@ -72,7 +72,7 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
 def make_scheduler(optimizer, cfg, total_steps: int):
     """The stage's LR schedule. ``wsd`` is a ``LambdaLR`` over ``schedules.wsd_factor``, the WSD
     definition PD's alpha schedule uses too (bit-identical to transformers' warmup_stable_decay,
-    pinned by tests/test_schedules.py); the others are transformers' schedulers."""
+    pinned by tests/unit/test_schedules.py); the others are transformers' schedulers."""
     total = max(1, total_steps)
     warm = min(cfg.warmup_steps, total)
     if cfg.scheduler == "wsd":

@@ -3,7 +3,7 @@
 The WSD shape is defined once here: ``wsd_phases`` (warm-up, stable, decay step counts) and
 ``wsd_factor`` (the multiplier at a step). ``loop.make_scheduler`` builds the WSD learning rate
 from them (a ``LambdaLR``, bit-identical to transformers' ``warmup_stable_decay``, pinned by
-tests/test_schedules.py) and PD's ``wsd`` alpha schedule uses the same two functions, so the LR
+tests/unit/test_schedules.py) and PD's ``wsd`` alpha schedule uses the same two functions, so the LR
 and alpha cannot drift apart.
 
 PD's loss is ``(1 - alpha) * L_lm + alpha * L_kd``. ``alpha_at`` gives alpha for the optimizer

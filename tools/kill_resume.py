@@ -46,7 +46,7 @@ next attempt reported (checkpoints skipped, the checkpoint resumed from, finishe
 Everything is CPU and fp32, one thread, so the comparison is bitwise: no tolerance is used.
 
 ``--fork`` runs each attempt in a forked copy of this process (``minidistill.run.main``, same code
-and the same SIGKILL) instead of a fresh interpreter: much faster, used by ``tests/test_faults.py``.
+and the same SIGKILL) instead of a fresh interpreter: much faster, used by ``tests/e2e/test_faults.py``.
 
 The script prints a per-stage summary and writes ``<out>/kill_resume.json``; exit status 0 if every
 stage ended equal with the requested number of kills delivered, 1 otherwise.

@@ -24,10 +24,12 @@ from minidistill.config import load_recipe
 from minidistill.run import main, run_recipe
 from minidistill.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import kill_resume  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ from minidistill.run import main
 from minidistill.tracking import read_metrics
 from tiny_assets import crash_after_first_save
 
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
 COMMON = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant", "max_steps": 3, "eval_batches": 1}
 STAGES = {
     "sft": {"type": "sft", "name": "sft", **COMMON},

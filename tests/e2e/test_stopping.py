@@ -19,6 +19,8 @@ from minidistill.stages import minillm
 from tiny_tokenizer import make_tokenizer
 from tiny_assets import tiny_recipe
 
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
 
 def _run(root: Path, tiny_dir, tiny_data, stages, **top) -> Path:
     root.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "eval"))
 
 import compare  # noqa: E402
 
 from minidistill.config import load_recipe  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
 
 def test_compare_recipes_parse():

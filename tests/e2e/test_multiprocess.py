@@ -26,7 +26,9 @@ from minidistill.launch import _accelerate_launch_argv, accelerate_cpu_processes
 from minidistill.run import main
 from minidistill.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
+ROOT = Path(__file__).resolve().parents[2]
 RTOL = 1e-4
 
 

@@ -29,7 +29,9 @@ import yaml
 from minidistill.config import dump_yaml, load_recipe
 from minidistill.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
+ROOT = Path(__file__).resolve().parents[2]
 SFT1 = [{"type": "sft", "name": "sft", "max_steps": 1, "batch_size": 2, "eval_every": 0, "keep_best": False}]
 PD1 = [{"type": "pd", "name": "pd", "max_steps": 1, "batch_size": 2, "eval_at_start": False}]
 MINILLM = {"type": "minillm", "name": "minillm", "max_steps": 1, "num_rollouts": 2, "batch_size": 2, "lm_coef": 0.0}

@@ -14,7 +14,7 @@ import pytest
 from minidistill.data import load_instructions
 from minidistill.errors import UserError
 
-ASSETS = Path(__file__).resolve().parents[1] / "minidistill" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "minidistill" / "assets"
 FILES = {"train": ASSETS / "prompts_train.jsonl", "heldout": ASSETS / "prompts_heldout.jsonl"}
 COUNTS = {"train": 256, "heldout": 64}
 CATEGORIES = {

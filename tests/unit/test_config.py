@@ -1,4 +1,4 @@
-"""Recipe parsing, overrides, dry-run, the reference docs (bad recipes: tests/test_bad_inputs.py)."""
+"""Recipe parsing, overrides, dry-run, the reference docs (bad recipes: tests/e2e/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_overrides_by_name_index_and_nested(recipe_file):
 
 def test_override_syntax():
     with pytest.raises(UserError, match="expected dotted.key=value"):
-        apply_override({}, "seed")  # bad inputs through the CLI: tests/test_bad_inputs.py
+        apply_override({}, "seed")  # bad inputs through the CLI: tests/e2e/test_bad_inputs.py
     d = {}
     apply_override(d, "data.corpus=[a.txt, b.txt]")
     assert d == {"data": {"corpus": ["a.txt", "b.txt"]}}
@@ -53,7 +53,7 @@ def test_recipe_reference_is_current():
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location("recipe_reference", root / "tools" / "recipe_reference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -64,7 +64,7 @@ def test_shipped_recipes_parse(tmp_path):
     """Every recipe under recipes/ validates (models and data are not loaded)."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     recipes = sorted((root / "recipes").glob("*.yaml"))
     assert len(recipes) >= 6
     for path in recipes:

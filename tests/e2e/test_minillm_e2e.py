@@ -29,6 +29,8 @@ from minidistill.models import fresh_from_config
 from minidistill.run import main
 from tiny_assets import write_jsonl
 
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
 WORDS = ["<unk>", "<eos>", "a", "b", "c"]
 EOS_ID = 1
 N_NEW = 3
@@ -140,7 +142,7 @@ def test_minillm_run_lowers_exact_sequence_reverse_kl_more_than_kd(assets, start
     prompt = assets["prompt"]
 
     # the MiniLLM run as a user starts it (a subprocess of ``python -m minidistill.run``); KD in-process
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "minidistill.run", str(_recipe(assets, tmp_path / "minillm", MINILLM))],

@@ -14,6 +14,8 @@ from minidistill.run import main, run_recipe
 from minidistill.tracking import read_metrics
 from tiny_assets import crash_after_first_save
 
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
+
 
 def sft(**kw):
     stage = {"type": "sft", "name": "sft", "max_steps": 12, "lr": 3e-3, "batch_size": 4, "warmup_steps": 0,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_tokenizer import make_tokenizer, tiny_llama  # noqa: E402
 
@@ -20,7 +20,7 @@ from minidistill.data import Example  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
 from minidistill.evaluation import evaluate_instructions, generate, mean_rouge_l, rouge_l  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Hello there", "A", "The quick brown fox jumps", "Once upon a time"]
 
 

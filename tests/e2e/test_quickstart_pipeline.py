@@ -3,12 +3,16 @@ from prompts alone (no reference outputs, no corpus file), ending in an evaluati
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from transformers import AutoModelForCausalLM
 
 from conftest import write_jsonl
 from minidistill.run import main
+
+pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
 
 def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):

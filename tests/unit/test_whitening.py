@@ -1,6 +1,6 @@
 """Whitening the long-term advantages is NOT direction-preserving: it divides the long-term term by
 std(R) while the single-step term keeps its scale, so the summed update leans away from the true
-gradient of KL(q||p). Measured by exact enumeration of a tabular model (tests/test_advantages.py's
+gradient of KL(q||p). Measured by exact enumeration of a tabular model (tests/unit/test_advantages.py's
 harness), at a = 0 with population statistics (the infinite-batch limit of batch whitening)."""
 
 from __future__ import annotations
