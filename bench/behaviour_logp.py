@@ -18,8 +18,8 @@ import time
 
 import torch
 from accelerate import Accelerator
-
 from common import machine, prompt_texts, smollm2, write
+
 from minidistill import data, models
 from minidistill.sampler import sample, score
 
@@ -34,8 +34,18 @@ def measure(student, teacher, tok, precision: str, alpha: float, n: int, new_tok
     ids, mask = data.collate_prompts(prompts, tok.pad_token_id)
     t0 = time.perf_counter()
     with acc.autocast():
-        ro = sample(student, t_model, ids, mask, max_new_tokens=new_tokens, mix_alpha=alpha, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), vocab=len(tok))
+        ro = sample(
+            student,
+            t_model,
+            ids,
+            mask,
+            max_new_tokens=new_tokens,
+            mix_alpha=alpha,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=torch.Generator().manual_seed(0),
+            vocab=len(tok),
+        )
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     with acc.autocast():
@@ -44,11 +54,18 @@ def measure(student, teacher, tok, precision: str, alpha: float, n: int, new_tok
     valid = ro.response_mask.bool()
     d = (logq - ro.student_logp)[valid]
     rho = d.exp()
-    return {"precision": precision, "mix_alpha": alpha, "tokens": int(valid.sum()),
-            "mean_abs_dlogq": float(d.abs().mean()), "max_abs_dlogq": float(d.abs().max()),
-            "frac_abs_dlogq_gt_1e-2": float((d.abs() > 1e-2).float().mean()),
-            "rho_first_epoch_min": float(rho.min()), "rho_first_epoch_max": float(rho.max()),
-            "sample_s": t_sample, "rescore_s": t_rescore}
+    return {
+        "precision": precision,
+        "mix_alpha": alpha,
+        "tokens": int(valid.sum()),
+        "mean_abs_dlogq": float(d.abs().mean()),
+        "max_abs_dlogq": float(d.abs().max()),
+        "frac_abs_dlogq_gt_1e-2": float((d.abs() > 1e-2).float().mean()),
+        "rho_first_epoch_min": float(rho.min()),
+        "rho_first_epoch_max": float(rho.max()),
+        "sample_s": t_sample,
+        "rescore_s": t_rescore,
+    }
 
 
 def main() -> None:
@@ -70,8 +87,10 @@ def main() -> None:
             row = measure(student, teacher, tok, precision, alpha, args.prompts, args.new_tokens)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             rows.append(row)
-    write("behaviour_logp" + ("_tiny" if args.tiny else ""), {"student": args.student or "teacher layers 0,3,6,...",
-                                                              "rows": rows, "machine_detail": machine()})
+    write(
+        "behaviour_logp" + ("_tiny" if args.tiny else ""),
+        {"student": args.student or "teacher layers 0,3,6,...", "rows": rows, "machine_detail": machine()},
+    )
 
 
 if __name__ == "__main__":

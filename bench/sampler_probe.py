@@ -31,17 +31,29 @@ from minidistill.sampler import process_logits, sample
 CONFIGS = {
     # name: (student kwargs, teacher kwargs); shared vocab
     "tiny": (  # ~10M student, ~27M teacher
-        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-             num_key_value_heads=2),
-        dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
-             num_key_value_heads=2),
+        dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
+        dict(
+            hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2
+        ),
         8192,
     ),
     "smol": (  # SmolLM2-135M shape as teacher, 10-layer pruned student
-        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=9,
-             num_key_value_heads=3, tie_word_embeddings=True),
-        dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, tie_word_embeddings=True),
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=10,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+        ),
         49152,
     ),
 }
@@ -55,17 +67,17 @@ def build(cfg: dict, vocab: int, seed: int, dtype: torch.dtype) -> LlamaForCausa
 
 def teacher_posthoc(teacher, r: sampler.Rollout, chunk: int = 8) -> torch.Tensor:
     """Teacher log p of the sampled tokens from one teacher-forced pass. # (B, T)"""
-    P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
+    T = r.response_ids.shape[1]
     out = []
     with torch.no_grad():
         for i in range(0, r.batch_size, chunk):
-            ids = torch.cat([r.prompt_ids[i:i + chunk], r.response_ids[i:i + chunk]], 1)
-            m = torch.cat([r.prompt_mask[i:i + chunk], r.response_mask[i:i + chunk]], 1)
+            ids = torch.cat([r.prompt_ids[i : i + chunk], r.response_ids[i : i + chunk]], 1)
+            m = torch.cat([r.prompt_mask[i : i + chunk], r.response_mask[i : i + chunk]], 1)
             pos = (m.cumsum(-1) - 1).clamp(min=0)
             lg = teacher(input_ids=ids, attention_mask=m, position_ids=pos, logits_to_keep=T + 1).logits
             lp = torch.log_softmax(process_logits(lg[:, :-1]), -1)
-            tok = r.response_ids[i:i + chunk]
-            out.append(lp.gather(-1, tok[..., None])[..., 0] * r.response_mask[i:i + chunk])
+            tok = r.response_ids[i : i + chunk]
+            out.append(lp.gather(-1, tok[..., None])[..., 0] * r.response_mask[i : i + chunk])
     return torch.cat(out)
 
 
@@ -97,21 +109,30 @@ def main() -> None:
     ids = ids.masked_fill(mask == 0, 0)
     n_eos = max(1, int(vocab * args.eos_frac))
     eos = list(range(vocab - n_eos, vocab))
-    print(f"config={args.config} student={n_s:.1f}M teacher={n_t:.1f}M vocab={vocab} B={B} P={P} "
-          f"max_new={args.max_new} alpha={args.alpha} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()} eos_ids={n_eos}")
+    print(
+        f"config={args.config} student={n_s:.1f}M teacher={n_t:.1f}M vocab={vocab} B={B} P={P} "
+        f"max_new={args.max_new} alpha={args.alpha} dtype={args.dtype} "
+        f"threads={torch.get_num_threads()} eos_ids={n_eos}"
+    )
 
     def run(skip: bool, keep1: bool, infer: bool = False, alpha: float | None = None):
         gen = torch.Generator().manual_seed(7)
-        kw = dict(max_new_tokens=args.max_new, mix_alpha=args.alpha if alpha is None else alpha,
-                  eos_token_id=eos, pad_token_id=0, generator=gen,
-                  _skip_finished=skip, _last_logits_only=keep1)
+        kw = dict(
+            max_new_tokens=args.max_new,
+            mix_alpha=args.alpha if alpha is None else alpha,
+            eos_token_id=eos,
+            pad_token_id=0,
+            generator=gen,
+            _skip_finished=skip,
+            _last_logits_only=keep1,
+        )
         if not infer:
             return sample(student, teacher, ids, mask, **kw)
         with torch.inference_mode():
             eos_t = torch.as_tensor(eos)
-            return sampler._sample_loop(student, teacher, ids, mask, args.max_new, kw["mix_alpha"],
-                                        1.0, 0, 1.0, eos_t, 0, gen, skip, keep1)
+            return sampler._sample_loop(
+                student, teacher, ids, mask, args.max_new, kw["mix_alpha"], 1.0, 0, 1.0, eos_t, 0, gen, skip, keep1
+            )
 
     def timeit(fn):
         fn()  # warm-up
@@ -130,6 +151,7 @@ def main() -> None:
                 return fn()
             finally:
                 torch.set_num_threads(n0)
+
         return f
 
     variants = {
@@ -160,26 +182,53 @@ def main() -> None:
         r = results[n]
         ntok = int(r.response_mask.sum())
         same_tok = torch.equal(r.response_ids, ref.response_ids)
-        diff = max((getattr(r, f) - getattr(ref, f)).abs().max().item()
-                   for f in ("student_logp", "mix_logp", "teacher_logp")) if same_tok else float("nan")
+        diff = (
+            max(
+                (getattr(r, f) - getattr(ref, f)).abs().max().item()
+                for f in ("student_logp", "mix_logp", "teacher_logp")
+            )
+            if same_tok
+            else float("nan")
+        )
         tmin, tmed = min(times[n]), statistics.median(times[n])
-        print(f"{n:12s} min {tmin:7.2f} s  median {tmed:7.2f} s  {ntok / tmin:7.1f} tok/s  "
-              f"T={r.response_ids.shape[1]} tokens={ntok} same_tokens={same_tok} "
-              f"max_logp_diff={diff:.1e}", flush=True)
+        print(
+            f"{n:12s} min {tmin:7.2f} s  median {tmed:7.2f} s  {ntok / tmin:7.1f} tok/s  "
+            f"T={r.response_ids.shape[1]} tokens={ntok} same_tokens={same_tok} "
+            f"max_logp_diff={diff:.1e}",
+            flush=True,
+        )
 
     if not only or "posthoc" in only:
         # a = 0: teacher stepped with the student vs scored afterwards by one forward pass.
         t_step, r0 = timeit(lambda: run(True, True, alpha=0.0))
         # Student-only loop: same sampler with a near-zero-cost stand-in teacher (1 layer, width 16).
-        dummy = build(dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                           num_attention_heads=1, num_key_value_heads=1), vocab, 2, dtype)
+        dummy = build(
+            dict(
+                hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1
+            ),
+            vocab,
+            2,
+            dtype,
+        )
         t_post, lp = timeit(lambda: teacher_posthoc(teacher, r0))
-        t_solo, _ = timeit(lambda: sample(student, dummy, ids, mask, max_new_tokens=args.max_new,
-                                          mix_alpha=0.0, eos_token_id=eos, pad_token_id=0,
-                                          generator=torch.Generator().manual_seed(7)))
-        print(f"a=0 stepwise teacher {t_step:.2f} s | student-only loop (stand-in teacher) "
-              f"{t_solo:.2f} s + post-hoc teacher pass {t_post:.2f} s "
-              f"(max |diff| vs stepwise {(lp - r0.teacher_logp).abs().max().item():.2e})")
+        t_solo, _ = timeit(
+            lambda: sample(
+                student,
+                dummy,
+                ids,
+                mask,
+                max_new_tokens=args.max_new,
+                mix_alpha=0.0,
+                eos_token_id=eos,
+                pad_token_id=0,
+                generator=torch.Generator().manual_seed(7),
+            )
+        )
+        print(
+            f"a=0 stepwise teacher {t_step:.2f} s | student-only loop (stand-in teacher) "
+            f"{t_solo:.2f} s + post-hoc teacher pass {t_post:.2f} s "
+            f"(max |diff| vs stepwise {(lp - r0.teacher_logp).abs().max().item():.2e})"
+        )
 
 
 if __name__ == "__main__":

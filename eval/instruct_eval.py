@@ -100,16 +100,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = _load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     settings = {
-        "template": args.template, "seeds": seeds, "max_prompt_length": args.max_prompt_length,
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-        "top_k": args.top_k, "no_repeat_ngram_size": args.no_repeat_ngram, "long_prompt": args.long_prompt,
-        "batch_size": args.batch_size, "dtype": args.dtype, "max_examples": args.max_examples,
+        "template": args.template,
+        "seeds": seeds,
+        "max_prompt_length": args.max_prompt_length,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "no_repeat_ngram_size": args.no_repeat_ngram,
+        "long_prompt": args.long_prompt,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "max_examples": args.max_examples,
     }
     result = evaluate_instructions(
-        model, tokenizer, examples, template=args.template, seeds=seeds,
-        max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        no_repeat_ngram_size=args.no_repeat_ngram, long_prompt=args.long_prompt, progress=not args.no_progress,
+        model,
+        tokenizer,
+        examples,
+        template=args.template,
+        seeds=seeds,
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        long_prompt=args.long_prompt,
+        progress=not args.no_progress,
         vocab_size=len(tokenizer),
     )
     generations = result.pop("generations")
@@ -142,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     per_seed = ", ".join(f"{k}: {v:.2f}" for k, v in summary["rougeL_per_seed"].items())
-    print(f"ROUGE-L {summary['rougeL']:.2f} ({per_seed}) on {summary['n_examples']} examples; "
-          f"mean length {summary['mean_length']:.1f} tokens -> {Path(args.out) / 'summary.json'}")
+    print(
+        f"ROUGE-L {summary['rougeL']:.2f} ({per_seed}) on {summary['n_examples']} examples; "
+        f"mean length {summary['mean_length']:.1f} tokens -> {Path(args.out) / 'summary.json'}"
+    )
     return 0
 
 

@@ -99,7 +99,6 @@ __all__ = [
 ]
 
 
-
 def token_rewards(
     teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:
@@ -158,9 +157,7 @@ def returns(
     return torch.where(valid, out, torch.zeros((), dtype=dt, device=r.device))
 
 
-def masked_moments(
-    x: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum, sum of squares, count) over valid tokens, float64 0-dim tensors (all-reducible)."""
     valid = mask.bool()  # (B, T)
     xv = torch.where(valid, x.detach().to(torch.float64), torch.zeros((), dtype=torch.float64))
@@ -245,8 +242,9 @@ def single_step_kl(
     importance weights). Computed in at least float32, ``chunk_size`` positions at a time; padding
     logits are never read, so they may hold anything.
     """
-    kl, _ = reverse_kl_and_logp(student_logits, teacher_logits, mask, None, chunk_size=chunk_size,
-                                temperature=temperature)
+    kl, _ = reverse_kl_and_logp(
+        student_logits, teacher_logits, mask, None, chunk_size=chunk_size, temperature=temperature
+    )
     if weights is not None:  # where, not a product: weights at padding may hold anything
         kl = torch.where(mask.bool(), kl * weights.detach().to(kl.dtype), torch.zeros((), dtype=kl.dtype))
     return kl.sum(), mask.bool().sum()
@@ -267,30 +265,31 @@ def reverse_kl_and_logp(
     term the KL). Logits (B, T, V) are divided by ``temperature``; ``targets`` may be None."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
-            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs "
-            f"{tuple(teacher_logits.shape)}"
+            f"student/teacher logits shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}"
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shape, V = mask.shape, student_logits.shape[-1]
     valid = mask.bool().reshape(-1)  # (B*T,)
     tgt = targets.reshape(-1).long() if targets is not None else None
-    kl, logq = RowReverseKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), valid, tgt,
-                                   int(chunk_size), 1.0 / float(temperature))
+    kl, logq = RowReverseKL.apply(
+        student_logits.reshape(-1, V),
+        teacher_logits.detach().reshape(-1, V),
+        valid,
+        tgt,
+        int(chunk_size),
+        1.0 / float(temperature),
+    )
     return kl.reshape(shape), logq.reshape(shape)
 
 
-def mixed_logp(
-    teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float
-) -> torch.Tensor:
+def mixed_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: float) -> torch.Tensor:
     """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached, in at least float32 (``losses.log_mix``). (B, T)"""
     dt = _compute_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
     return log_mix(teacher_logp.detach().to(dt), student_logp.detach().to(dt), alpha)
 
 
-def step_importance_weights(
-    student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def step_importance_weights(student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Paper's per-step weight w_t = q(y_t)/p~(y_t) (<= 1/(1-a)), detached, 0 at padding. (B, T)"""
     valid = mask.bool()
     dt = _compute_dtype(student_logp.dtype)

@@ -79,7 +79,7 @@ def distinct_n(texts: Sequence[str | Sequence[Any]], n: int = 4, *, average: str
     ratios: list[float] = []
     for item in texts:
         toks = _tokens(item)
-        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
         if not grams:
             continue
         total += len(grams)
@@ -114,11 +114,15 @@ def reliability_bins(confidences: Any, correct: Any, n_bins: int = 10) -> list[d
     for b in range(n_bins):
         sel = idx == b
         k = int(sel.sum())
-        bins.append({
-            "lo": b / n_bins, "hi": (b + 1) / n_bins, "count": k,
-            "accuracy": float(corr[sel].mean()) if k else None,
-            "confidence": float(conf[sel].mean()) if k else None,
-        })
+        bins.append(
+            {
+                "lo": b / n_bins,
+                "hi": (b + 1) / n_bins,
+                "count": k,
+                "accuracy": float(corr[sel].mean()) if k else None,
+                "confidence": float(conf[sel].mean()) if k else None,
+            }
+        )
     return bins
 
 
@@ -137,8 +141,9 @@ def ece_from_confidences(confidences: Any, correct: Any, n_bins: int = 10) -> fl
     return sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
 
 
-def exaccerr_curve(student_errors: Sequence[Sequence[float]], teacher_errors: Sequence[Sequence[float]],
-                   lengths: Sequence[int]) -> dict[str, Any]:
+def exaccerr_curve(
+    student_errors: Sequence[Sequence[float]], teacher_errors: Sequence[Sequence[float]], lengths: Sequence[int]
+) -> dict[str, Any]:
     """ExAccErr(l) (MiniLLM paper, "Exposure bias" analysis; Arora et al. 2022) from per-step errors.
 
     ``student_errors[i][t-1]`` = e_t = KL(p || q) at step t of the i-th sequence the MODEL
@@ -171,9 +176,15 @@ def exaccerr_curve(student_errors: Sequence[Sequence[float]], teacher_errors: Se
     l_eps, t_run = accumulated(teacher_errors)
     exacc = [100.0 * (r - le) / le if le > 0 else None for r, le in zip(R, l_eps)]
     return {
-        "lengths": lengths, "R": R, "l_eps": l_eps, "eps": [le / length for le, length in zip(l_eps, lengths)],
-        "exaccerr": exacc, "student_running": s_run, "teacher_running": t_run,
-        "n_student_sequences": len(student_errors), "n_teacher_sequences": len(teacher_errors),
+        "lengths": lengths,
+        "R": R,
+        "l_eps": l_eps,
+        "eps": [le / length for le, length in zip(l_eps, lengths)],
+        "exaccerr": exacc,
+        "student_running": s_run,
+        "teacher_running": t_run,
+        "n_student_sequences": len(student_errors),
+        "n_teacher_sequences": len(teacher_errors),
     }
 
 
@@ -191,12 +202,14 @@ def kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
 # --------------------------------------------------------------------------------------------
 
 
-def collate_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_pairs(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt_ids, prompt_mask) left-padded and (response_ids, response_mask) right-padded."""
     if len(prompts) != len(responses) or not prompts:
-        raise ValueError(f"collate_pairs: need matching non-empty lists, got {len(prompts)} prompts and "
-                         f"{len(responses)} responses")
+        raise ValueError(
+            f"collate_pairs: need matching non-empty lists, got {len(prompts)} prompts and {len(responses)} responses"
+        )
     P = max(len(p) for p in prompts)
     T = max(1, max(len(r) for r in responses))
     n = len(prompts)
@@ -206,11 +219,11 @@ def collate_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     rm = torch.zeros((n, T), dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         if p:
-            pi[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            pm[i, P - len(p):] = 1
+            pi[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            pm[i, P - len(p) :] = 1
         if r:
-            ri[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-            rm[i, :len(r)] = 1
+            ri[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            rm[i, : len(r)] = 1
     return pi, pm, ri, rm
 
 
@@ -221,7 +234,7 @@ def _vocab(a: torch.Tensor, b: torch.Tensor | None, vocab_size: int | None) -> i
 
 def _batches(order: list[int], batch_size: int):
     for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
+        yield order[s : s + batch_size]
 
 
 def _length_order(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[int]:
@@ -234,9 +247,16 @@ def _length_order(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
 
 
 @torch.no_grad()
-def token_kl_per_position(model: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          response_ids: torch.Tensor, response_mask: torch.Tensor, *,
-                          vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_kl_per_position(
+    model: Any,
+    teacher: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position (reverse KL(q||p), forward KL(p||q)), each (B, T) float32 on CPU, 0 on padding.
 
     Teacher-forced on the given responses: the value at t is the exact KL between the two
@@ -254,28 +274,47 @@ def token_kl_per_position(model: Any, teacher: Any, prompt_ids: torch.Tensor, pr
         if sel.numel() == 0:
             continue
         dev_sel = sel.to(s_logits.device)
-        r, f = kl_per_position(s_logits[b, dev_sel, :V], t_logits[b, dev_sel.to(t_logits.device), :V].to(s_logits.device))
+        r, f = kl_per_position(
+            s_logits[b, dev_sel, :V], t_logits[b, dev_sel.to(t_logits.device), :V].to(s_logits.device)
+        )
         rkl[b, sel] = r.cpu()
         fkl[b, sel] = f.cpu()
     return rkl, fkl
 
 
-def token_kl(model: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-             response_ids: torch.Tensor, response_mask: torch.Tensor, *, vocab_size: int | None = None) -> dict[str, float]:
+def token_kl(
+    model: Any,
+    teacher: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
     """Mean per-token reverse KL(q||p) and forward KL(p||q) over the valid response tokens of one batch.
 
     Prompts left-padded, responses right-padded (``response_mask`` 1 on valid tokens, EOS
     included when it is part of the response). Returns reverse_kl, forward_kl (nats/token,
     exact over the vocabulary, teacher-forced on the given responses) and n_tokens.
     """
-    rkl, fkl = token_kl_per_position(model, teacher, prompt_ids, prompt_mask, response_ids, response_mask,
-                                     vocab_size=vocab_size)
+    rkl, fkl = token_kl_per_position(
+        model, teacher, prompt_ids, prompt_mask, response_ids, response_mask, vocab_size=vocab_size
+    )
     n = int(response_mask.sum())
     return {"reverse_kl": float(rkl.sum()) / max(n, 1), "forward_kl": float(fkl.sum()) / max(n, 1), "n_tokens": n}
 
 
-def response_kl(model: Any, teacher: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                pad_id: int, batch_size: int = 4, vocab_size: int | None = None) -> dict[str, Any]:
+def response_kl(
+    model: Any,
+    teacher: Any,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
     """:func:`token_kl` over lists of prompt / response ids (batched by length), pooled over all tokens.
 
     Also returns the per-sequence step values (``per_sequence``: list of (rkl list, fkl list)).
@@ -303,8 +342,16 @@ def response_kl(model: Any, teacher: Any, prompts: Sequence[Sequence[int]], resp
 
 
 @torch.no_grad()
-def calibration_ece(model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-                    pad_id: int, n_bins: int = 10, batch_size: int = 4, vocab_size: int | None = None) -> dict[str, Any]:
+def calibration_ece(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    n_bins: int = 10,
+    batch_size: int = 4,
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
     """Token-level calibration of the model's top-1 next-token predictions on reference responses.
 
     Teacher-forced on (prompt, reference response [+ EOS]): at every response token the
@@ -367,25 +414,50 @@ class Samples:
     fkl: list[list[float]] = field(default_factory=list)
 
 
-def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *,
-                     seeds: Sequence[int] = (0,), max_new_tokens: int = 256, batch_size: int = 4,
-                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, no_repeat_ngram_size: int = 0,
-                     vocab_size: int | None = None, progress: bool = False) -> Samples:
+def sample_and_score(
+    generator: Any,
+    model: Any,
+    teacher: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    seeds: Sequence[int] = (0,),
+    max_new_tokens: int = 256,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 0,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> Samples:
     """Sample one response per prompt and seed from ``generator`` (the model or the teacher) with
     :func:`minidistill.evaluation.generate_ids`, then score every step with :func:`token_kl_per_position`.
     ``vocab_size`` (``len(tokenizer)``) bounds both: no id >= it is sampled, and the KLs are over the
     first ``vocab_size`` logits.
     """
-    from minidistill.evaluation import eos_id, generate_ids
+    from minidistill.data import eos_id
+    from minidistill.evaluation import generate_ids
 
     eos = eos_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out = Samples()
     for seed in seeds:
-        new = generate_ids(generator, tokenizer, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, temperature=temperature, top_p=top_p, top_k=top_k,
-                           no_repeat_ngram_size=no_repeat_ngram_size, seed=int(seed), progress=progress,
-                           desc=f"sample seed {seed}", vocab_size=vocab_size)
+        new = generate_ids(
+            generator,
+            tokenizer,
+            [list(p) for p in prompts],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=int(seed),
+            progress=progress,
+            desc=f"sample seed {seed}",
+            vocab_size=vocab_size,
+        )
         ended = [len(r) < max_new_tokens for r in new]
         # Score the EOS prediction too when the sample stopped (the token there is irrelevant to the
         # KL at that step; EOS stands in for whichever stop token was drawn).
@@ -393,8 +465,9 @@ def sample_and_score(generator: Any, model: Any, teacher: Any, tokenizer: Any, p
         if model is teacher:  # KL of the teacher to itself: 0 at every step, no forward passes
             per_seq = [([0.0] * len(r), [0.0] * len(r)) for r in scored]
         else:
-            per_seq = response_kl(model, teacher, prompts, scored, pad_id=pad_id, batch_size=batch_size,
-                                  vocab_size=vocab_size)["per_sequence"]
+            per_seq = response_kl(
+                model, teacher, prompts, scored, pad_id=pad_id, batch_size=batch_size, vocab_size=vocab_size
+            )["per_sequence"]
         for i, (r, e, (rk, fk)) in enumerate(zip(new, ended, per_seq)):
             out.prompt_index.append(i)
             out.seed.append(int(seed))
@@ -419,10 +492,24 @@ def summarize_samples(samples: Samples) -> dict[str, Any]:
     }
 
 
-def exposure_bias(model: Any, teacher: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], lengths: Sequence[int], *,
-                  seeds: Sequence[int] = (0,), max_new_tokens: int | None = None, batch_size: int = 4,
-                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, no_repeat_ngram_size: int = 0,
-                  vocab_size: int | None = None, progress: bool = False, return_samples: bool = False):
+def exposure_bias(
+    model: Any,
+    teacher: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    *,
+    seeds: Sequence[int] = (0,),
+    max_new_tokens: int | None = None,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    no_repeat_ngram_size: int = 0,
+    vocab_size: int | None = None,
+    progress: bool = False,
+    return_samples: bool = False,
+):
     """ExAccErr(l) of ``model`` against ``teacher`` for each generation length l in ``lengths``.
 
     Definition (MiniLLM, Gu et al. 2023/ICLR 2024, Sec. "Exposure bias", following Arora et al.
@@ -456,8 +543,17 @@ def exposure_bias(model: Any, teacher: Any, tokenizer: Any, prompts: Sequence[Se
     if not lengths or lengths[0] < 1:
         raise ValueError(f"exposure_bias: lengths must be positive integers, got {lengths}")
     max_new = max(lengths) if max_new_tokens is None else max(int(max_new_tokens), max(lengths))
-    kw = dict(seeds=seeds, max_new_tokens=max_new, batch_size=batch_size, temperature=temperature, top_p=top_p,
-              top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size, vocab_size=vocab_size, progress=progress)
+    kw = dict(
+        seeds=seeds,
+        max_new_tokens=max_new,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        vocab_size=vocab_size,
+        progress=progress,
+    )
     student = sample_and_score(model, model, teacher, tokenizer, prompts, **kw)
     teacher_s = sample_and_score(teacher, model, teacher, tokenizer, prompts, **kw)
     result = exaccerr_curve(student.fkl, teacher_s.fkl, lengths)

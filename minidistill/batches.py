@@ -18,8 +18,17 @@ class ShuffledBatches:
     accum 8 see the same items in every step.
     """
 
-    def __init__(self, n: int, batch_size: int, make_batch: Callable[[list[int]], dict], seed: int,
-                 rank: int = 0, world: int = 1, shuffle: bool = True, accum: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        make_batch: Callable[[list[int]], dict],
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        accum: int = 1,
+    ):
         if n <= 0:
             raise ValueError("empty dataset")
         self.n, self.batch_size, self.make_batch = n, batch_size, make_batch
@@ -47,7 +56,7 @@ class ShuffledBatches:
             self._perm = self._permutation()
         idx = [self._perm[(self.pos + i) % self.n] for i in range(global_bs)]
         self.pos += global_bs
-        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return self.make_batch(mine)
 
     def state_dict(self) -> dict:

@@ -14,9 +14,16 @@ def load_teacher(run: Run) -> None:
     """Load the teacher in fp32 (a pruned student is copied from full-precision weights).
     Under FSDP it stays on the CPU until ``shard_teacher`` moves each process's shard over."""
     r = run.recipe
-    teacher, tok = named("teacher.model", lambda: models.load_model(
-        r.teacher.model, gguf_file=r.teacher.gguf_file, dtype="fp32", device="cpu" if run.fsdp else run.device,
-        trust_remote_code=r.teacher.trust_remote_code))
+    teacher, tok = named(
+        "teacher.model",
+        lambda: models.load_model(
+            r.teacher.model,
+            gguf_file=r.teacher.gguf_file,
+            dtype="fp32",
+            device="cpu" if run.fsdp else run.device,
+            trust_remote_code=r.teacher.trust_remote_code,
+        ),
+    )
     run.teacher = models.freeze(teacher)
     run.tokenizer = tok
 
@@ -25,8 +32,12 @@ def build_student(run: Run):
     """The initial student; afterwards the teacher is cast to its run dtype."""
     s, r = run.recipe.student, run.recipe
     if s.init == "pretrained":
-        student, tok = named("student.model", lambda: models.load_model(
-            s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device, trust_remote_code=s.trust_remote_code))
+        student, tok = named(
+            "student.model",
+            lambda: models.load_model(
+                s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device, trust_remote_code=s.trust_remote_code
+            ),
+        )
         models.check_tokenizers_match(run.tokenizer, tok)
     elif s.init == "prune":
         n = len(models.decoder_layers(run.teacher))
@@ -50,9 +61,11 @@ def shard_teacher(run: Run) -> None:
         return
     gen = [st.name for st in run.recipe.stages if stage(st.type).generates]
     if gen:
-        raise UserError(f"recipe.stages: {', '.join(gen)} generate text, which is not supported with sharded weights "
-                        "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
-                        "stages with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2")
+        raise UserError(
+            f"recipe.stages: {', '.join(gen)} generate text, which is not supported with sharded weights "
+            "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
+            "stages with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2"
+        )
     if not run.fsdp:
         return
     acc = run.accelerator
@@ -65,10 +78,16 @@ def shard_teacher(run: Run) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         plugin.set_auto_wrap_policy(run.teacher)
-        run.teacher = FSDP(run.teacher, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-                           cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
-                           mixed_precision=plugin.mixed_precision_policy, use_orig_params=True,
-                           limit_all_gathers=plugin.limit_all_gathers, device_id=acc.device)
+        run.teacher = FSDP(
+            run.teacher,
+            sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload,
+            auto_wrap_policy=plugin.auto_wrap_policy,
+            mixed_precision=plugin.mixed_precision_policy,
+            use_orig_params=True,
+            limit_all_gathers=plugin.limit_all_gathers,
+            device_id=acc.device,
+        )
     run.teacher.eval()
 
 

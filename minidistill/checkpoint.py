@@ -49,8 +49,15 @@ def _set_rng_state(state: dict) -> None:
     py = state["python"]
     gauss = None if py[-1] == -1 else py[-1]
     random.setstate((state["python_version"], tuple(int(x) for x in py[:-1]), gauss))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -80,7 +87,9 @@ def is_complete(folder: Path) -> tuple[bool, str]:
     return True, ""
 
 
-def save_checkpoint(acc, root: Path, step: int, model, optimizer, scheduler, source_state: dict, state: dict, keep_last: int) -> Path:
+def save_checkpoint(
+    acc, root: Path, step: int, model, optimizer, scheduler, source_state: dict, state: dict, keep_last: int
+) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically (all processes call this)."""
     root = Path(root)
     final = root / f"step_{step:07d}"
@@ -179,7 +188,9 @@ def apply_checkpoint(acc, folder: Path, loaded: dict, model, optimizer, schedule
     target = acc.unwrap_model(model)
     missing, unexpected = target.load_state_dict(loaded["weights"], strict=False)
     if unexpected or [k for k in missing if k in dict(target.named_parameters())]:
-        raise UserError(f"{folder}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{folder}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng"])

@@ -88,10 +88,14 @@ class DataConfig:
     valid_size: int = opt(0, "If `valid` is unset, hold out this many training examples for validation.", min=0)
     max_examples: int | None = opt(None, "Use at most this many training examples.", min=1)
     max_valid_examples: int | None = opt(None, "Use at most this many validation examples.", min=1)
-    template: Literal["alpaca", "chat"] = opt("alpaca", "Prompt rendering: MiniLLM/Alpaca template or the tokenizer's chat template.")
+    template: Literal["alpaca", "chat"] = opt(
+        "alpaca", "Prompt rendering: MiniLLM/Alpaca template or the tokenizer's chat template."
+    )
     max_prompt_length: int = opt(256, "Prompt token limit.", min=1)
     max_length: int = opt(512, "Prompt + response token limit.", min=2)
-    long_prompt: Literal["drop", "truncate"] = opt("drop", "Prompts over max_prompt_length: drop (counted) or left-truncate.")
+    long_prompt: Literal["drop", "truncate"] = opt(
+        "drop", "Prompts over max_prompt_length: drop (counted) or left-truncate."
+    )
     corpus: list[str] = opt([], "Plain-text corpus files/globs/folders (.txt, .jsonl with `text`) for PD and L_PT.")
     block_len: int = opt(256, "Token block length for packed corpus text.", min=8)
     valid_blocks: int = opt(16, "Corpus blocks held out for perplexity.", min=0)
@@ -103,8 +107,9 @@ class RecipeConfig:
     output_dir: str = opt("", "Where the run writes everything.")
     seed: int = opt(42, "Global seed (data order, sampling, init).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
-        "fp32", "Mixed precision for the student's forward (accelerate autocast; fp32 master weights); "
-        "auto: bf16 where the GPU/CPU runs bf16 natively, else fp32."
+        "fp32",
+        "Mixed precision for the student's forward (accelerate autocast; fp32 master weights); "
+        "auto: bf16 where the GPU/CPU runs bf16 natively, else fp32.",
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N (accelerate picks under `accelerate launch`).")
     resume: Literal["never", "auto"] = opt("never", "auto: continue from the newest complete checkpoint in output_dir.")
@@ -114,7 +119,9 @@ class RecipeConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "The teacher."})
     student: StudentConfig = field(default_factory=StudentConfig, metadata={"help": "The student."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Data."})
-    stages: list[Any] = field(default_factory=list, metadata={"help": "Ordered stages, each a mapping with `type` and `name`."})
+    stages: list[Any] = field(
+        default_factory=list, metadata={"help": "Ordered stages, each a mapping with `type` and `name`."}
+    )
 
 
 @dataclass
@@ -250,8 +257,12 @@ def build(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5) or sorted(
-                (f for f in fields if str(key).startswith(f) or f.startswith(str(key))), key=len, reverse=True)[:1]
+            close = (
+                difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+                or sorted(
+                    (f for f in fields if str(key).startswith(f) or f.startswith(str(key))), key=len, reverse=True
+                )[:1]
+            )
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise UserError(f"{_key(where, str(key))}: unknown key{hint}")
     kwargs = {}
@@ -286,8 +297,10 @@ def read_yaml(path: str | Path) -> dict:
         if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in str(e.problem):
             # safe_load has no constructor for !!python/... tags (they could run code): refused
             tag = str(e.problem).split("tag ")[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
-            raise UserError(f"{path}{line}: unsupported YAML tag {tag} (recipes are plain YAML; "
-                            "python tags are refused because they could run code)") from None
+            raise UserError(
+                f"{path}{line}: unsupported YAML tag {tag} (recipes are plain YAML; "
+                "python tags are refused because they could run code)"
+            ) from None
         raise UserError(f"{path}{line}: YAML syntax error: {e.problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML error: {e}") from None

@@ -105,9 +105,11 @@ class Run:
                 valid = named("data.valid", lambda: data.load_instructions(d.valid, require_output=need))
             elif d.valid_size:
                 if d.valid_size >= len(train):
-                    raise UserError(f"recipe.data.valid_size: holding out {d.valid_size} examples leaves no training "
-                                    f"examples ({d.train} has {len(train)}); lower it or set data.valid")
-                train, valid = train[d.valid_size:], train[: d.valid_size]
+                    raise UserError(
+                        f"recipe.data.valid_size: holding out {d.valid_size} examples leaves no training "
+                        f"examples ({d.train} has {len(train)}); lower it or set data.valid"
+                    )
+                train, valid = train[d.valid_size :], train[: d.valid_size]
             else:
                 valid = []
             if d.max_examples:
@@ -142,22 +144,28 @@ class Run:
             texts = getattr(self, "_corpus_texts", None)
             if texts is None:
                 if not d.corpus:
-                    raise UserError("recipe.data.corpus: this stage needs plain text (PD, or MiniLLM's L_PT with lm_coef > 0): "
-                                    "list text files, or add a generate stage with corpus: true")
+                    raise UserError(
+                        "recipe.data.corpus: this stage needs plain text (PD, or MiniLLM's L_PT with lm_coef > 0): "
+                        "list text files, or add a generate stage with corpus: true"
+                    )
                 texts = named("data.corpus", lambda: data.load_texts(d.corpus))
                 blocks = named("data.corpus", lambda: data.pack_blocks(texts, self.tokenizer, d.block_len))
             else:  # a stage's text names itself in errors
                 blocks = data.pack_blocks(texts, self.tokenizer, d.block_len)
             if d.valid_blocks:
                 if d.valid_blocks >= len(blocks):
-                    raise UserError(f"recipe.data.valid_blocks: {d.valid_blocks} held-out blocks leave no training text (the corpus packs into {len(blocks)} blocks of {d.block_len} tokens)")
+                    raise UserError(
+                        f"recipe.data.valid_blocks: {d.valid_blocks} held-out blocks leave no training text (the corpus packs into {len(blocks)} blocks of {d.block_len} tokens)"
+                    )
                 train, valid = data.split_blocks(blocks, n_valid=d.valid_blocks, seed=self.recipe.seed)
             else:
                 train, valid = blocks, blocks[:0]
             if d.max_blocks:
                 train = train[: d.max_blocks]
             if len(train) == 0:
-                raise UserError(f"recipe.data.corpus: no training blocks left after holding out {d.valid_blocks} for validation")
+                raise UserError(
+                    f"recipe.data.corpus: no training blocks left after holding out {d.valid_blocks} for validation"
+                )
             return train, valid
 
         return self.cached("corpus", load)

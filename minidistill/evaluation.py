@@ -21,7 +21,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from minidistill.data import (
-    eos_id,
     Example,
     collate_prompts,
     encode_prompt,
@@ -84,7 +83,7 @@ class _VocabLogits(LogitsProcessor):
         """(B, L) ids so far, (B, V_head) next-token scores -> (B, V_head) processed scores."""
         if self.vocab is not None and self.vocab < scores.shape[-1]:
             scores = scores.clone()
-            scores[:, self.vocab:] = -math.inf
+            scores[:, self.vocab :] = -math.inf
         return process_logits(scores, *self.settings).to(scores.dtype)
 
 
@@ -164,13 +163,11 @@ def generate_ids(
             _progress_bar(len(ids), progress, desc) as bar,
         ):
             for b, start in enumerate(range(0, len(order), batch_size)):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 input_ids, attention_mask = collate_prompts([ids[i] for i in idx], pad_id)
                 torch.manual_seed((seed * 1_000_003 + b) % (2**63))
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
-                )
-                new = out[:, input_ids.shape[1]:].tolist()
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+                new = out[:, input_ids.shape[1] :].tolist()
                 for i, toks in zip(idx, new):
                     cut = next((k for k, t in enumerate(toks) if t in stop_set), len(toks))
                     results[i] = toks[:cut]
@@ -197,9 +194,18 @@ def generate(
 ) -> list[str]:
     """Sample continuations and return them as stripped text (special tokens skipped), in input order."""
     new_ids = generate_ids(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed, progress=progress, vocab_size=vocab_size,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        seed=seed,
+        progress=progress,
+        vocab_size=vocab_size,
     )
     return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
 
@@ -278,9 +284,19 @@ def evaluate_instructions(
     generations: list[dict[str, Any]] = []
     for seed in seeds:
         new_ids = generate_ids(
-            model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-            temperature=temperature, top_p=top_p, top_k=top_k, no_repeat_ngram_size=no_repeat_ngram_size,
-            seed=int(seed), progress=progress, desc=f"seed {seed}", vocab_size=vocab_size,
+            model,
+            tokenizer,
+            ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            seed=int(seed),
+            progress=progress,
+            desc=f"seed {seed}",
+            vocab_size=vocab_size,
         )
         texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
         scores = [rouge_l(t, r) for t, r in zip(texts, refs)]
@@ -288,10 +304,18 @@ def evaluate_instructions(
         length_per_seed[int(seed)] = sum(len(x) for x in new_ids) / len(new_ids)
         for k, (text, score, toks) in enumerate(zip(texts, scores, new_ids)):
             i = stats.kept_indices[k]
-            generations.append({
-                "seed": int(seed), "index": i, "source": examples[i].source, "prompt": prompt_texts[k],
-                "references": refs[k], "generation": text, "rougeL": score, "length": len(toks),
-            })
+            generations.append(
+                {
+                    "seed": int(seed),
+                    "index": i,
+                    "source": examples[i].source,
+                    "prompt": prompt_texts[k],
+                    "references": refs[k],
+                    "generation": text,
+                    "rougeL": score,
+                    "length": len(toks),
+                }
+            )
             if keep_ids:
                 generations[-1].update(prompt_ids=list(ids[k]), generation_ids=list(toks))
     rouge = sum(per_seed.values()) / len(per_seed)

@@ -27,8 +27,8 @@ class RowForwardKLCE(torch.autograd.Function):
 
     @staticmethod
     def _chunk(student, teacher, a: int, chunk: int, dt):
-        ls = F.log_softmax(student[a:a + chunk].to(dt), -1)  # (C, V)
-        lt = F.log_softmax(teacher[a:a + chunk].to(dt), -1)
+        ls = F.log_softmax(student[a : a + chunk].to(dt), -1)  # (C, V)
+        lt = F.log_softmax(teacher[a : a + chunk].to(dt), -1)
         return ls, lt
 
     @staticmethod
@@ -39,9 +39,9 @@ class RowForwardKLCE(torch.autograd.Function):
         ce = torch.zeros(N, dtype=dt, device=student.device)
         for a in range(0, N, chunk):
             ls, lt = RowForwardKLCE._chunk(student, teacher, a, chunk, dt)
-            ce[a:a + chunk] = -ls.gather(-1, targets[a:a + chunk, None])[:, 0]
+            ce[a : a + chunk] = -ls.gather(-1, targets[a : a + chunk, None])[:, 0]
             p = lt.exp()
-            kl[a:a + chunk] = (p * torch.where(p > 0, lt.sub_(ls), 0.0)).sum(-1)  # 0 log 0 = 0
+            kl[a : a + chunk] = (p * torch.where(p > 0, lt.sub_(ls), 0.0)).sum(-1)  # 0 log 0 = 0
         ctx.save_for_backward(student, teacher, targets)
         ctx.chunk = chunk
         return kl, ce
@@ -62,6 +62,7 @@ class RowForwardKLCE(torch.autograd.Function):
             g.scatter_add_(-1, targets[rows, None], -gc)  # - g_ce at the target
             grad[rows] = g.to(grad.dtype)
         return grad, None, None, None
+
 
 class RowReverseKL(torch.autograd.Function):
     """Per row of (N, V) logits: KL(softmax(s/T) || softmax(t/T)) and, optionally, the student's

@@ -18,8 +18,15 @@ def has_device_backend() -> bool:
     """A device accelerate can run a multi-process group on (CUDA, XPU, NPU, HPU, ...)."""
     import accelerate.utils as au
 
-    names = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_hpu_available", "is_musa_available",
-             "is_sdaa_available", "is_neuron_available")
+    names = (
+        "is_xpu_available",
+        "is_npu_available",
+        "is_mlu_available",
+        "is_hpu_available",
+        "is_musa_available",
+        "is_sdaa_available",
+        "is_neuron_available",
+    )
     return torch.cuda.is_available() or any(getattr(au, n, lambda: False)() for n in names)
 
 
@@ -59,9 +66,9 @@ def _accelerate_launch_argv(cmdline: list[str]) -> list[str] | None:
     for i, tok in enumerate(cmdline):
         base = Path(tok).name
         if base in ("accelerate-launch", "accelerate.commands.launch"):
-            return cmdline[i + 1:]
-        if base in ("accelerate", "accelerate.commands.accelerate_cli") and cmdline[i + 1:i + 2] == ["launch"]:
-            return cmdline[i + 2:]
+            return cmdline[i + 1 :]
+        if base in ("accelerate", "accelerate.commands.accelerate_cli") and cmdline[i + 1 : i + 2] == ["launch"]:
+            return cmdline[i + 2 :]
     return None
 
 
@@ -112,9 +119,21 @@ def relaunch_cpu_workers(n: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     console.print(f"accelerate launch --cpu started one process for {n}: starting {n} gloo workers")
-    args = torchrun.get_args_parser().parse_args([
-        "--nnodes", "1", "--nproc_per_node", str(n), "--master_addr", os.environ["MASTER_ADDR"],
-        "--master_port", os.environ.get("MASTER_PORT", "29500"), "--module", "minidistill.run", *argv])
+    args = torchrun.get_args_parser().parse_args(
+        [
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(n),
+            "--master_addr",
+            os.environ["MASTER_ADDR"],
+            "--master_port",
+            os.environ.get("MASTER_PORT", "29500"),
+            "--module",
+            "minidistill.run",
+            *argv,
+        ]
+    )
     try:
         torchrun.run(args)
     except ChildFailedError as e:

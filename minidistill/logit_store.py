@@ -50,8 +50,10 @@ FORMAT = "minidistill-logit-store"
 VERSION = 1
 HEADER = "header.json"
 PLAN = "plan.json"
-PACKING = "data.pack_blocks: documents tokenized, BOS prefix if the tokenizer adds one, EOS after each, " \
-          "concatenated and cut into full blocks; train blocks after data.split_blocks and data.max_blocks"
+PACKING = (
+    "data.pack_blocks: documents tokenized, BOS prefix if the tokenizer adds one, EOS after each, "
+    "concatenated and cut into full blocks; train blocks after data.split_blocks and data.max_blocks"
+)
 # Fields a reader must agree on (in this order in error messages).
 CHECKED = ("tokenizer_hash", "vocab_size", "block_len", "n_blocks", "corpus_fingerprint", "top_p", "top_k")
 
@@ -77,19 +79,40 @@ def truncate_raw(teacher_logits: torch.Tensor, top_p: float, top_k: int, *, chun
     return truncate_top_p_k(teacher_logits, top_p, top_k, renormalize=False, chunk_rows=chunk_rows)
 
 
-def identity(*, tokenizer_hash: str, vocab_size: int, block_len: int, n_blocks: int, corpus_fingerprint: str,
-             top_p: float, top_k: int, teacher: str = "", packing: str = PACKING) -> dict:
+def identity(
+    *,
+    tokenizer_hash: str,
+    vocab_size: int,
+    block_len: int,
+    n_blocks: int,
+    corpus_fingerprint: str,
+    top_p: float,
+    top_k: int,
+    teacher: str = "",
+    packing: str = PACKING,
+) -> dict:
     """The header fields that say what a store holds (everything but shards and stats)."""
     if top_k < 1:
-        raise UserError(f"top_k: an offline logit store needs top_k >= 1 (got {top_k}); full distributions are not stored")
+        raise UserError(
+            f"top_k: an offline logit store needs top_k >= 1 (got {top_k}); full distributions are not stored"
+        )
     return {
-        "format": FORMAT, "version": VERSION,
-        "tokenizer_hash": tokenizer_hash, "vocab_size": int(vocab_size), "block_len": int(block_len),
-        "positions_per_block": int(block_len) - 1, "n_blocks": int(n_blocks),
-        "corpus_fingerprint": corpus_fingerprint, "packing": packing,
-        "top_p": float(top_p), "top_k": int(top_k), "temperature": 1.0,
-        "index_dtype": index_dtype(vocab_size).name, "logprob_dtype": "float16",
-        "padding": {"index": 0, "logprob": "-inf"}, "teacher": teacher,
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": int(vocab_size),
+        "block_len": int(block_len),
+        "positions_per_block": int(block_len) - 1,
+        "n_blocks": int(n_blocks),
+        "corpus_fingerprint": corpus_fingerprint,
+        "packing": packing,
+        "top_p": float(top_p),
+        "top_k": int(top_k),
+        "temperature": 1.0,
+        "index_dtype": index_dtype(vocab_size).name,
+        "logprob_dtype": "float16",
+        "padding": {"index": 0, "logprob": "-inf"},
+        "teacher": teacher,
     }
 
 
@@ -119,8 +142,16 @@ def _shard_complete(folder: Path, i: int) -> dict | None:
     return rec
 
 
-def _write_shard(folder: Path, i: int, start: int, blocks: torch.Tensor, logits_fn: Callable, ident: dict,
-                 batch_size: int, progress: Callable[[int], None] | None) -> dict:
+def _write_shard(
+    folder: Path,
+    i: int,
+    start: int,
+    blocks: torch.Tensor,
+    logits_fn: Callable,
+    ident: dict,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> dict:
     """Teacher pass over ``blocks`` (n, T); writes shard ``i`` atomically; returns its record."""
     n, T = blocks.shape
     K, P = ident["top_k"], ident["positions_per_block"]
@@ -131,15 +162,15 @@ def _write_shard(folder: Path, i: int, start: int, blocks: torch.Tensor, logits_
     lp_mm = np.lib.format.open_memmap(tmp["logprobs"], mode="w+", dtype=np.float16, shape=(n, P, K))
     kept_count = kept_mass = 0.0
     for b in range(0, n, batch_size):
-        ids = blocks[b:b + batch_size]  # (b, T)
+        ids = blocks[b : b + batch_size]  # (b, T)
         with torch.no_grad():
             logits = logits_fn(ids)[:, :-1]  # (b, P, V): position t predicts token t+1
         tr = truncate_raw(logits, ident["top_p"], ident["top_k"])  # (b, P, K)
         lp = tr.logprobs.float()
         kept_count += float((lp > NEG_INF).sum())
         kept_mass += float(lp.logsumexp(-1).exp().sum())
-        idx_mm[b:b + len(ids)] = tr.indices.cpu().numpy().astype(idx_mm.dtype)
-        lp_mm[b:b + len(ids)] = lp.cpu().numpy().astype(np.float16)
+        idx_mm[b : b + len(ids)] = tr.indices.cpu().numpy().astype(idx_mm.dtype)
+        lp_mm[b : b + len(ids)] = lp.cpu().numpy().astype(np.float16)
         if progress is not None:
             progress(len(ids))
     for mm in (idx_mm, lp_mm):
@@ -147,8 +178,14 @@ def _write_shard(folder: Path, i: int, start: int, blocks: torch.Tensor, logits_
     del idx_mm, lp_mm
     for k, v in files.items():
         os.replace(tmp[k], folder / v)
-    rec = {"shard": i, "blocks": [start, start + n], "files": {v: (folder / v).stat().st_size for v in files.values()},
-           "kept_sum": kept_count, "teacher_kept_mass_sum": kept_mass, "positions": n * P}
+    rec = {
+        "shard": i,
+        "blocks": [start, start + n],
+        "files": {v: (folder / v).stat().st_size for v in files.values()},
+        "kept_sum": kept_count,
+        "teacher_kept_mass_sum": kept_mass,
+        "positions": n * P,
+    }
     write_json_atomic(folder / f"{name}.json", rec)
     return rec
 
@@ -159,10 +196,21 @@ def _clear(folder: Path) -> None:
             p.unlink()
 
 
-def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor],
-                ident: dict, *, batch_size: int = 8, shard_blocks: int = 1024, on_partial: str = "continue",
-                rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
-                progress: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+def build_store(
+    folder: str | Path,
+    blocks: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    ident: dict,
+    *,
+    batch_size: int = 8,
+    shard_blocks: int = 1024,
+    on_partial: str = "continue",
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Write the store for ``blocks`` (N, T) into ``folder``; returns the header.
 
     ``logits_fn(ids (b, T)) -> teacher logits (b, T, V)`` is called under ``torch.no_grad``.
@@ -174,20 +222,27 @@ def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[t
     folder = Path(folder)
     N, T = blocks.shape
     if T != ident["block_len"] or N != ident["n_blocks"]:
-        raise ValueError(f"blocks {tuple(blocks.shape)} do not match the identity ({ident['n_blocks']}, {ident['block_len']})")
+        raise ValueError(
+            f"blocks {tuple(blocks.shape)} do not match the identity ({ident['n_blocks']}, {ident['block_len']})"
+        )
     n_shards = (N + shard_blocks - 1) // shard_blocks
     plan = dict(ident, shard_blocks=int(shard_blocks), n_shards=n_shards)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         header = _read_json(folder / HEADER)
-        if header is not None and {k: header.get(k) for k in plan} == plan and all(
-                _shard_complete(folder, i) for i in range(n_shards)):
+        if (
+            header is not None
+            and {k: header.get(k) for k in plan} == plan
+            and all(_shard_complete(folder, i) for i in range(n_shards))
+        ):
             log(f"logit store {folder}: complete, reusing it")
         else:
             old = _read_json(folder / PLAN)
             if header is not None or old != plan or on_partial == "rebuild":
                 if any(p.name.startswith("shard_") for p in folder.iterdir()):
-                    log(f"logit store {folder}: rebuilding (existing shards are from another build or rebuild was asked)")
+                    log(
+                        f"logit store {folder}: rebuilding (existing shards are from another build or rebuild was asked)"
+                    )
                 _clear(folder)
             else:
                 done = sum(_shard_complete(folder, i) is not None for i in range(n_shards))
@@ -203,7 +258,7 @@ def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[t
                     progress(min(N, (i + 1) * shard_blocks) - i * shard_blocks)
                 continue
             start = i * shard_blocks
-            _write_shard(folder, i, start, blocks[start:start + shard_blocks], logits_fn, ident, batch_size, progress)
+            _write_shard(folder, i, start, blocks[start : start + shard_blocks], logits_fn, ident, batch_size, progress)
         barrier()
         if rank == 0:
             shards = [_shard_complete(folder, i) for i in range(n_shards)]
@@ -212,12 +267,19 @@ def build_store(folder: str | Path, blocks: torch.Tensor, logits_fn: Callable[[t
                 raise RuntimeError(f"logit store {folder}: shards {missing} missing after the build")
             positions = sum(s["positions"] for s in shards)
             nbytes = sum(sum(s["files"].values()) for s in shards)
-            header = dict(plan, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          shards=[{"blocks": s["blocks"], "files": s["files"]} for s in shards],
-                          stats={"positions": positions, "bytes": nbytes, "bytes_per_token": nbytes / positions,
-                                 "bytes_per_slot": nbytes / (positions * ident["top_k"]),
-                                 "mean_kept": sum(s["kept_sum"] for s in shards) / positions,
-                                 "mean_teacher_kept_mass": sum(s["teacher_kept_mass_sum"] for s in shards) / positions})
+            header = dict(
+                plan,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                shards=[{"blocks": s["blocks"], "files": s["files"]} for s in shards],
+                stats={
+                    "positions": positions,
+                    "bytes": nbytes,
+                    "bytes_per_token": nbytes / positions,
+                    "bytes_per_slot": nbytes / (positions * ident["top_k"]),
+                    "mean_kept": sum(s["kept_sum"] for s in shards) / positions,
+                    "mean_teacher_kept_mass": sum(s["teacher_kept_mass_sum"] for s in shards) / positions,
+                },
+            )
             write_json_atomic(folder / HEADER, header)
         barrier()
         header = _read_json(folder / HEADER)
@@ -241,18 +303,27 @@ class LogitStore:
         if not isinstance(header, dict):
             raise UserError(f"{path}: logit store header is unreadable (not a JSON object); rebuild the store")
         if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise UserError(f"{self.folder}: not a minidistill logit store of version {VERSION} "
-                            f"(format {header.get('format')!r}, version {header.get('version')!r})")
+            raise UserError(
+                f"{self.folder}: not a minidistill logit store of version {VERSION} "
+                f"(format {header.get('format')!r}, version {header.get('version')!r})"
+            )
         missing = [k for k in (*CHECKED, "shard_blocks", "shards") if k not in header]
-        if missing or not isinstance(header["shards"], list) or not all(
-                isinstance(s, dict) and isinstance(s.get("files"), dict) for s in header["shards"]):
-            raise UserError(f"{path}: logit store header is damaged (missing or malformed {missing or ['shards']}); "
-                            "rebuild the store")
+        if (
+            missing
+            or not isinstance(header["shards"], list)
+            or not all(isinstance(s, dict) and isinstance(s.get("files"), dict) for s in header["shards"])
+        ):
+            raise UserError(
+                f"{path}: logit store header is damaged (missing or malformed {missing or ['shards']}); "
+                "rebuild the store"
+            )
         for s in header["shards"]:
             for fname, size in s["files"].items():
                 p = self.folder / fname
                 if not p.is_file() or p.stat().st_size != size:
-                    raise UserError(f"{p}: logit store shard file missing or truncated (expected {size} bytes); rebuild the store")
+                    raise UserError(
+                        f"{p}: logit store shard file missing or truncated (expected {size} bytes); rebuild the store"
+                    )
         self.header = header
         self.shard_blocks = header["shard_blocks"]
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -261,14 +332,18 @@ class LogitStore:
         """Refuse a store built for other data: one-line UserError naming the field and both values."""
         for key in CHECKED:
             if key in expected and self.header.get(key) != expected[key]:
-                raise UserError(f"{self.folder}: logit store {key} is {self.header.get(key)!r} but this run has "
-                                f"{expected[key]!r}; rebuild the store for this tokenizer/corpus/settings")
+                raise UserError(
+                    f"{self.folder}: logit store {key} is {self.header.get(key)!r} but this run has "
+                    f"{expected[key]!r}; rebuild the store for this tokenizer/corpus/settings"
+                )
 
     def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i not in self._maps:
             name = shard_name(i)
-            self._maps[i] = (np.load(self.folder / f"{name}.indices.npy", mmap_mode="r"),
-                             np.load(self.folder / f"{name}.logprobs.npy", mmap_mode="r"))
+            self._maps[i] = (
+                np.load(self.folder / f"{name}.indices.npy", mmap_mode="r"),
+                np.load(self.folder / f"{name}.logprobs.npy", mmap_mode="r"),
+            )
         return self._maps[i]
 
     def get(self, block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

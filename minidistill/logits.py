@@ -24,13 +24,27 @@ import inspect
 
 import torch
 
-__all__ = ["unwrap", "hf_model", "model_device", "split_head", "head_logits", "next_token_logits", "response_logits",
-           "response_hidden", "length_chunks"]
+__all__ = [
+    "unwrap",
+    "hf_model",
+    "model_device",
+    "split_head",
+    "head_logits",
+    "next_token_logits",
+    "response_logits",
+    "response_hidden",
+    "length_chunks",
+]
 
 # config attributes of models whose logits are not head(hidden) (Gemma soft-capping, Cohere
 # logit_scale, Granite logits_scaling, ...): no split for those
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,8 +114,16 @@ def next_token_logits(model, input_ids, attention_mask=None, vocab: int | None =
     return z[..., :vocab] if vocab is not None and z.shape[-1] > vocab else z
 
 
-def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, vocab: int | None = None, *,
-                    hidden: torch.Tensor | None = None):
+def response_logits(
+    model,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    vocab: int | None = None,
+    *,
+    hidden: torch.Tensor | None = None,
+):
     """Logits predicting each response token: (B, T, V), on the model's device; position P-1+t predicts y_t.
 
     Prompts LEFT-padded (B, P), responses RIGHT-padded (B, T), moved to the model's device. Only
@@ -119,10 +141,13 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask,
     ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     if accepts_logits_to_keep(model):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1,
-                       use_cache=False).logits[:, :T]
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False
+        ).logits[:, :T]
     else:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, P - 1:P - 1 + T]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[
+            :, P - 1 : P - 1 + T
+        ]
     return logits if vocab is None else logits[..., :vocab]
 
 
@@ -132,7 +157,7 @@ def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
     ids, mask, pos = _inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     h = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    return h[:, P - 1:P - 1 + T]
+    return h[:, P - 1 : P - 1 + T]
 
 
 def length_chunks(prompt_mask: torch.Tensor, response_mask: torch.Tensor, rows_per_chunk: int):
@@ -148,5 +173,5 @@ def length_chunks(prompt_mask: torch.Tensor, response_mask: torch.Tensor, rows_p
     order = torch.argsort(plen, stable=True)
     P = prompt_mask.shape[1]
     for i in range(0, order.numel(), max(1, rows_per_chunk)):
-        rows = order[i:i + rows_per_chunk]
+        rows = order[i : i + rows_per_chunk]
         yield rows, P - int(plen[rows].max()), max(1, int(tlen[rows].max()))

@@ -45,8 +45,8 @@ from transformers import get_scheduler
 
 from . import checkpoint as ckpt
 from . import schedules
-from .models import train_mode
 from .errors import UserError
+from .models import train_mode
 from .tracking import console, fmt
 
 
@@ -146,8 +146,10 @@ def train(
     ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM)."""
     acc = run.accelerator
     if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
-        raise UserError(f"stage '{cfg.name}': grad_accum {cfg.grad_accum} under DeepSpeed; use grad_accum: 1 and a larger "
-                        "batch_size (DeepSpeed steps the optimizer inside backward, not after the loop's micro-batches)")
+        raise UserError(
+            f"stage '{cfg.name}': grad_accum {cfg.grad_accum} under DeepSpeed; use grad_accum: 1 and a larger "
+            "batch_size (DeepSpeed steps the optimizer inside backward, not after the loop's micro-batches)"
+        )
     stage_dir = run.stage_dir(cfg.name)
     ckpt_root = stage_dir / "checkpoints"
     optimizer = make_optimizer(model, cfg)
@@ -156,6 +158,7 @@ def train(
 
     step, best, bad_in_row, skipped = 0, None, 0, 0
     if run.recipe.resume == "auto":
+
         def report(m: str) -> None:
             if acc.is_main_process:
                 console.print(m, style="yellow", markup=False, soft_wrap=True)
@@ -169,7 +172,9 @@ def train(
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "best": best, "skipped_steps": skipped}
-        return ckpt.save_checkpoint(acc, ckpt_root, at_step, model, optimizer, scheduler, source.state_dict(), state, cfg.keep_last)
+        return ckpt.save_checkpoint(
+            acc, ckpt_root, at_step, model, optimizer, scheduler, source.state_dict(), state, cfg.keep_last
+        )
 
     def run_eval(at_step: int) -> None:
         nonlocal best
@@ -181,7 +186,9 @@ def train(
         train_mode(model, dropout)
         run.log(cfg.name, at_step, {f"valid/{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
         if acc.is_main_process:
-            console.print(f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]")
+            console.print(
+                f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]"
+            )
         if best_key is not None and best_key in values:
             v = float(values[best_key])
             better = best is None or (v < best["value"] if best_mode == "min" else v > best["value"])
@@ -211,7 +218,9 @@ def train(
                     loss, metrics = loss_fn(model, batch, step)
                     terms = loss if isinstance(loss, dict) else {"loss": loss}
                     if list(terms) != names:
-                        raise ValueError(f"stage '{cfg.name}': the loss returned terms {list(terms)}, the batch counts {names}")
+                        raise ValueError(
+                            f"stage '{cfg.name}': the loss returned terms {list(terms)}, the batch counts {names}"
+                        )
                     objective = None
                     for k, scale in zip(names, scales):
                         objective = terms[k] * scale if objective is None else objective + terms[k] * scale
@@ -223,7 +232,9 @@ def train(
             total_loss = sum(term_sums)
             grad_norm = None
             if cfg.grad_clip is not None and cfg.grad_clip > 0:
-                norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # None under DeepSpeed before its first step
+                norm = acc.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip
+                )  # None under DeepSpeed before its first step
                 grad_norm = None if norm is None else float(norm)
             finite = math.isfinite(total_loss) and (grad_norm is None or math.isfinite(grad_norm))
             if finite:
@@ -234,15 +245,19 @@ def train(
                 bad_in_row += 1
                 msg = f"stage '{cfg.name}' step {step + 1}: non-finite loss or gradient (loss {total_loss}, grad norm {grad_norm})"
                 if cfg.nan_policy == "stop" or bad_in_row >= cfg.max_bad_steps:
-                    raise UserError(msg + f"; stopping ({bad_in_row} bad step(s) in a row, nan_policy={cfg.nan_policy})")
+                    raise UserError(
+                        msg + f"; stopping ({bad_in_row} bad step(s) in a row, nan_policy={cfg.nan_policy})"
+                    )
                 console.print(f"[yellow]{msg}; step skipped[/]")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
             values = {
-                "loss": sum(float(x) / max(n, 1.0) for x, n in
-                            zip(acc.reduce(torch.tensor(term_sums, device=acc.device), "sum"), global_counts)),
+                "loss": sum(
+                    float(x) / max(n, 1.0)
+                    for x, n in zip(acc.reduce(torch.tensor(term_sums, device=acc.device), "sum"), global_counts)
+                ),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens": global_counts[0],
                 "tokens_per_s": global_counts[0] / dt,
@@ -261,7 +276,12 @@ def train(
             if stop.requested:
                 where = save(step)
                 bar.close()
-                console.print(f"stopped by signal at step {step}; checkpoint: {where}", style="yellow", markup=False, soft_wrap=True)
+                console.print(
+                    f"stopped by signal at step {step}; checkpoint: {where}",
+                    style="yellow",
+                    markup=False,
+                    soft_wrap=True,
+                )
                 stopped = True
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:

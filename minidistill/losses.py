@@ -49,7 +49,9 @@ def log_mix(loga: Tensor, logb: Tensor, w: float) -> Tensor:
     if w == 1:
         return loga
     dt = torch.promote_types(loga.dtype, logb.dtype)
-    return torch.logaddexp(loga + torch.log(torch.tensor(w, dtype=dt)), logb + torch.log(torch.tensor(1.0 - w, dtype=dt)))
+    return torch.logaddexp(
+        loga + torch.log(torch.tensor(w, dtype=dt)), logb + torch.log(torch.tensor(1.0 - w, dtype=dt))
+    )
 
 
 def forward_kl(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -145,14 +147,18 @@ def _check(kind: str, truncated: bool, temperature: float, skew: float, beta: fl
     if kind not in KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
     if not (temperature > 0 and 0 <= skew <= 1 and 0 <= beta <= 1 and chunk_size >= 1):
-        raise ValueError(f"need temperature > 0, skew and beta in [0, 1], chunk_size >= 1; got "
-                         f"{temperature=}, {skew=}, {beta=}, {chunk_size=}")
+        raise ValueError(
+            f"need temperature > 0, skew and beta in [0, 1], chunk_size >= 1; got "
+            f"{temperature=}, {skew=}, {beta=}, {chunk_size=}"
+        )
     if truncated and kind == "mse":
         raise ValueError("kind 'mse' needs full teacher logits, not a truncated teacher distribution")
     if truncated and (kind == "rkl" or (kind == "jsd" and beta == 1) or (kind == "skew_rkl" and skew == 0)):
-        raise ValueError(f"kind {kind!r} (skew={skew}, beta={beta}) is reverse KL, which is +inf against a "
-                         "truncated teacher (the student always has mass outside the kept tokens); use full "
-                         "teacher logits, or fkl / skew_rkl with skew > 0 / jsd with beta < 1 / tv")
+        raise ValueError(
+            f"kind {kind!r} (skew={skew}, beta={beta}) is reverse KL, which is +inf against a "
+            "truncated teacher (the student always has mass outside the kept tokens); use full "
+            "teacher logits, or fkl / skew_rkl with skew > 0 / jsd with beta < 1 / tv"
+        )
 
 
 class LossSums(NamedTuple):
@@ -222,8 +228,10 @@ def ce_and_divergence(
         raise ValueError(f"vocab {vocab} must be in [1, {Vs}] (the student head's width)")
     if truncated:
         if teacher.indices.shape != teacher.logprobs.shape or teacher.indices.shape[:2] != (B, T):
-            raise ValueError(f"truncated teacher shapes {tuple(teacher.indices.shape)}, "
-                             f"{tuple(teacher.logprobs.shape)} do not match (B, T, K) with {(B, T)}")
+            raise ValueError(
+                f"truncated teacher shapes {tuple(teacher.indices.shape)}, "
+                f"{tuple(teacher.logprobs.shape)} do not match (B, T, K) with {(B, T)}"
+            )
     elif teacher is not None:
         if vocab is None and teacher.shape != student_logits.shape:
             raise ValueError(f"teacher logits shape {tuple(teacher.shape)} != student {tuple(student_logits.shape)}")
@@ -241,12 +249,12 @@ def ce_and_divergence(
     tau = float(temperature)
     if not truncated and teacher is not None and y is not None and kind == "fkl" and tau == 1 and v == Vs:
         t_full = teacher.detach()
-        kl, ce = RowForwardKLCE.apply(rows, valid_rows(t_full[..., :v] if t_full.shape[-1] > v else t_full), y,
-                                      int(chunk_size))
+        kl, ce = RowForwardKLCE.apply(
+            rows, valid_rows(t_full[..., :v] if t_full.shape[-1] > v else t_full), y, int(chunk_size)
+        )
         return LossSums(ce.sum(), kl.sum(), keep.sum(), None)
 
     if truncated:
-        K = teacher.indices.shape[-1]
         t_idx = valid_rows(teacher.indices).long().split(chunk_size)  # (n, K) chunks
         t_rows = valid_rows(teacher.logprobs.detach()).split(chunk_size)  # (n, K) chunks
     elif teacher is not None:
@@ -312,8 +320,18 @@ def token_divergence(
     """
     if teacher is None:
         raise ValueError("token_divergence needs a teacher")
-    r = ce_and_divergence(student_logits, teacher, None, mask, kind, temperature=temperature,
-                          student_temperature=student_temperature, skew=skew, beta=beta, chunk_size=chunk_size)
+    r = ce_and_divergence(
+        student_logits,
+        teacher,
+        None,
+        mask,
+        kind,
+        temperature=temperature,
+        student_temperature=student_temperature,
+        skew=skew,
+        beta=beta,
+        chunk_size=chunk_size,
+    )
     return r.divergence, r.count
 
 
@@ -328,8 +346,9 @@ def lm_loss(logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 1
     return r.ce, r.count
 
 
-def forward_kl_and_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *,
-                      chunk_size: int = 512) -> tuple[Tensor, Tensor, Tensor]:
+def forward_kl_and_ce(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor, *, chunk_size: int = 512
+) -> tuple[Tensor, Tensor, Tensor]:
     """(forward-KL sum, cross-entropy sum, count) over valid positions, in one fused pass.
 
     :func:`ce_and_divergence` with kind fkl at tau = 1 (the fused ``kernels.RowForwardKLCE``):
@@ -347,8 +366,9 @@ def forward_kl_and_ce(student_logits: Tensor, teacher_logits: Tensor, labels: Te
 # ---------------------------------------------------------------- truncation (PD "top-p-k")
 
 
-def truncate_top_p_k(teacher_logits: Tensor, top_p: float = 0.95, top_k: int = 50, *, renormalize: bool = True,
-                     chunk_rows: int = 32) -> Truncated:
+def truncate_top_p_k(
+    teacher_logits: Tensor, top_p: float = 0.95, top_k: int = 50, *, renormalize: bool = True, chunk_rows: int = 32
+) -> Truncated:
     """Keep, per position, the smallest descending prefix whose probability reaches ``top_p``
     (at least 1 token, at most ``top_k``; top_p = 1 keeps all top_k). Log-probs at tau = 1 are
     renormalised over the kept set (``renormalize=False``: the teacher's full-softmax log-probs on

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import UserError
 
@@ -74,7 +74,9 @@ def resolve_path(model: str, gguf_file: str | None = None) -> tuple[str, str | N
         return model, gguf_file
     looks_local = model.startswith((".", "/", "~")) or os.path.exists(model) or model.count("/") != 1
     if looks_local and not Path(model).expanduser().is_dir():
-        raise UserError(f"model '{model}': no such folder (expected a local model folder, a hub id 'owner/name', a .gguf file or pkg:<package>)")
+        raise UserError(
+            f"model '{model}': no such folder (expected a local model folder, a hub id 'owner/name', a .gguf file or pkg:<package>)"
+        )
     return str(Path(model).expanduser()) if looks_local else model, None
 
 
@@ -94,7 +96,9 @@ def dequantize_gguf(folder: str, gguf_file: str) -> Path:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     except Exception as e:  # corrupt/unsupported file
-        raise UserError(f"gguf_file '{Path(folder) / gguf_file}': cannot load as GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"gguf_file '{Path(folder) / gguf_file}': cannot load as GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     # The weights are plain float tensors now; drop the quantizer so save_pretrained works.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -151,8 +155,10 @@ def _load_error(model: str, e: Exception) -> UserError:
     """One line for a model that does not load (missing/corrupt files, custom code, unknown architecture)."""
     msg = " ".join(str(e).split()) or type(e).__name__
     if "trust_remote_code" in msg:
-        return UserError(f"model '{model}': the folder holds custom model code that would have to run to load it; "
-                         "set trust_remote_code: true in the recipe only if you trust that code")
+        return UserError(
+            f"model '{model}': the folder holds custom model code that would have to run to load it; "
+            "set trust_remote_code: true in the recipe only if you trust that code"
+        )
     return UserError(f"model '{model}': cannot load ({type(e).__name__}: {msg[:200]})")
 
 
@@ -246,10 +252,18 @@ def check_lora_targets(model: PreTrainedModel, lora) -> None:
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in lora.target_modules if t not in names]
     if missing or not lora.target_modules:
-        layers = sorted({n.split(".")[-1] for n, m in model.named_modules()
-                         if type(m).__name__ in ("Linear", "Conv1D", "Embedding")} - {""})
-        raise UserError(f"student.lora.target_modules: {missing or 'an empty list'} not found in the model "
-                        f"(its linear/embedding layers: {', '.join(layers)})")
+        layers = sorted(
+            {
+                n.split(".")[-1]
+                for n, m in model.named_modules()
+                if type(m).__name__ in ("Linear", "Conv1D", "Embedding")
+            }
+            - {""}
+        )
+        raise UserError(
+            f"student.lora.target_modules: {missing or 'an empty list'} not found in the model "
+            f"(its linear/embedding layers: {', '.join(layers)})"
+        )
 
 
 def add_lora(model: PreTrainedModel, lora) -> PreTrainedModel:
@@ -257,8 +271,13 @@ def add_lora(model: PreTrainedModel, lora) -> PreTrainedModel:
     from peft import get_peft_model
 
     check_lora_targets(model, lora)
-    cfg = PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                   target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    cfg = PeftLora(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, cfg)
 
 

@@ -41,12 +41,18 @@ def check_output_dir(recipe: RecipeConfig, resolved: str) -> None:
             pass
         elif recipe.resume == "auto":
             if not same:
-                raise UserError(f"recipe.output_dir: '{out}' holds a run of a different recipe; resume needs the same recipe (or set overwrite=true)")
+                raise UserError(
+                    f"recipe.output_dir: '{out}' holds a run of a different recipe; resume needs the same recipe (or set overwrite=true)"
+                )
         else:
-            raise UserError(f"recipe.output_dir: '{out}' already holds a run; set resume=auto to continue it or overwrite=true to replace it")
+            raise UserError(
+                f"recipe.output_dir: '{out}' already holds a run; set resume=auto to continue it or overwrite=true to replace it"
+            )
     elif out.is_dir() and any(not _leftover(p) for p in out.iterdir()):
-        raise UserError(f"recipe.output_dir: '{out}' is not empty and holds no minidistill run (no recipe.yaml); "
-                        "use a new or empty folder")
+        raise UserError(
+            f"recipe.output_dir: '{out}' is not empty and holds no minidistill run (no recipe.yaml); "
+            "use a new or empty folder"
+        )
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

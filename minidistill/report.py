@@ -49,19 +49,43 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 
 
 LABELS = {
-    "loss": "train loss", "valid/loss": "valid loss", "valid/total": "valid loss (training mix)",
-    "valid/kd": "valid KD divergence", "rkl_estimate": "reverse KL estimate (rollouts)",
+    "loss": "train loss",
+    "valid/loss": "valid loss",
+    "valid/total": "valid loss (training mix)",
+    "valid/kd": "valid KD divergence",
+    "rkl_estimate": "reverse KL estimate (rollouts)",
     "mix_log_ratio": "log q - log p on mixture samples",
-    "single_step_kl": "single-step KL", "reward": "reward", "response_length": "rollout length",
-    "valid/mean_length": "valid generation length", "clip_frac": "clip fraction", "lm_loss": "LM loss",
-    "kd_loss": "KD loss", "valid/kd_loss": "valid KD loss", "alpha": "alpha", "valid/ppl": "valid perplexity",
-    "valid/rougeL": "valid ROUGE-L", "lr": "learning rate", "teacher_kept_mass": "teacher kept mass",
-    "student_kept_mass": "student mass on kept tokens", "pg_loss": "policy-gradient loss",
+    "single_step_kl": "single-step KL",
+    "reward": "reward",
+    "response_length": "rollout length",
+    "valid/mean_length": "valid generation length",
+    "clip_frac": "clip fraction",
+    "lm_loss": "LM loss",
+    "kd_loss": "KD loss",
+    "valid/kd_loss": "valid KD loss",
+    "alpha": "alpha",
+    "valid/ppl": "valid perplexity",
+    "valid/rougeL": "valid ROUGE-L",
+    "lr": "learning rate",
+    "teacher_kept_mass": "teacher kept mass",
+    "student_kept_mass": "student mass on kept tokens",
+    "pg_loss": "policy-gradient loss",
 }
 
 LR_PLOT = Plot("lr", ["lr"], "Learning rate schedule", "learning rate", smooth=False)
-SKIP_KEYS = {"time", "stage", "step", "tokens", "tokens_per_s", "step_time_s", "skipped_steps", "grad_norm",
-             "ratio_new_old", "eos_rate", "pg_loss"}
+SKIP_KEYS = {
+    "time",
+    "stage",
+    "step",
+    "tokens",
+    "tokens_per_s",
+    "step_time_s",
+    "skipped_steps",
+    "grad_norm",
+    "ratio_new_old",
+    "eos_rate",
+    "pg_loss",
+}
 
 EVAL_METRICS = [  # key, column title, axis label, "higher"/"lower" is better
     ("rougeL", "ROUGE-L", "ROUGE-L F (x100)", "higher"),
@@ -187,8 +211,7 @@ def load_run(run_dir: str | Path) -> RunData:
         if isinstance(s, dict) and _num(s.get("rougeL")) is not None:
             name = _row_name(path.parent, run_dir)
             data.summaries.append((name, s))
-            found.setdefault(name, {"model": name}).update(
-                {"rougeL": s["rougeL"], "mean_length": s.get("mean_length")})
+            found.setdefault(name, {"model": name}).update({"rougeL": s["rougeL"], "mean_length": s.get("mean_length")})
     for path in sorted(run_dir.rglob("analysis.json")):
         a = _read_json(path, data.problems)
         if isinstance(a, dict) and "samples" in a:
@@ -342,8 +365,14 @@ def plot_eval_bars(rows: list[dict], key: str, title: str, xlabel: str, better: 
     ax.grid(False, axis="y")
     span = max(abs(v) for v in values) or 1.0
     for yi, v in zip(y, values):
-        ax.text(v + 0.01 * span if v >= 0 else v - 0.01 * span, yi, f"{v:.3g}", va="center",
-                ha="left" if v >= 0 else "right", fontsize=8)
+        ax.text(
+            v + 0.01 * span if v >= 0 else v - 0.01 * span,
+            yi,
+            f"{v:.3g}",
+            va="center",
+            ha="left" if v >= 0 else "right",
+            fontsize=8,
+        )
     lo, hi = min(0.0, min(values)), max(0.0, max(values))
     ax.set_xlim(lo - (0.15 * span if lo < 0 else 0), hi + 0.15 * span)
     suffix = f" ({better} is better)" if better else ""
@@ -385,8 +414,15 @@ def plot_reliability(analyses: list[tuple[str, dict]], path: Path) -> Path | Non
         if not pts:
             continue
         label = f"{name} (ECE {100 * cal.get('ece', float('nan')):.1f}%)"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[i % len(COLORS)], markersize=3.5,
-                linewidth=1.3, label=label)
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            "o-",
+            color=COLORS[i % len(COLORS)],
+            markersize=3.5,
+            linewidth=1.3,
+            label=label,
+        )
         drawn += 1
     if not drawn:
         return None
@@ -426,15 +462,23 @@ def _stage_summary(data: RunData, stage: str) -> list[str]:
     _, loss = data.series(stage, "loss")
     tokens = sum(_num(r.get("tokens")) or 0.0 for r in rows if "loss" in r)
     valid_keys = [k for k in data.keys(stage) if k.startswith("valid/")]
-    last_valid = ", ".join(f"{k[6:]} {_f(data.series(stage, k)[1][-1])}" for k in valid_keys if data.series(stage, k)[1])
+    last_valid = ", ".join(
+        f"{k[6:]} {_f(data.series(stage, k)[1][-1])}" for k in valid_keys if data.series(stage, k)[1]
+    )
     final_loss = smooth(loss)[-1] if loss else None
     walls = [w for w in (_num(r.get("stage_wall_s")) for r in rows) if w is not None]
     # the run logs each stage's wall time when it ends (summed over resumed parts); older runs: the
     # span of its metric rows, which misses the time before the first row
     wall = sum(walls) if walls else (max(times) - min(times) if len(times) > 1 else None)
-    return [stage, stage_type(data, stage), str(int(max(steps))) if steps else "-",
-            _duration(wall) if wall is not None else "-",
-            f"{tokens:,.0f}" if tokens else "-", _f(final_loss), last_valid or "-"]
+    return [
+        stage,
+        stage_type(data, stage),
+        str(int(max(steps))) if steps else "-",
+        _duration(wall) if wall is not None else "-",
+        f"{tokens:,.0f}" if tokens else "-",
+        _f(final_loss),
+        last_valid or "-",
+    ]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -452,14 +496,20 @@ def write_report(run_dir: str | Path) -> Path:
     data = load_run(run_dir)
     run_dir = data.run_dir
     plots_dir = run_dir / "plots"
-    md: list[str] = [f"# Run report: {run_dir.resolve().name}", "",
-                     f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir}`.", ""]
+    md: list[str] = [
+        f"# Run report: {run_dir.resolve().name}",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from `{run_dir}`.",
+        "",
+    ]
 
     # ---- stages
     md += ["## Stages", ""]
     if data.stage_order:
-        md += _md_table(["stage", "type", "steps", "wall time", "train tokens", "final train loss (smoothed)", "last validation"],
-                        [_stage_summary(data, s) for s in data.stage_order])
+        md += _md_table(
+            ["stage", "type", "steps", "wall time", "train tokens", "final train loss (smoothed)", "last validation"],
+            [_stage_summary(data, s) for s in data.stage_order],
+        )
     else:
         md.append("No stages in recipe.yaml and no metrics.jsonl rows.")
     md.append("")
@@ -468,14 +518,29 @@ def write_report(run_dir: str | Path) -> Path:
     if data.eval_rows:
         md += ["## Evaluation", ""]
         cols = [m for m in EVAL_METRICS if any(_num(r.get(m[0])) is not None for r in data.eval_rows)]
-        extra = sorted({k for r in data.eval_rows for k, v in r.items()
-                        if k != "model" and _num(v) is not None and k not in {c[0] for c in EVAL_METRICS}})
+        extra = sorted(
+            {
+                k
+                for r in data.eval_rows
+                for k, v in r.items()
+                if k != "model" and _num(v) is not None and k not in {c[0] for c in EVAL_METRICS}
+            }
+        )
         header = ["model"] + [c[1] for c in cols] + extra
-        md += _md_table(header, [[str(r["model"])] + [_f(r.get(c[0])) for c in cols] + [_f(r.get(k)) for k in extra]
-                                 for r in data.eval_rows])
-        md += ["", "ROUGE-L: F-measure x100 (eval/instruct_eval.py). Reverse KL = KL(q||p) per token on the model's own "
-               "samples, forward KL = KL(p||q) per token on the teacher's samples (eval/analyze.py; nats/token). "
-               "ECE and Dist-4 are fractions.", ""]
+        md += _md_table(
+            header,
+            [
+                [str(r["model"])] + [_f(r.get(c[0])) for c in cols] + [_f(r.get(k)) for k in extra]
+                for r in data.eval_rows
+            ],
+        )
+        md += [
+            "",
+            "ROUGE-L: F-measure x100 (eval/instruct_eval.py). Reverse KL = KL(q||p) per token on the model's own "
+            "samples, forward KL = KL(p||q) per token on the teacher's samples (eval/analyze.py; nats/token). "
+            "ECE and Dist-4 are fractions.",
+            "",
+        ]
         for key, title, xlabel, better in cols:
             p = plot_eval_bars(data.eval_rows, key, title, xlabel, better, plots_dir / f"eval_{_safe(key)}.png")
             if p:
@@ -489,18 +554,44 @@ def write_report(run_dir: str | Path) -> Path:
             s, ref, cal = a.get("samples") or {}, a.get("reference") or {}, a.get("calibration") or {}
             ts = a.get("teacher_samples") or {}
             exacc = a.get("exaccerr") or {}
-            rows.append([name, _f(s.get("reverse_kl")), _f(ts.get("forward_kl")), _f(ref.get("reverse_kl")),
-                         _f(ref.get("forward_kl")), _f(100 * s["distinct_4"] if _num(s.get("distinct_4")) is not None else None),
-                         _f(100 * cal["ece"] if _num(cal.get("ece")) is not None else None),
-                         _f(cal.get("accuracy")),
-                         ", ".join(f"{n}: {_f(v, '.1f')}" for n, v in exacc.items()) or "-"])
-        md += _md_table(["model", "rev KL (own samples)", "fwd KL (teacher samples)", "rev KL (gold)", "fwd KL (gold)",
-                         "Dist-4 x100", "ECE x100", "top-1 acc (gold)", "ExAccErr(l) %"], rows)
-        md += ["", "ExAccErr(l) = (R(l) - l*eps(l)) / (l*eps(l)) x 100 %: R(l) = forward KL(p||q) summed over the first l "
-               "steps of the model's own samples, l*eps(l) = the same over the teacher's samples (MiniLLM; Arora et al. "
-               "2022). Near 0: no error beyond what the model makes on teacher prefixes.", ""]
-        for fn, fname, alt in ((plot_exposure_bias, "exposure_bias.png", "ExAccErr"),
-                               (plot_reliability, "calibration.png", "reliability diagram")):
+            rows.append(
+                [
+                    name,
+                    _f(s.get("reverse_kl")),
+                    _f(ts.get("forward_kl")),
+                    _f(ref.get("reverse_kl")),
+                    _f(ref.get("forward_kl")),
+                    _f(100 * s["distinct_4"] if _num(s.get("distinct_4")) is not None else None),
+                    _f(100 * cal["ece"] if _num(cal.get("ece")) is not None else None),
+                    _f(cal.get("accuracy")),
+                    ", ".join(f"{n}: {_f(v, '.1f')}" for n, v in exacc.items()) or "-",
+                ]
+            )
+        md += _md_table(
+            [
+                "model",
+                "rev KL (own samples)",
+                "fwd KL (teacher samples)",
+                "rev KL (gold)",
+                "fwd KL (gold)",
+                "Dist-4 x100",
+                "ECE x100",
+                "top-1 acc (gold)",
+                "ExAccErr(l) %",
+            ],
+            rows,
+        )
+        md += [
+            "",
+            "ExAccErr(l) = (R(l) - l*eps(l)) / (l*eps(l)) x 100 %: R(l) = forward KL(p||q) summed over the first l "
+            "steps of the model's own samples, l*eps(l) = the same over the teacher's samples (MiniLLM; Arora et al. "
+            "2022). Near 0: no error beyond what the model makes on teacher prefixes.",
+            "",
+        ]
+        for fn, fname, alt in (
+            (plot_exposure_bias, "exposure_bias.png", "ExAccErr"),
+            (plot_reliability, "calibration.png", "reliability diagram"),
+        ):
             p = fn(data.analyses, plots_dir / fname)
             if p:
                 md += [_img(p, run_dir, alt), ""]
@@ -521,8 +612,18 @@ def write_report(run_dir: str | Path) -> Path:
 
     # ---- recipe and problems
     if data.recipe_text is not None:
-        md += ["## Recipe", "", "<details><summary>recipe.yaml</summary>", "", "```yaml",
-               data.recipe_text.rstrip("\n"), "```", "", "</details>", ""]
+        md += [
+            "## Recipe",
+            "",
+            "<details><summary>recipe.yaml</summary>",
+            "",
+            "```yaml",
+            data.recipe_text.rstrip("\n"),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     if data.problems:
         md += ["## Skipped inputs", ""] + [f"- {p}" for p in data.problems] + [""]
 
@@ -537,8 +638,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidistill.report",
-                                description="Write RUN_DIR/report.md and RUN_DIR/plots/*.png from a run folder.")
+    p = argparse.ArgumentParser(
+        prog="python -m minidistill.report",
+        description="Write RUN_DIR/report.md and RUN_DIR/plots/*.png from a run folder.",
+    )
     p.add_argument("run_dir", help="a run's output_dir (metrics.jsonl, recipe.yaml, eval outputs)")
     args = p.parse_args(argv)
     try:

@@ -57,8 +57,13 @@ def preflight(run: Run, student) -> None:
         for split in ("train", "valid"):
             examples = run.instructions(split)
             if examples:
-                data.tokenize_prompts(examples, run.tokenizer, template=d.template,
-                                      max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+                data.tokenize_prompts(
+                    examples,
+                    run.tokenizer,
+                    template=d.template,
+                    max_prompt_length=d.max_prompt_length,
+                    long_prompt=d.long_prompt,
+                )
     for s in r.stages:
         st = stage(s.type)
         if st.provides_corpus(s):
@@ -83,8 +88,10 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     if run.accelerator.is_main_process:
         prepare_output_dir(recipe, resolved)
     run.accelerator.wait_for_everyone()
-    console.print(f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
-                  f"precision {run.precision}{' (auto)' if run.recipe.precision == 'auto' else ''}")
+    console.print(
+        f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
+        f"precision {run.precision}{' (auto)' if run.recipe.precision == 'auto' else ''}"
+    )
     finals = {}
     for index, cfg in enumerate(recipe.stages):
         final = run.stage_dir(cfg.name) / "final"
@@ -107,8 +114,10 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         result = st.run(run, cfg, student)
         run.log(cfg.name, result.step, {"stage_wall_s": time.time() - t0})  # the report's wall time
         if result.stopped:
-            raise StoppedBySignal(f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
-                                  "run again with resume=auto to continue")
+            raise StoppedBySignal(
+                f"stage '{cfg.name}' stopped at step {result.step}, checkpoint {result.checkpoint}; "
+                "run again with resume=auto to continue"
+            )
         run.export(result.model, final)
         student = result.model.merge_and_unload() if models.is_peft(result.model) else result.model
         if getattr(student, "is_activation_checkpointing", False):

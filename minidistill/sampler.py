@@ -46,9 +46,16 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .logits import (
+    accepts_logits_to_keep,
+    length_chunks,
+    model_device,
+    response_hidden,
+    response_logits,
+    split_head,
+    unwrap,
+)
 from .losses import log_mix
-from .logits import (accepts_logits_to_keep, length_chunks, model_device, response_hidden, response_logits, split_head,
-                     unwrap)
 
 __all__ = ["Rollout", "process_logits", "sample", "score"]
 
@@ -99,10 +106,7 @@ class Rollout:
 
     def split(self, minibatch_size: int) -> list[Rollout]:
         """Consecutive minibatches of ``minibatch_size`` rows (the last may be smaller)."""
-        return [
-            self.select(slice(i, i + minibatch_size))
-            for i in range(0, self.batch_size, minibatch_size)
-        ]
+        return [self.select(slice(i, i + minibatch_size)) for i in range(0, self.batch_size, minibatch_size)]
 
 
 RESPONSE_FIELDS = ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp", "teacher_hidden")
@@ -112,9 +116,7 @@ def _maybe(x, fn):
     return None if x is None else fn(x)
 
 
-def process_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p (the order of HF ``generate``) on float32 logits.
 
     Works on (..., V) with or without grad (filtered entries become -inf; use ``log_softmax``
@@ -160,8 +162,13 @@ class _Stepper:
         self.dev = model_device(model)
 
     def __call__(self, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor | None]:
-        args = dict(input_ids=ids.to(self.dev), attention_mask=mask.to(self.dev), position_ids=pos.to(self.dev),
-                    past_key_values=self.cache, use_cache=True)
+        args = dict(
+            input_ids=ids.to(self.dev),
+            attention_mask=mask.to(self.dev),
+            position_ids=pos.to(self.dev),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         if self.split is not None:
             backbone, head = self.split
             h = backbone(**args).last_hidden_state[:, -1, :]  # (Ba, H)
@@ -230,13 +237,13 @@ def sample(
     student, teacher = unwrap(student), unwrap(teacher)
     widths = {w for w in (_head_rows(student), _head_rows(teacher)) if w is not None}
     if vocab is None and len(widths) > 1:
-        raise ValueError(f"student and teacher heads differ in width ({sorted(widths)} rows): pass "
-                         "vocab=len(tokenizer) so both distributions are over the same tokens")
+        raise ValueError(
+            f"student and teacher heads differ in width ({sorted(widths)} rows): pass "
+            "vocab=len(tokenizer) so both distributions are over the same tokens"
+        )
     dev = model_device(student)
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
-    eos = torch.as_tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev
-    )
+    eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     a = float(mix_alpha)
     settings = (temperature, top_k, top_p)
     flags = [(m, m.training) for m in (*student.modules(), *teacher.modules())]  # per module: a policy
@@ -250,7 +257,9 @@ def sample(
                 settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden, vocab,
             )  # fmt: skip
             if not teacher_steps:
-                ro.teacher_logp, ro.teacher_hidden = score(teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab)
+                ro.teacher_logp, ro.teacher_hidden = score(
+                    teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab
+                )
             return ro
     finally:
         for m, flag in flags:
@@ -341,8 +350,10 @@ def _sample_loop(
         if teacher is not None:
             logp = torch.log_softmax(process_logits(outs[1][0][:, :vocab].to(dev), *settings), -1)  # (Ba, V)
             if logp.shape[-1] != logq.shape[-1]:
-                raise ValueError(f"student and teacher heads differ in width ({logq.shape[-1]} vs {logp.shape[-1]} "
-                                 "rows): pass vocab=len(tokenizer) so both distributions are over the same tokens")
+                raise ValueError(
+                    f"student and teacher heads differ in width ({logq.shape[-1]} vs {logp.shape[-1]} "
+                    "rows): pass vocab=len(tokenizer) so both distributions are over the same tokens"
+                )
             h = outs[1][1]
             if h is not None:
                 if hidden is None:

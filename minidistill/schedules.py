@@ -65,8 +65,16 @@ def linear_ramp(step: int, total_steps: int, start: float, end: float) -> float:
     return start + (end - start) * t
 
 
-def alpha_at(step: int, total_steps: int, *, schedule: str = "constant", alpha: float = 0.9,
-             alpha_min: float = 0.0, warmup_steps: int = 0, decay_steps: int | None = None) -> float:
+def alpha_at(
+    step: int,
+    total_steps: int,
+    *,
+    schedule: str = "constant",
+    alpha: float = 0.9,
+    alpha_min: float = 0.0,
+    warmup_steps: int = 0,
+    decay_steps: int | None = None,
+) -> float:
     """The KD weight for optimizer step ``step`` (0-based) of ``total_steps``."""
     if schedule == "constant":
         return float(alpha)

@@ -54,10 +54,19 @@ def save_tiny_teacher(out: Path, hidden: int = 32, max_positions: int = 512) -> 
 
     tok = make_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     out = Path(out)
     model.save_pretrained(out)
@@ -68,12 +77,16 @@ def save_tiny_teacher(out: Path, hidden: int = 32, max_positions: int = 512) -> 
 def write_tiny_data(folder: Path) -> dict:
     """train/valid instruction jsonl and a corpus text file in ``folder``; returns their paths."""
     folder = Path(folder)
-    train = write_jsonl(folder / "train.jsonl", [
-        {"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS * 3])
-    valid = write_jsonl(folder / "valid.jsonl", [
-        {"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS[:4]])
+    train = write_jsonl(
+        folder / "train.jsonl", [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS * 3]
+    )
+    valid = write_jsonl(
+        folder / "valid.jsonl", [{"instruction": i, "input": x, "output": o} for i, x, o in INSTRUCTIONS[:4]]
+    )
     corpus = folder / "corpus.txt"
-    corpus.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(60)))
+    corpus.write_text(
+        "\n\n".join(f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(60))
+    )
     return {"train": str(train), "valid": str(valid), "corpus": str(corpus)}
 
 
@@ -85,8 +98,15 @@ def tiny_recipe(tmp_path: Path, tiny_dir: Path, tiny_data: dict, stages: list[di
         "device": "cpu",
         "teacher": {"model": str(tiny_dir)},
         "student": {"init": "prune", "keep_layers": [0, 3]},
-        "data": {"train": tiny_data["train"], "valid": tiny_data["valid"], "max_prompt_length": 224,
-                 "max_length": 288, "corpus": [tiny_data["corpus"]], "block_len": 32, "valid_blocks": 4},
+        "data": {
+            "train": tiny_data["train"],
+            "valid": tiny_data["valid"],
+            "max_prompt_length": 224,
+            "max_length": 288,
+            "corpus": [tiny_data["corpus"]],
+            "block_len": 32,
+            "valid_blocks": 4,
+        },
         "stages": stages,
     }
     recipe.update(top)
@@ -116,8 +136,16 @@ class FakeAccelerator:
         pass
 
 
-def fake_run(teacher, tokenizer, *, seed: int = 0, vocab_size: int | None = None, template: str = "alpaca",
-             max_prompt_length: int = 224, long_prompt: str = "drop"):
+def fake_run(
+    teacher,
+    tokenizer,
+    *,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    template: str = "alpaca",
+    max_prompt_length: int = 224,
+    long_prompt: str = "drop",
+):
     """A stand-in for ``minidistill.context.Run`` with what the sampling/rollout helpers of the stages
     read: accelerator, device, teacher, tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
     and recipe.data.template/max_prompt_length/long_prompt."""
@@ -126,6 +154,12 @@ def fake_run(teacher, tokenizer, *, seed: int = 0, vocab_size: int | None = None
     import torch
 
     data = SimpleNamespace(template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt)
-    return SimpleNamespace(accelerator=FakeAccelerator(), device=torch.device("cpu"), teacher=teacher, precision="fp32",
-                           tokenizer=tokenizer, vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
-                           recipe=SimpleNamespace(seed=seed, data=data))
+    return SimpleNamespace(
+        accelerator=FakeAccelerator(),
+        device=torch.device("cpu"),
+        teacher=teacher,
+        precision="fp32",
+        tokenizer=tokenizer,
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
+        recipe=SimpleNamespace(seed=seed, data=data),
+    )

@@ -29,7 +29,10 @@ def make_tokenizer(*, add_bos: bool = False, chat_template: bool = True, pad: bo
             single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
         )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS, bos_token=BOS, pad_token=PAD if pad else None,
+        tokenizer_object=backend,
+        eos_token=EOS,
+        bos_token=BOS,
+        pad_token=PAD if pad else None,
     )
     if chat_template:
         tok.chat_template = CHAT_TEMPLATE
@@ -43,9 +46,16 @@ def tiny_llama(tokenizer, *, seed: int = 0, max_positions: int = 1024):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval()

@@ -79,21 +79,64 @@ def stage_list(kind: str, steps: int = STEPS) -> list[dict]:
     """The recipe stages for one harness stage; the last one is the trained stage checked."""
     common = {"max_steps": steps, "save_every": 1, "keep_last": 2, "eval_every": max(1, steps // 3)}
     if kind == "sft":
-        return [dict(common, type="sft", name="sft", batch_size=2, grad_accum=2, lr=3e-3, scheduler="cosine",
-                     warmup_steps=3)]
-    pd = dict(common, type="pd", name="pd", batch_size=4, lr=3e-3, scheduler="wsd", warmup_steps=3, decay_steps=8,
-              alpha_schedule="wsd", alpha=0.9, alpha_min=0.1, top_p=0.95, top_k=20, eval_at_start=True)
+        return [
+            dict(
+                common, type="sft", name="sft", batch_size=2, grad_accum=2, lr=3e-3, scheduler="cosine", warmup_steps=3
+            )
+        ]
+    pd = dict(
+        common,
+        type="pd",
+        name="pd",
+        batch_size=4,
+        lr=3e-3,
+        scheduler="wsd",
+        warmup_steps=3,
+        decay_steps=8,
+        alpha_schedule="wsd",
+        alpha=0.9,
+        alpha_min=0.1,
+        top_p=0.95,
+        top_k=20,
+        eval_at_start=True,
+    )
     if kind == "pd_online":
         return [pd]
     if kind == "pd_offline":
-        return [{"type": "pd_store", "name": "logits", "top_p": 0.95, "top_k": 20, "batch_size": 2, "shard_blocks": 4},
-                dict(pd, teacher_logits="offline")]
+        return [
+            {"type": "pd_store", "name": "logits", "top_p": 0.95, "top_k": 20, "batch_size": 2, "shard_blocks": 4},
+            dict(pd, teacher_logits="offline"),
+        ]
     if kind == "minillm":
-        return [{"type": "sft", "name": "sft0", "max_steps": 5, "batch_size": 4, "lr": 3e-3, "scheduler": "constant",
-                 "eval_every": 0, "save_every": 1},
-                dict(common, type="minillm", name="minillm", lr=1e-3, warmup_steps=2, num_rollouts=8,
-                     rollout_batch_size=4, batch_size=4, ppo_epochs=2, max_new_tokens=12, lm_coef=0.5, kd_ratio=0.5,
-                     lm_batch_size=2, eval_examples=2, eval_max_new_tokens=6)]
+        return [
+            {
+                "type": "sft",
+                "name": "sft0",
+                "max_steps": 5,
+                "batch_size": 4,
+                "lr": 3e-3,
+                "scheduler": "constant",
+                "eval_every": 0,
+                "save_every": 1,
+            },
+            dict(
+                common,
+                type="minillm",
+                name="minillm",
+                lr=1e-3,
+                warmup_steps=2,
+                num_rollouts=8,
+                rollout_batch_size=4,
+                batch_size=4,
+                ppo_epochs=2,
+                max_new_tokens=12,
+                lm_coef=0.5,
+                kd_ratio=0.5,
+                lm_batch_size=2,
+                eval_examples=2,
+                eval_max_new_tokens=6,
+            ),
+        ]
     raise ValueError(kind)
 
 
@@ -267,14 +310,17 @@ def plan_kills(kind: str, n: int, steps: int, rng: random.Random) -> list[dict]:
     extras = extras[: max(0, n - 2)]
     n_export = 1 if n >= 2 else 0
     modes = ["ckpt", "step", "ckpt_late", "startup"]
-    middle = [{"mode": modes[i] if i < len(modes) else rng.choice(modes), "target": rng.randint(1, max(1, steps - 1))}
-              for i in range(n - len(extras) - n_export)]
+    middle = [
+        {"mode": modes[i] if i < len(modes) else rng.choice(modes), "target": rng.randint(1, max(1, steps - 1))}
+        for i in range(n - len(extras) - n_export)
+    ]
     middle.sort(key=lambda k: k["target"])
     return extras + middle + [{"mode": "export"}] * n_export
 
 
-def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: dict, *, steps: int = STEPS,
-              fork: bool = False) -> dict:
+def run_stage(
+    kind: str, kills: int, seed: int, out: Path, teacher: Path, data: dict, *, steps: int = STEPS, fork: bool = False
+) -> dict:
     """Reference run, then ``kills`` SIGKILLs and resumes of the same recipe; the comparison."""
     rng = random.Random(f"{seed}/{kind}")
     folder = out / kind
@@ -335,12 +381,15 @@ def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: 
                 delay = rng.uniform(0.0, startup)
                 record["delay_s"] = round(delay, 3)
                 # or as soon as training starts, if start-up is quicker than measured (a loaded machine)
-                ok = wait_until(proc, lambda: time.monotonic() - t_start >= delay or bool(tail.poll()), delay + 600,
-                                interval=0.005)
+                ok = wait_until(
+                    proc, lambda: time.monotonic() - t_start >= delay or bool(tail.poll()), delay + 600, interval=0.005
+                )
             elif mode in ("step", "ckpt", "ckpt_late"):
                 target = kill["target"]
                 record["target_step"] = target
-                ok = wait_until(proc, lambda: tail.max_step(main_stage) >= target - 1 if target > 1 else True, 600, 0.005)
+                ok = wait_until(
+                    proc, lambda: tail.max_step(main_stage) >= target - 1 if target > 1 else True, 600, 0.005
+                )
                 if ok and mode == "step":
                     delay = rng.uniform(0.0, step_time)
                     record["delay_s"] = round(delay, 4)
@@ -355,7 +404,9 @@ def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: 
                 store = kill_out / stages[0]["name"]
                 n = len(list(store.glob("shard_*.json"))) + kill["shards"]  # shards complete before the kill
                 record["after_shards"] = n
-                ok = wait_until(proc, lambda: len(list(store.glob("shard_*.json"))) >= n and (store / "plan.json").is_file(), 600)
+                ok = wait_until(
+                    proc, lambda: len(list(store.glob("shard_*.json"))) >= n and (store / "plan.json").is_file(), 600
+                )
                 if ok:
                     time.sleep(rng.uniform(0.0, 0.05))
             elif mode == "between":
@@ -380,10 +431,15 @@ def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: 
             proc.wait()
         record["exit"] = proc.returncode
         text = log.read_text(errors="replace")
-        record["resumed_from"] = [line.split(" from ", 1)[1].strip() for line in text.splitlines()
-                                  if line.startswith("resumed stage")]
-        record["skipped_checkpoints"] = [line.strip() for line in text.splitlines() if "skipping" in line and "checkpoint" in line]
-        record["stages_skipped"] = [line.split("'")[1] for line in text.splitlines() if "final/ exists, skipping" in line]
+        record["resumed_from"] = [
+            line.split(" from ", 1)[1].strip() for line in text.splitlines() if line.startswith("resumed stage")
+        ]
+        record["skipped_checkpoints"] = [
+            line.strip() for line in text.splitlines() if "skipping" in line and "checkpoint" in line
+        ]
+        record["stages_skipped"] = [
+            line.split("'")[1] for line in text.splitlines() if "final/ exists, skipping" in line
+        ]
         attempts.append(record)
         i += 1
         if not record.get("killed"):
@@ -401,17 +457,33 @@ def run_stage(kind: str, kills: int, seed: int, out: Path, teacher: Path, data: 
         ra, rb = last_rows(ref_out, name, n_steps), last_rows(kill_out, name, n_steps)
         same = bool(ra) and ra == rb
         if not same:
-            diff = {part: {k: (ra.get(part, {}).get(k), rb.get(part, {}).get(k))
-                           for k in set(ra.get(part, {})) | set(rb.get(part, {}))
-                           if ra.get(part, {}).get(k) != rb.get(part, {}).get(k)} for part in ("train", "valid")}
+            diff = {
+                part: {
+                    k: (ra.get(part, {}).get(k), rb.get(part, {}).get(k))
+                    for k in set(ra.get(part, {})) | set(rb.get(part, {}))
+                    if ra.get(part, {}).get(k) != rb.get(part, {}).get(k)
+                }
+                for part in ("train", "valid")
+            }
             detail[f"{name}/metrics"] = f"final-step metrics differ: {diff}"
         else:
-            detail[f"{name}/metrics"] = f"final-step metrics equal ({len(ra.get('train', {}))} train keys, {len(ra.get('valid', {}))} valid keys)"
+            detail[f"{name}/metrics"] = (
+                f"final-step metrics equal ({len(ra.get('train', {}))} train keys, {len(ra.get('valid', {}))} valid keys)"
+            )
         equal &= same
-    return {"stage": kind, "kills": delivered, "kills_requested": kills, "restarts": len(attempts) - 1,
-            "resumed_from_checkpoint": sum(bool(a["resumed_from"]) for a in attempts),
-            "equal": equal, "detail": detail, "reference_seconds": round(ref_time, 1),
-            "startup_seconds": round(startup, 2), "step_seconds": round(step_time, 4), "attempts": attempts}
+    return {
+        "stage": kind,
+        "kills": delivered,
+        "kills_requested": kills,
+        "restarts": len(attempts) - 1,
+        "resumed_from_checkpoint": sum(bool(a["resumed_from"]) for a in attempts),
+        "equal": equal,
+        "detail": detail,
+        "reference_seconds": round(ref_time, 1),
+        "startup_seconds": round(startup, 2),
+        "step_seconds": round(step_time, 4),
+        "attempts": attempts,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,8 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps of the trained stage")
-    p.add_argument("--fork", action="store_true", help="run attempts in forked copies of this process "
-                   "(faster; default: a new `python -m minidistill.run` per attempt)")
+    p.add_argument(
+        "--fork",
+        action="store_true",
+        help="run attempts in forked copies of this process "
+        "(faster; default: a new `python -m minidistill.run` per attempt)",
+    )
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         save_tiny_teacher(teacher)
     data = write_tiny_data(assets)
     results = []
-    for kind in (STAGES if args.stage == "all" else (args.stage,)):
+    for kind in STAGES if args.stage == "all" else (args.stage,):
         t0 = time.monotonic()
         res = run_stage(kind, args.kills, args.seed, out, teacher, data, steps=args.steps, fork=args.fork)
         res["seconds"] = round(time.monotonic() - t0, 1)
@@ -445,13 +521,21 @@ def main(argv: list[str] | None = None) -> int:
         for a in res["attempts"]:
             if a.get("killed"):
                 modes[a["mode"]] = modes.get(a["mode"], 0) + 1
-        print(f"{kind:11s} kills {res['kills']:2d}/{res['kills_requested']}  restarts {res['restarts']:2d}  "
-              f"resumed from a checkpoint {res['resumed_from_checkpoint']:2d}  equal {'yes' if res['equal'] else 'NO'}  "
-              f"({res['seconds']:.0f} s; modes {modes})", flush=True)
+        print(
+            f"{kind:11s} kills {res['kills']:2d}/{res['kills_requested']}  restarts {res['restarts']:2d}  "
+            f"resumed from a checkpoint {res['resumed_from_checkpoint']:2d}  equal {'yes' if res['equal'] else 'NO'}  "
+            f"({res['seconds']:.0f} s; modes {modes})",
+            flush=True,
+        )
         for k, v in res["detail"].items():
             print(f"    {k}: {v}", flush=True)
-    summary = {"seed": args.seed, "kills": args.kills, "all_equal": all(r["equal"] for r in results),
-               "all_kills_delivered": all(r["kills"] >= r["kills_requested"] for r in results), "stages": results}
+    summary = {
+        "seed": args.seed,
+        "kills": args.kills,
+        "all_equal": all(r["equal"] for r in results),
+        "all_kills_delivered": all(r["kills"] >= r["kills_requested"] for r in results),
+        "stages": results,
+    }
     (out / "kill_resume.json").write_text(json.dumps(summary, indent=1))
     print(f"all equal: {'yes' if summary['all_equal'] else 'NO'}; JSON: {out / 'kill_resume.json'}")
     return 0 if summary["all_equal"] and summary["all_kills_delivered"] else 1

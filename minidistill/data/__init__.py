@@ -22,41 +22,41 @@ every non-empty line is one document. (``wiki_demo.txt``: one article per line -
 
 from __future__ import annotations
 
+from .corpus import (  # noqa: F401
+    TextList,
+    corpus_fingerprint,
+    load_texts,
+    pack_blocks,
+    split_blocks,
+    split_documents,
+)
+from .files import (  # noqa: F401
+    json_type,
+    read_json_list,
+    read_jsonl,
+    read_lines,
+)
 from .instructions import (  # noqa: F401
-    IGNORE_INDEX,
-    TEMPLATES,
-    LONG_PROMPT_POLICIES,
     ALPACA_PREAMBLE,
     ALPACA_PREAMBLE_INPUT,
+    IGNORE_INDEX,
+    LONG_PROMPT_POLICIES,
+    TEMPLATES,
     Example,
+    TokenizeStats,
+    collate_prompts,
+    collate_sft,
     load_instructions,
     parse_record,
     render_alpaca,
     render_prompt,
-    TokenizeStats,
-    tokenize_sft,
     tokenize_prompts,
-    collate_sft,
-    collate_prompts,
-)
-from .corpus import (  # noqa: F401
-    TextList,
-    split_documents,
-    load_texts,
-    pack_blocks,
-    corpus_fingerprint,
-    split_blocks,
+    tokenize_sft,
 )
 from .tokens import (  # noqa: F401
-    special_affixes,
     encode_prompt,
-    with_prefix,
     eos_id,
+    special_affixes,
     tokenize_quiet,
-)
-from .files import (  # noqa: F401
-    read_lines,
-    read_jsonl,
-    read_json_list,
-    json_type,
+    with_prefix,
 )

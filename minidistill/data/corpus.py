@@ -19,7 +19,6 @@ from minidistill.errors import UserError
 from .files import json_type, read_json_list, read_jsonl
 from .tokens import eos_id, special_affixes, tokenize_quiet, with_prefix
 
-
 _DIR_SUFFIXES = (".txt", ".jsonl")  # files picked up when a corpus path is a directory
 
 
@@ -107,8 +106,9 @@ def load_texts(paths: str | Path | Sequence[str | Path]) -> TextList:
     return TextList(docs, sources)
 
 
-def pack_blocks(texts: Sequence[str], tokenizer: Any, block_len: int, *,
-                sources: Sequence[str] | None = None) -> torch.Tensor:
+def pack_blocks(
+    texts: Sequence[str], tokenizer: Any, block_len: int, *, sources: Sequence[str] | None = None
+) -> torch.Tensor:
     """Tokenize documents, follow each with EOS, concatenate and cut into full (N, block_len) blocks."""
     if sources is None:
         sources = getattr(texts, "sources", None) or ["<texts>"]
@@ -119,7 +119,7 @@ def pack_blocks(texts: Sequence[str], tokenizer: Any, block_len: int, *,
     pieces: list[np.ndarray] = []
     batch = 256
     for start in range(0, len(texts), batch):
-        chunk = list(texts[start:start + batch])
+        chunk = list(texts[start : start + batch])
         for ids in tokenize_quiet(tokenizer, chunk):
             ids = with_prefix(list(ids), prefix)
             if not ids or ids[-1] != eos:
@@ -142,8 +142,9 @@ def corpus_fingerprint(blocks: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def split_blocks(blocks: torch.Tensor, *, valid_fraction: float | None = None, n_valid: int | None = None,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_blocks(
+    blocks: torch.Tensor, *, valid_fraction: float | None = None, n_valid: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic held-out split: (train, valid), each keeping the original block order."""
     if (valid_fraction is None) == (n_valid is None):
         raise ValueError("split_blocks: give exactly one of valid_fraction or n_valid")

@@ -16,7 +16,6 @@ from minidistill.errors import UserError
 from .files import json_type, read_json_list, read_jsonl
 from .tokens import eos_id, special_affixes, with_prefix
 
-
 IGNORE_INDEX = -100
 
 
@@ -27,8 +26,7 @@ LONG_PROMPT_POLICIES = ("drop", "truncate")
 
 
 ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 
 
@@ -160,8 +158,12 @@ def _parse_instances(instances: list, instruction: str, where: str) -> list[Exam
         if not isinstance(inst, dict) or "output" not in inst:
             raise UserError(f"{w}: expected an object with 'input' and 'output' fields")
         out.append(
-            Example(instruction=instruction, input=_str_field(inst, "input", w),
-                    outputs=_outputs(inst["output"], "output", w), source=where)
+            Example(
+                instruction=instruction,
+                input=_str_field(inst, "input", w),
+                outputs=_outputs(inst["output"], "output", w),
+                source=where,
+            )
         )
     return out
 
@@ -178,8 +180,14 @@ def _parse_chat(messages: Any, prompt: str | None, where: str) -> Example:
         )
     context = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
     users = [m["content"] for m in context if m["role"] == "user"]
-    return Example(instruction=users[-1] if users else "", input="", outputs=[messages[-1]["content"]],
-                   prompt=prompt, messages=context, source=where)
+    return Example(
+        instruction=users[-1] if users else "",
+        input="",
+        outputs=[messages[-1]["content"]],
+        prompt=prompt,
+        messages=context,
+        source=where,
+    )
 
 
 def render_alpaca(instruction: str, input: str = "") -> str:
@@ -224,8 +232,10 @@ class TokenizeStats:
 
     def summary(self) -> str:
         """One human-readable line."""
-        return (f"{self.n_kept}/{self.n_examples} examples kept; {self.n_dropped_long_prompt} dropped (long prompt), "
-                f"{self.n_truncated_prompt} prompts and {self.n_truncated_response} responses truncated")
+        return (
+            f"{self.n_kept}/{self.n_examples} examples kept; {self.n_dropped_long_prompt} dropped (long prompt), "
+            f"{self.n_truncated_prompt} prompts and {self.n_truncated_response} responses truncated"
+        )
 
 
 def _check_lengths(max_prompt_length: int, max_length: int | None, long_prompt: str, prefix: list[int]) -> None:
@@ -246,8 +256,9 @@ def _sources(examples: Sequence[Example]) -> str:
     return ", ".join(files) if files else "<examples>"
 
 
-def _fit_prompt(ids: list[int], prefix: list[int], max_prompt_length: int, long_prompt: str,
-                stats: TokenizeStats) -> list[int] | None:
+def _fit_prompt(
+    ids: list[int], prefix: list[int], max_prompt_length: int, long_prompt: str, stats: TokenizeStats
+) -> list[int] | None:
     if len(ids) <= max_prompt_length:
         return ids
     if long_prompt == "drop":
@@ -255,7 +266,7 @@ def _fit_prompt(ids: list[int], prefix: list[int], max_prompt_length: int, long_
         return None
     stats.n_truncated_prompt += 1
     keep = max_prompt_length - len(prefix)
-    body = ids[len(prefix):] if prefix and ids[: len(prefix)] == prefix else ids
+    body = ids[len(prefix) :] if prefix and ids[: len(prefix)] == prefix else ids
     return prefix + body[-keep:]
 
 
@@ -293,7 +304,7 @@ def tokenize_sft(
         p, full = list(p), list(full)
         # Tokenize prompt+response jointly (as MiniLLM does) unless that changes the prompt's tokens.
         if full[: len(p)] == p:
-            r = full[len(p):]
+            r = full[len(p) :]
         else:
             r = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         if examples[i].complete and (not r or r[-1] != eos):
@@ -374,6 +385,6 @@ def collate_prompts(id_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[tor
     for i, ids in enumerate(id_lists):
         k = len(ids)
         if k:
-            input_ids[i, width - k:] = torch.as_tensor(list(ids), dtype=torch.long)
-            attention_mask[i, width - k:] = 1
+            input_ids[i, width - k :] = torch.as_tensor(list(ids), dtype=torch.long)
+            attention_mask[i, width - k :] = 1
     return input_ids, attention_mask

@@ -14,8 +14,8 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
     n = len(bare)
     for i in range(len(with_special) - n + 1):
-        if with_special[i:i + n] == bare:
-            return with_special[:i], with_special[i + n:]
+        if with_special[i : i + n] == bare:
+            return with_special[:i], with_special[i + n :]
     return [], []
 
 

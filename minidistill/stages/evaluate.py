@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .. import analysis, checkpoint as ckpt, data, models
+from .. import analysis, data, models
+from .. import checkpoint as ckpt
 from ..config import opt
 from ..errors import UserError
 from ..evaluation import mean_rouge_l
@@ -33,7 +34,9 @@ from . import Stage
 class Config:
     type: str = opt("evaluate", "Stage type.")
     name: str = opt("", "Stage name.")
-    models: list[str] = opt(["teacher", "student"], "What to score: teacher, student (current), <stage> or <stage>/best.")
+    models: list[str] = opt(
+        ["teacher", "student"], "What to score: teacher, student (current), <stage> or <stage>/best."
+    )
     split: str = opt("valid", "Instruction split to score on.", choices=["train", "valid"])
     max_examples: int = opt(64, "Prompts scored.", min=1)
     seeds: list[int] = opt([10], "Sampling seeds (paper: 10,20,30,40,50).")
@@ -67,15 +70,26 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
     d = run.recipe.data
     examples = run.instructions(cfg.split)[: cfg.max_examples]
     if not examples:
-        raise UserError(f"stage '{cfg.name}'.split: the '{cfg.split}' split is empty (set data.valid or data.valid_size)")
-    prompts, refs, _ = data.tokenize_prompts(examples, run.tokenizer, template=d.template,
-                                             max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
-    common = dict(seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=True,
-                  no_repeat_ngram_size=cfg.no_repeat_ngram_size, vocab_size=run.vocab_size)
+        raise UserError(
+            f"stage '{cfg.name}'.split: the '{cfg.split}' split is empty (set data.valid or data.valid_size)"
+        )
+    prompts, refs, _ = data.tokenize_prompts(
+        examples, run.tokenizer, template=d.template, max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt
+    )
+    common = dict(
+        seeds=cfg.seeds,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        progress=True,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        vocab_size=run.vocab_size,
+    )
     teacher = run.teacher
     with torch.no_grad():
         t_samples = analysis.sample_and_score(teacher, teacher, teacher, run.tokenizer, prompts, **common)
-    t_scored = [r + [run.tokenizer.eos_token_id] if e else list(r) for r, e in zip(t_samples.responses, t_samples.ended)]
+    t_scored = [
+        r + [run.tokenizer.eos_token_id] if e else list(r) for r, e in zip(t_samples.responses, t_samples.ended)
+    ]
     t_prompts = [prompts[i] for i in t_samples.prompt_index]
     rows = []
     for name in cfg.models:
@@ -83,24 +97,40 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            own = t_samples if model is teacher else analysis.sample_and_score(model, model, teacher, run.tokenizer, prompts, **common)
-            fkl = 0.0 if model is teacher else analysis.response_kl(
-                model, teacher, t_prompts, t_scored, pad_id=run.tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                vocab_size=run.vocab_size)["forward_kl"]
+            own = (
+                t_samples
+                if model is teacher
+                else analysis.sample_and_score(model, model, teacher, run.tokenizer, prompts, **common)
+            )
+            fkl = (
+                0.0
+                if model is teacher
+                else analysis.response_kl(
+                    model,
+                    teacher,
+                    t_prompts,
+                    t_scored,
+                    pad_id=run.tokenizer.pad_token_id,
+                    batch_size=cfg.batch_size,
+                    vocab_size=run.vocab_size,
+                )["forward_kl"]
+            )
         model.train(was_training)
         texts = [run.tokenizer.decode(r, skip_special_tokens=True).strip() for r in own.responses]
         summary = analysis.summarize_samples(own)
-        rows.append({
-            "model": name,
-            "rougeL": mean_rouge_l(texts, [refs[i] for i in own.prompt_index]),
-            "reverse_kl": 0.0 if model is teacher else summary["reverse_kl"],
-            "forward_kl": fkl,
-            "mean_length": summary["mean_length"],
-            "eos_rate": summary["eos_rate"],
-            "max_new_tokens": cfg.max_new_tokens,
-            "n_prompts": len(prompts),
-            "seeds": list(cfg.seeds),
-        })
+        rows.append(
+            {
+                "model": name,
+                "rougeL": mean_rouge_l(texts, [refs[i] for i in own.prompt_index]),
+                "reverse_kl": 0.0 if model is teacher else summary["reverse_kl"],
+                "forward_kl": fkl,
+                "mean_length": summary["mean_length"],
+                "eos_rate": summary["eos_rate"],
+                "max_new_tokens": cfg.max_new_tokens,
+                "n_prompts": len(prompts),
+                "seeds": list(cfg.seeds),
+            }
+        )
     return rows
 
 
@@ -109,8 +139,14 @@ def print_table(rows: list[dict], title: str) -> None:
     for col in ("model", "ROUGE-L", "reverse KL", "forward KL", "mean length", "EOS rate"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        table.add_row(r["model"], f"{r['rougeL']:.1f}", f"{r['reverse_kl']:.3f}", f"{r['forward_kl']:.3f}", f"{r['mean_length']:.1f}",
-                      f"{r['eos_rate']:.2f}")
+        table.add_row(
+            r["model"],
+            f"{r['rougeL']:.1f}",
+            f"{r['reverse_kl']:.3f}",
+            f"{r['forward_kl']:.3f}",
+            f"{r['mean_length']:.1f}",
+            f"{r['eos_rate']:.2f}",
+        )
     console.print(table)
 
 
@@ -119,12 +155,22 @@ def run(run, cfg: Config, student) -> None:
     if run.accelerator.is_main_process:
         path = run.out_dir / "eval_table.json"
         ckpt.write_json_atomic(path, rows)
-        print_table(rows, f"{cfg.name}: {rows[0]['n_prompts']} {cfg.split} prompts, seeds {cfg.seeds}, at most "
-                          f"{cfg.max_new_tokens} new tokens (ROUGE-L vs references; KL in nats/token; EOS rate = share "
-                          "of responses that stopped)")
+        print_table(
+            rows,
+            f"{cfg.name}: {rows[0]['n_prompts']} {cfg.split} prompts, seeds {cfg.seeds}, at most "
+            f"{cfg.max_new_tokens} new tokens (ROUGE-L vs references; KL in nats/token; EOS rate = share "
+            "of responses that stopped)",
+        )
         console.print(f"evaluation table: {path}")
-        run.log(cfg.name, 0, {f"{r['model']}/{k}": r[k] for r in rows
-                              for k in ("rougeL", "reverse_kl", "forward_kl", "mean_length", "eos_rate")})
+        run.log(
+            cfg.name,
+            0,
+            {
+                f"{r['model']}/{k}": r[k]
+                for r in rows
+                for k in ("rougeL", "reverse_kl", "forward_kl", "mean_length", "eos_rate")
+            },
+        )
     return None
 
 

@@ -26,7 +26,9 @@ class Config:
     name: str = opt("", "Stage name (folder under output_dir).")
     splits: list[str] = opt(["train", "valid"], "Instruction splits whose references become the teacher's responses.")
     corpus: bool = opt(True, "Also use the train split's prompt+response texts as the plain-text corpus.")
-    max_new_tokens: int | None = opt(None, "Response token limit (null: data.max_length - data.max_prompt_length).", min=1)
+    max_new_tokens: int | None = opt(
+        None, "Response token limit (null: data.max_length - data.max_prompt_length).", min=1
+    )
     gen_temperature: float = opt(1.0, "Teacher sampling temperature (0 = greedy).", min=0.0)
     gen_top_p: float = opt(1.0, "Teacher top-p.", gt=0.0, max=1.0)
     gen_top_k: int = opt(0, "Teacher top-k (0 = off).", min=0)
@@ -47,8 +49,17 @@ def run(run, cfg: Config, student) -> None:
             continue
         records = seqkd.teacher_responses(run, cfg, split)
         # an answer cut at max_new_tokens stays a reference but is no EOS-terminated SFT target
-        examples = [data.Example(instruction=r["instruction"], input=r["input"], outputs=[r["output"]],
-                                 prompt=r["prompt"], source=r["source"], complete=r["finished"]) for r in records]
+        examples = [
+            data.Example(
+                instruction=r["instruction"],
+                input=r["input"],
+                outputs=[r["output"]],
+                prompt=r["prompt"],
+                source=r["source"],
+                complete=r["finished"],
+            )
+            for r in records
+        ]
         run.set_instructions(split, examples)
         console.print(f"stage '{cfg.name}': {split} split now has {len(examples)} teacher responses as references")
         if split == "train" and cfg.corpus:
@@ -56,5 +67,13 @@ def run(run, cfg: Config, student) -> None:
     return None
 
 
-STAGE = Stage("generate", Config, run, trains=False, generates=True, needs_instructions=True,
-              writes_responses=True, provides_corpus=lambda cfg: cfg.corpus and "train" in cfg.splits)
+STAGE = Stage(
+    "generate",
+    Config,
+    run,
+    trains=False,
+    generates=True,
+    needs_instructions=True,
+    writes_responses=True,
+    provides_corpus=lambda cfg: cfg.corpus and "train" in cfg.splits,
+)

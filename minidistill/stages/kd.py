@@ -27,28 +27,40 @@ import torch
 from ..config import TrainConfig, opt
 from ..logits import next_token_logits
 from ..loop import train
-from . import Stage
 from ..losses import ce_and_divergence
+from . import Stage
 from .sft import ce_sum, instruction_rows, make_evaluate, response_logits, source_for, total_steps
 
 
 @dataclass
 class Config(TrainConfig):
     lr: float = opt(5e-5, "Peak learning rate.", min=0.0)
-    kd_ratio: float = opt(0.5, "Weight of the distillation term; (1 - kd_ratio) weighs the gold CE "
-                               "(MiniLLM baselines: 0.5; 0 = plain SFT, teacher unused).", min=0.0, max=1.0)
+    kd_ratio: float = opt(
+        0.5,
+        "Weight of the distillation term; (1 - kd_ratio) weighs the gold CE "
+        "(MiniLLM baselines: 0.5; 0 = plain SFT, teacher unused).",
+        min=0.0,
+        max=1.0,
+    )
     kind: Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse"] = opt(
-        "fkl", "Token-level divergence (losses.token_divergence): fkl = KL(teacher||student) as the "
-               "paper's KD; ce = soft cross-entropy (same gradient, the official code's logged value).")
+        "fkl",
+        "Token-level divergence (losses.token_divergence): fkl = KL(teacher||student) as the "
+        "paper's KD; ce = soft cross-entropy (same gradient, the official code's logged value).",
+    )
     temperature: float = opt(1.0, "Teacher softmax temperature (paper: 1).", gt=0.0)
-    student_temperature: bool = opt(False, "Also divide the student's logits by `temperature` and scale the "
-                                           "divergence by temperature**2 (Hinton-style); off: only the teacher is tempered.")
+    student_temperature: bool = opt(
+        False,
+        "Also divide the student's logits by `temperature` and scale the "
+        "divergence by temperature**2 (Hinton-style); off: only the teacher is tempered.",
+    )
     skew: float = opt(0.1, "kind skew_fkl / skew_rkl: DistiLLM's mixing weight.", min=0.0, max=1.0)
     beta: float = opt(0.5, "kind jsd: generalized JSD beta (TRL convention).", min=0.0, max=1.0)
     keep_best: bool = opt(True, "Also export the lowest-validation-loss (gold CE) model to <stage>/best/.")
 
 
-def kd_terms(model, teacher, batch: dict, cfg, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def kd_terms(
+    model, teacher, batch: dict, cfg, vocab_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(CE sum over response tokens, divergence sum over them or None when kd_ratio == 0).
 
     The teacher runs under no_grad on the same input_ids/attention_mask; CE (over the student's
@@ -62,8 +74,18 @@ def kd_terms(model, teacher, batch: dict, cfg, vocab_size: int | None = None) ->
     with torch.no_grad():
         t_logits = next_token_logits(teacher, batch["input_ids"], batch["attention_mask"])  # (B, T-1, Vt)
     v = vocab_size if vocab_size is not None else min(logits.shape[-1], t_logits.shape[-1])
-    r = ce_and_divergence(logits, t_logits, labels, labels != -100, cfg.kind, vocab=v, temperature=cfg.temperature,
-                          student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta)
+    r = ce_and_divergence(
+        logits,
+        t_logits,
+        labels,
+        labels != -100,
+        cfg.kind,
+        vocab=v,
+        temperature=cfg.temperature,
+        student_temperature=cfg.student_temperature,
+        skew=cfg.skew,
+        beta=cfg.beta,
+    )
     return (r.ce if cfg.kd_ratio < 1 else r.ce.detach()), r.divergence
 
 
@@ -118,9 +140,18 @@ def train_on_rows(run, cfg, student, rows: list[dict], valid: list[dict]):
         if cfg.keep_best:
             run.export(model, best_dir)
 
-    return train(run, cfg, student, source, make_loss_fn(run, cfg), total_steps(cfg, source),
-                 evaluate=make_kd_evaluate(run, cfg, valid) if valid else None,
-                 best_key="loss", best_mode="min", on_best=on_best)
+    return train(
+        run,
+        cfg,
+        student,
+        source,
+        make_loss_fn(run, cfg),
+        total_steps(cfg, source),
+        evaluate=make_kd_evaluate(run, cfg, valid) if valid else None,
+        best_key="loss",
+        best_mode="min",
+        on_best=on_best,
+    )
 
 
 def run(run, cfg: Config, student):

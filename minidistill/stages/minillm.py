@@ -57,10 +57,9 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..loop import train
-from ..tracking import console
 from ..sampler import RESPONSE_FIELDS, Rollout, process_logits, sample, score
+from ..tracking import console
 from . import Plot, Stage
-
 
 # ----------------------------------------------------------------------------------------------
 # 0. settings
@@ -70,18 +69,25 @@ from . import Plot, Stage
 @dataclass
 class Config(TrainConfig):
     lr: float = opt(5e-6, "Peak learning rate (paper: 5e-6).", min=0.0)
-    scheduler: str = opt("constant", "LR schedule (official: constant after warm-up).", choices=["constant", "cosine", "linear", "wsd"])
+    scheduler: str = opt(
+        "constant", "LR schedule (official: constant after warm-up).", choices=["constant", "cosine", "linear", "wsd"]
+    )
     warmup_steps: int = opt(100, "Linear warm-up steps (official: 100).", min=0)
     weight_decay: float = opt(1e-6, "AdamW weight decay (official: 1e-6).", min=0.0)
     batch_size: int = opt(8, "PPO minibatch size (rollouts per micro-batch).", min=1)
-    preset: str = opt("minidistill", "Named defaults for the fields below that are null: minidistill, paper, official.",
-                      choices=["minidistill", "paper", "official"])
+    preset: str = opt(
+        "minidistill",
+        "Named defaults for the fields below that are null: minidistill, paper, official.",
+        choices=["minidistill", "paper", "official"],
+    )
     # --- sampling ------------------------------------------------------------------------------
     num_rollouts: int = opt(256, "Rollouts per iteration, all processes together (paper: 256).", min=1)
     rollout_batch_size: int = opt(16, "Prompts per sampling batch.", min=1)
     ppo_epochs: int = opt(4, "Passes over each rollout buffer (paper: 4).", min=1)
     max_new_tokens: int = opt(256, "Response token limit (paper: 512 - prompt).", min=1)
-    mix_alpha: float | None = opt(None, "Teacher share a in the sampling mixture a*p + (1-a)*q (paper: 0.2; 0 = pure student).", min=0.0, max=1.0)
+    mix_alpha: float | None = opt(
+        None, "Teacher share a in the sampling mixture a*p + (1-a)*q (paper: 0.2; 0 = pure student).", min=0.0, max=1.0
+    )
     temperature: float = opt(1.0, "Sampling temperature (paper: 1).", gt=0.0)
     top_k: int = opt(0, "Top-k for sampling and log q (0 = off; paper: off).", min=0)
     top_p: float = opt(1.0, "Top-p for sampling and log q (1 = off; paper: off).", gt=0.0, max=1.0)
@@ -89,48 +95,77 @@ class Config(TrainConfig):
     include_current: bool | None = opt(None, "Return includes r_t (official) instead of starting at r_{t+1} (paper).")
     gamma: float | None = opt(None, "Discount, applied as gamma^(t'-t) (paper 1.0, official 0.95).", min=0.0, max=1.0)
     length_norm: bool | None = opt(None, "Divide the return by the number of valid tokens it sums.")
-    bootstrap_truncated: bool | None = opt(None, "A response cut at max_new_tokens: its last token's next-token return "
-                                           "(nothing observed after it) is the row's mean reward, not the 0 that only a "
-                                           "finished response's EOS earns (off: paper/official).")
+    bootstrap_truncated: bool | None = opt(
+        None,
+        "A response cut at max_new_tokens: its last token's next-token return "
+        "(nothing observed after it) is the row's mean reward, not the 0 that only a "
+        "finished response's EOS earns (off: paper/official).",
+    )
     whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
     reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
-    reward_clip: float = opt(100.0, "Clip each token's reward to +-this (official: 100; catches log p = -inf under top-k/top-p).", gt=0.0)
-    clip_eps: float | None = opt(None, "PPO clip range for rho (0.2); null in a preset keeps it, set 0 to disable.", min=0.0)
-    recompute_logp: str = opt("auto", "Behaviour log q (and log p~) from one full no-grad forward over the finished rollouts, "
-                              "the forward the loss runs, instead of the sampler's KV-cached decoding (they differ by "
-                              "rounding: ~1e-2 in bf16, ~1e-6 in fp32); auto = on in bf16/fp16 runs, off in fp32.",
-                              choices=["auto", "always", "never"])
-    importance: str = opt("step", "Importance weights for mixed sampling. step (paper): rho = q/p~ on the long-term term, q/p~ of "
-                          "the token on the single-step term; biased when mix_alpha > 0. exact: whole-sequence product on the "
-                          "long-term term, prefix product on the single-step term; the expected gradient is exactly that of "
-                          "KL(q||p) with gamma 1, include_current/length_norm/whiten false and clip_eps 0 (first PPO epoch); "
-                          "variance grows like (1/(1-a))^T. exact turns single_step_importance_weight on (an explicit false "
-                          "is an error).", choices=["step", "exact"])
+    reward_clip: float = opt(
+        100.0, "Clip each token's reward to +-this (official: 100; catches log p = -inf under top-k/top-p).", gt=0.0
+    )
+    clip_eps: float | None = opt(
+        None, "PPO clip range for rho (0.2); null in a preset keeps it, set 0 to disable.", min=0.0
+    )
+    recompute_logp: str = opt(
+        "auto",
+        "Behaviour log q (and log p~) from one full no-grad forward over the finished rollouts, "
+        "the forward the loss runs, instead of the sampler's KV-cached decoding (they differ by "
+        "rounding: ~1e-2 in bf16, ~1e-6 in fp32); auto = on in bf16/fp16 runs, off in fp32.",
+        choices=["auto", "always", "never"],
+    )
+    importance: str = opt(
+        "step",
+        "Importance weights for mixed sampling. step (paper): rho = q/p~ on the long-term term, q/p~ of "
+        "the token on the single-step term; biased when mix_alpha > 0. exact: whole-sequence product on the "
+        "long-term term, prefix product on the single-step term; the expected gradient is exactly that of "
+        "KL(q||p) with gamma 1, include_current/length_norm/whiten false and clip_eps 0 (first PPO epoch); "
+        "variance grows like (1/(1-a))^T. exact turns single_step_importance_weight on (an explicit false "
+        "is an error).",
+        choices=["step", "exact"],
+    )
     # --- loss terms ----------------------------------------------------------------------------
     single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
-    single_step_importance_weight: bool | None = opt(None, "Weight the single-step term by its importance weight (importance step: "
-                                                     "q/p~ of the token; exact: prefix product) (paper yes, official no; "
-                                                     "importance exact forces it on).")
+    single_step_importance_weight: bool | None = opt(
+        None,
+        "Weight the single-step term by its importance weight (importance step: "
+        "q/p~ of the token; exact: prefix product) (paper yes, official no; "
+        "importance exact forces it on).",
+    )
     pg_coef: float = opt(1.0, "Weight of the long-term (policy-gradient) term.", min=0.0)
-    chunk_rows: int = opt(8, "Rows per policy forward in the loss, grouped by prompt length with padding columns "
-                          "dropped (the sums are the same for any value; larger = fewer, bigger matmuls).", min=1)
+    chunk_rows: int = opt(
+        8,
+        "Rows per policy forward in the loss, grouped by prompt length with padding columns "
+        "dropped (the sums are the same for any value; larger = fewer, bigger matmuls).",
+        min=1,
+    )
     lm_coef: float = opt(1.0, "Weight of L_PT, the LM loss on data.corpus (0 = off).", min=0.0)
     lm_batch_size: int = opt(8, "Corpus blocks per micro-batch for L_PT.", min=1)
-    kd_ratio: float = opt(0.5, "L_PT = (1-kd_ratio)*CE + kd_ratio*forward KL to the teacher on the text (official 0.5).", min=0.0, max=1.0)
+    kd_ratio: float = opt(
+        0.5, "L_PT = (1-kd_ratio)*CE + kd_ratio*forward KL to the teacher on the text (official 0.5).", min=0.0, max=1.0
+    )
     # --- validation ----------------------------------------------------------------------------
     eval_examples: int = opt(64, "Validation prompts scored by sampled ROUGE-L.", min=1)
     eval_max_new_tokens: int | None = opt(None, "Response limit for validation (default max_new_tokens).", min=1)
 
     def validate(self, where: str) -> None:
         if self.importance == "exact" and self.single_step_importance_weight is False:
-            raise UserError(f"{where}.single_step_importance_weight: importance 'exact' needs the single-step importance "
-                            "weight (the prefix product q/p~ of the earlier tokens); set it true or leave it unset")
+            raise UserError(
+                f"{where}.single_step_importance_weight: importance 'exact' needs the single-step importance "
+                "weight (the prefix product q/p~ of the earlier tokens); set it true or leave it unset"
+            )
         self.apply_preset()
         if (self.top_k > 0 or self.top_p < 1.0) and self.mix_alpha > 0:
-            raise UserError(f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
-                            f"can lie outside the student's kept set, where log q = -inf); got mix_alpha={self.mix_alpha}")
+            raise UserError(
+                f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
+                f"can lie outside the student's kept set, where log q = -inf); got mix_alpha={self.mix_alpha}"
+            )
         if self.num_rollouts < self.batch_size:
-            raise UserError(f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})")
+            raise UserError(
+                f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})"
+            )
 
     def apply_preset(self) -> None:
         """Fill every field left null from the named preset (``PRESETS``); ``importance: exact``
@@ -201,8 +236,14 @@ def advantages_for(cfg: Config, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     mask = ro.response_mask
     r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
     r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
-    R = adv.returns(r, mask, gamma=cfg.gamma, include_current=cfg.include_current, length_norm=cfg.length_norm,
-                    ended=ro.ended if cfg.bootstrap_truncated else None)
+    R = adv.returns(
+        r,
+        mask,
+        gamma=cfg.gamma,
+        include_current=cfg.include_current,
+        length_norm=cfg.length_norm,
+        ended=ro.ended if cfg.bootstrap_truncated else None,
+    )
     A = R
     if cfg.whiten:
         stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, mask))
@@ -227,11 +268,22 @@ def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t, mix_alpha: flo
     else:
         last = buf["response_ids"].gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)
         eos = ((last == eos_id) & (lengths > 0)).float()
-    sums = torch.stack([(buf["rewards"] * m).sum(), ((buf["student_logp"] - buf["teacher_logp"]) * m).sum(),
-                        m.sum(), eos.sum(), torch.tensor(float(m.shape[0]))]).to(torch.float64)
+    sums = torch.stack(
+        [
+            (buf["rewards"] * m).sum(),
+            ((buf["student_logp"] - buf["teacher_logp"]) * m).sum(),
+            m.sum(),
+            eos.sum(),
+            torch.tensor(float(m.shape[0])),
+        ]
+    ).to(torch.float64)
     reward, log_ratio, tokens, n_eos, rows = reduce_sum(sums).tolist()
-    return {"reward": reward / max(tokens, 1.0), ("rkl_estimate" if mix_alpha == 0 else "mix_log_ratio"): log_ratio / max(tokens, 1.0),
-            "response_length": tokens / max(rows, 1.0), "eos_rate": n_eos / max(rows, 1.0)}
+    return {
+        "reward": reward / max(tokens, 1.0),
+        ("rkl_estimate" if mix_alpha == 0 else "mix_log_ratio"): log_ratio / max(tokens, 1.0),
+        "response_length": tokens / max(rows, 1.0),
+        "eos_rate": n_eos / max(rows, 1.0),
+    }
 
 
 @dataclass
@@ -261,8 +313,12 @@ class Buffer:
     @classmethod
     def from_tensors(cls, tensors: dict, order: torch.Tensor, stats: dict) -> Buffer:
         names = set(Rollout.__dataclass_fields__)
-        return cls(Rollout(**{k: v for k, v in tensors.items() if k in names}),
-                   {k: v for k, v in tensors.items() if k not in names}, order, stats)
+        return cls(
+            Rollout(**{k: v for k, v in tensors.items() if k in names}),
+            {k: v for k, v in tensors.items() if k not in names},
+            order,
+            stats,
+        )
 
 
 def rollout_tensors(ro: Rollout) -> dict:
@@ -277,25 +333,40 @@ def epoch_orders(seed: int, iteration: int, rows: int, ppo_epochs: int) -> torch
     return torch.stack([torch.randperm(rows, generator=g) for _ in range(ppo_epochs)])
 
 
-def collect_buffer(run, cfg: Config, student, prompts: list[list[int]], generator: torch.Generator,
-                   iteration: int) -> Buffer:
+def collect_buffer(
+    run, cfg: Config, student, prompts: list[list[int]], generator: torch.Generator, iteration: int
+) -> Buffer:
     """Sample responses to ``prompts`` with the current student, score them, compute advantages."""
     acc = run.accelerator
     parts = []
     for i in range(0, len(prompts), cfg.rollout_batch_size):
-        ids, mask = data.collate_prompts(prompts[i:i + cfg.rollout_batch_size], run.tokenizer.pad_token_id)
+        ids, mask = data.collate_prompts(prompts[i : i + cfg.rollout_batch_size], run.tokenizer.pad_token_id)
         with acc.autocast():
-            parts.append(sample(student, run.teacher, ids, mask, max_new_tokens=cfg.max_new_tokens,
-                                mix_alpha=cfg.mix_alpha, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                eos_token_id=run.tokenizer.eos_token_id, pad_token_id=run.tokenizer.pad_token_id,
-                                vocab=run.vocab_size, generator=generator))
+            parts.append(
+                sample(
+                    student,
+                    run.teacher,
+                    ids,
+                    mask,
+                    max_new_tokens=cfg.max_new_tokens,
+                    mix_alpha=cfg.mix_alpha,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    eos_token_id=run.tokenizer.eos_token_id,
+                    pad_token_id=run.tokenizer.pad_token_id,
+                    vocab=run.vocab_size,
+                    generator=generator,
+                )
+            )
     ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
     if recompute_logp(cfg, run.precision):
         ro = rescore_behaviour(student, ro, cfg, acc, run.vocab_size)
     reduce_sum = lambda t: acc.reduce(t.to(acc.device), "sum")  # noqa: E731
     scores = advantages_for(cfg, ro, reduce_sum=reduce_sum)
-    stats = rollout_stats({**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum,
-                          mix_alpha=cfg.mix_alpha)
+    stats = rollout_stats(
+        {**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum, mix_alpha=cfg.mix_alpha
+    )
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
 
 
@@ -361,13 +432,25 @@ class RolloutSource:
         self.run, self.cfg, self.student = run, cfg, student
         self.prompts = prompts
         self.per_process = max(cfg.batch_size, cfg.num_rollouts // acc.num_processes)
-        self.prompt_order = ShuffledBatches(len(prompts), self.per_process, lambda idx: idx, seed=run.recipe.seed,
-                                            rank=acc.process_index, world=acc.num_processes)
+        self.prompt_order = ShuffledBatches(
+            len(prompts),
+            self.per_process,
+            lambda idx: idx,
+            seed=run.recipe.seed,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
         self.generator = torch.Generator(device=run.device).manual_seed(run.recipe.seed * 1000 + acc.process_index)
         self.corpus = None
         if corpus is not None:
-            self.corpus = ShuffledBatches(len(corpus), cfg.lm_batch_size, lambda idx: corpus[idx], seed=run.recipe.seed + 1,
-                                          rank=acc.process_index, world=acc.num_processes)
+            self.corpus = ShuffledBatches(
+                len(corpus),
+                cfg.lm_batch_size,
+                lambda idx: corpus[idx],
+                seed=run.recipe.seed + 1,
+                rank=acc.process_index,
+                world=acc.num_processes,
+            )
         self.buffer: Buffer | None = None
         self.iteration = 0  # buffers collected so far
         self.epoch = 0  # PPO epoch over the current buffer
@@ -392,7 +475,7 @@ class RolloutSource:
             while self.epoch < cfg.ppo_epochs:  # 2. ppo_epochs passes over it ...
                 order = self.buffer.order[self.epoch]
                 while self.position < len(order):  # ... in minibatches, never straddling two epochs
-                    rows = order[self.position:self.position + cfg.batch_size]
+                    rows = order[self.position : self.position + cfg.batch_size]
                     self.position += len(rows)
                     yield self.minibatch(rows)
                 self.epoch, self.position = self.epoch + 1, 0
@@ -402,12 +485,16 @@ class RolloutSource:
         """Sample a fresh buffer (this process's share of the next prompts) and start its epoch 0."""
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         idx = self.prompt_order.next_batch()
-        self.buffer = collect_buffer(run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration)
+        self.buffer = collect_buffer(
+            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration
+        )
         self.iteration, self.epoch, self.position = self.iteration + 1, 0, 0
         if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
-            console.print(f"[yellow]stage '{cfg.name}': {100 * (1 - self.stats['eos_rate']):.0f}% of the first rollouts hit "
-                          f"max_new_tokens={cfg.max_new_tokens}: MiniLLM trains only the positions it samples, so it cannot learn "
-                          "where to stop beyond that limit (raise it if the teacher's answers are longer)[/]")
+            console.print(
+                f"[yellow]stage '{cfg.name}': {100 * (1 - self.stats['eos_rate']):.0f}% of the first rollouts hit "
+                f"max_new_tokens={cfg.max_new_tokens}: MiniLLM trains only the positions it samples, so it cannot learn "
+                "where to stop beyond that limit (raise it if the teacher's answers are longer)[/]"
+            )
 
     def minibatch(self, rows: torch.Tensor) -> dict:
         """The loss's micro-batch: the buffer's rows ``rows``, a corpus batch for L_PT, each loss
@@ -428,11 +515,17 @@ class RolloutSource:
 
     def state_dict(self) -> dict:
         buf = self.buffer
-        return {"buffer": buf.tensors() if buf is not None else {},
-                "order": buf.order if buf is not None else torch.zeros(0, dtype=torch.long),
-                "epoch": self.epoch, "position": self.position, "iteration": self.iteration,
-                "prompt_order": self.prompt_order.state_dict(), "generator": self.generator.get_state(),
-                "corpus": self.corpus.state_dict() if self.corpus is not None else {}, "stats": self.stats}
+        return {
+            "buffer": buf.tensors() if buf is not None else {},
+            "order": buf.order if buf is not None else torch.zeros(0, dtype=torch.long),
+            "epoch": self.epoch,
+            "position": self.position,
+            "iteration": self.iteration,
+            "prompt_order": self.prompt_order.state_dict(),
+            "generator": self.generator.get_state(),
+            "corpus": self.corpus.state_dict() if self.corpus is not None else {},
+            "stats": self.stats,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         tensors, order = dict(state["buffer"]), state["order"]
@@ -460,16 +553,24 @@ class RolloutSource:
 
 def response_logits(model, batch: dict, vocab: int) -> torch.Tensor:
     """Logits that predict each response token: (B, T, V), position P-1+t predicts y_t."""
-    return fwd.response_logits(model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                                  batch["response_mask"], vocab)
+    return fwd.response_logits(
+        model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"], vocab
+    )
 
 
 def teacher_response_logits(teacher, batch: dict, vocab: int) -> torch.Tensor:
     """The teacher's (B, T, V) response logits: from the hidden states the sampler kept (one LM
     head matmul) when there are any, else a teacher forward (``logits.response_logits``)."""
     with torch.no_grad():
-        return fwd.response_logits(teacher, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
-                                   batch["response_mask"], vocab, hidden=batch.get("teacher_hidden"))
+        return fwd.response_logits(
+            teacher,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            batch["response_ids"],
+            batch["response_mask"],
+            vocab,
+            hidden=batch.get("teacher_hidden"),
+        )
 
 
 def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
@@ -523,8 +624,9 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
             logq = logq.gather(-1, mb["response_ids"][..., None]).squeeze(-1)  # (b, t1)
         logq = torch.where(mask.bool(), logq, torch.zeros_like(logq))
 
-        pg_sum, n, clip_frac = adv.pg_loss(logq, mb["mix_logp"], mb["advantages"], mask,
-                                           clip_eps=cfg.clip_eps if cfg.clip_eps else None)
+        pg_sum, n, clip_frac = adv.pg_loss(
+            logq, mb["mix_logp"], mb["advantages"], mask, clip_eps=cfg.clip_eps if cfg.clip_eps else None
+        )
         loss = loss + cfg.pg_coef * pg_sum
         n_all, pg_all, clipped = n_all + int(n), pg_all + float(pg_sum.detach()), clipped + float(clip_frac) * int(n)
         if cfg.single_step:
@@ -571,16 +673,24 @@ def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int
 def make_evaluate(run, cfg: Config, examples: list):
     acc = run.accelerator
     d = run.recipe.data
-    mine = examples[: cfg.eval_examples][acc.process_index::acc.num_processes]
+    mine = examples[: cfg.eval_examples][acc.process_index :: acc.num_processes]
 
     def evaluate(model) -> dict:
         res = {"n_examples": 0, "rougeL": 0.0, "mean_length": 0.0}  # a process with no share adds nothing
         if mine:
             with acc.autocast():
                 res = evaluation.evaluate_instructions(
-                    model, run.tokenizer, mine, template=d.template, seeds=[run.recipe.seed],
-                    max_prompt_length=d.max_prompt_length, max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
-                    batch_size=cfg.rollout_batch_size, progress=False, vocab_size=run.vocab_size)
+                    model,
+                    run.tokenizer,
+                    mine,
+                    template=d.template,
+                    seeds=[run.recipe.seed],
+                    max_prompt_length=d.max_prompt_length,
+                    max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                    batch_size=cfg.rollout_batch_size,
+                    progress=False,
+                    vocab_size=run.vocab_size,
+                )
         n = torch.tensor(float(res["n_examples"]), device=acc.device)
         score = torch.tensor(res["rougeL"] * res["n_examples"], device=acc.device)
         length = torch.tensor(res["mean_length"] * res["n_examples"], device=acc.device)
@@ -593,8 +703,13 @@ def make_evaluate(run, cfg: Config, examples: list):
 def run(run, cfg: Config, student):
     d = run.recipe.data
     train_examples = run.instructions("train")
-    prompts, _, _ = data.tokenize_prompts(train_examples, run.tokenizer, template=d.template,
-                                       max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+    prompts, _, _ = data.tokenize_prompts(
+        train_examples,
+        run.tokenizer,
+        template=d.template,
+        max_prompt_length=d.max_prompt_length,
+        long_prompt=d.long_prompt,
+    )
     corpus = run.corpus()[0] if cfg.lm_coef > 0 else None  # L_PT text
     source = RolloutSource(run, cfg, student, prompts, corpus)
     if cfg.max_steps is not None:
@@ -611,9 +726,19 @@ def run(run, cfg: Config, student):
     def loss_fn(model, batch, step):
         return minillm_objective(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size)
 
-    return train(run, cfg, student, source, loss_fn, total,
-                 evaluate=make_evaluate(run, cfg, valid) if valid else None,
-                 best_key="rougeL", best_mode="max", on_best=on_best, dropout=False)
+    return train(
+        run,
+        cfg,
+        student,
+        source,
+        loss_fn,
+        total,
+        evaluate=make_evaluate(run, cfg, valid) if valid else None,
+        best_key="rougeL",
+        best_mode="max",
+        on_best=on_best,
+        dropout=False,
+    )
 
 
 PLOTS = (  # the report's training curves
@@ -626,5 +751,12 @@ PLOTS = (  # the report's training curves
     Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),
 )
 
-STAGE = Stage("minillm", Config, run, generates=True, needs_instructions=True,
-              needs_corpus=lambda cfg: cfg.lm_coef > 0, plots=PLOTS)  # L_PT reads the corpus
+STAGE = Stage(
+    "minillm",
+    Config,
+    run,
+    generates=True,
+    needs_instructions=True,
+    needs_corpus=lambda cfg: cfg.lm_coef > 0,
+    plots=PLOTS,
+)  # L_PT reads the corpus

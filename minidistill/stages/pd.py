@@ -36,8 +36,8 @@ from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..logit_store import LogitStore, truncate_raw
 from ..logits import next_token_logits
-from ..losses import Truncated, ce_and_divergence, lm_loss
 from ..loop import train
+from ..losses import Truncated, ce_and_divergence, lm_loss
 from ..schedules import alpha_at
 from ..tracking import console
 from . import Plot, Stage, always
@@ -47,19 +47,31 @@ from . import Plot, Stage, always
 class Config(TrainConfig):
     lr: float = opt(5e-4, "Peak learning rate (AdamW).", min=0.0)
     scheduler: Literal["constant", "cosine", "linear", "wsd"] = opt(
-        "wsd", "LR schedule after warm-up (the PD paper's best: wsd, with alpha_schedule wsd).")
+        "wsd", "LR schedule after warm-up (the PD paper's best: wsd, with alpha_schedule wsd)."
+    )
     kd_kind: Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse"] = opt(
-        "fkl", "Divergence (losses.token_divergence); with truncation not rkl/mse (infinite or undefined).")
+        "fkl", "Divergence (losses.token_divergence); with truncation not rkl/mse (infinite or undefined)."
+    )
     top_p: float = opt(0.95, "Teacher truncation: keep the smallest set reaching this probability...", gt=0.0, max=1.0)
-    top_k: int | None = opt(50, "...capped at this many tokens (0 or null: no truncation, top_p ignored: the full teacher distribution, online only).", min=0)
+    top_k: int | None = opt(
+        50,
+        "...capped at this many tokens (0 or null: no truncation, top_p ignored: the full teacher distribution, online only).",
+        min=0,
+    )
     temperature: float = opt(1.0, "tau: teacher target softmax(truncated log-probs / tau).", gt=0.0)
-    student_temperature: bool = opt(False, "Also divide the student logits by tau and scale the KD loss by tau**2 (Hinton).")
+    student_temperature: bool = opt(
+        False, "Also divide the student logits by tau and scale the KD loss by tau**2 (Hinton)."
+    )
     alpha: float = opt(0.9, "KD weight (the peak of a schedule): loss = (1-alpha)*LM + alpha*KD.", min=0.0, max=1.0)
     alpha_schedule: Literal["constant", "linear_increase", "linear_decrease", "wsd"] = opt(
-        "constant", "constant | linear_increase (alpha_min->alpha) | linear_decrease (alpha->alpha_min) | "
-        "wsd (alpha_min->alpha over warmup_steps, alpha, cosine back to alpha_min over decay_steps, like the WSD LR).")
+        "constant",
+        "constant | linear_increase (alpha_min->alpha) | linear_decrease (alpha->alpha_min) | "
+        "wsd (alpha_min->alpha over warmup_steps, alpha, cosine back to alpha_min over decay_steps, like the WSD LR).",
+    )
     alpha_min: float = opt(0.0, "Lowest alpha of a schedule.", min=0.0, max=1.0)
-    teacher_logits: Literal["online", "offline"] = opt("online", "online: run the teacher per batch; offline: read a pd_store.")
+    teacher_logits: Literal["online", "offline"] = opt(
+        "online", "online: run the teacher per batch; offline: read a pd_store."
+    )
     store: str | None = opt(None, "offline: logit store folder (default: the closest earlier pd_store stage's folder).")
     skew: float = opt(0.1, "skew_fkl / skew_rkl mixing weight.", min=0.0, max=1.0)
     beta: float = opt(0.5, "jsd beta (TRL convention: 0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0)
@@ -69,13 +81,27 @@ class Config(TrainConfig):
     def validate(self, where: str) -> None:
         truncated = bool(self.top_k)
         if self.teacher_logits == "offline" and not truncated:
-            raise UserError(f"{where}.top_k: teacher_logits 'offline' needs top_k >= 1 (a store holds truncated distributions)")
-        reverse = self.kd_kind == "rkl" or (self.kd_kind == "jsd" and self.beta == 1) or (self.kd_kind == "skew_rkl" and self.skew == 0)
+            raise UserError(
+                f"{where}.top_k: teacher_logits 'offline' needs top_k >= 1 (a store holds truncated distributions)"
+            )
+        reverse = (
+            self.kd_kind == "rkl"
+            or (self.kd_kind == "jsd" and self.beta == 1)
+            or (self.kd_kind == "skew_rkl" and self.skew == 0)
+        )
         if truncated and (reverse or self.kd_kind == "mse"):
-            why = "needs full teacher logits" if self.kd_kind == "mse" else "is reverse KL, infinite against a truncated teacher"
-            raise UserError(f"{where}.kd_kind: {self.kd_kind!r} {why}; set top_k: 0 (online) or use fkl/skew_fkl/skew_rkl/jsd/tv/ce")
+            why = (
+                "needs full teacher logits"
+                if self.kd_kind == "mse"
+                else "is reverse KL, infinite against a truncated teacher"
+            )
+            raise UserError(
+                f"{where}.kd_kind: {self.kd_kind!r} {why}; set top_k: 0 (online) or use fkl/skew_fkl/skew_rkl/jsd/tv/ce"
+            )
         if self.alpha_schedule != "constant" and self.alpha_min > self.alpha:
-            raise UserError(f"{where}.alpha_min: {self.alpha_min} is above alpha {self.alpha} (alpha is the schedule's peak)")
+            raise UserError(
+                f"{where}.alpha_min: {self.alpha_min} is above alpha {self.alpha} (alpha is the schedule's peak)"
+            )
         if self.teacher_logits == "online" and self.store:
             raise UserError(f"{where}.store: only used with teacher_logits 'offline'")
 
@@ -87,13 +113,17 @@ def check_in_recipe(recipe, index: int, where: str) -> None:
         return
     earlier = [s for s in recipe.stages[:index] if s.type == "pd_store"]
     if not earlier:
-        raise UserError(f"{where}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
-                        "or put a pd_store stage before this stage")
+        raise UserError(
+            f"{where}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
+            "or put a pd_store stage before this stage"
+        )
     src = earlier[-1]
     for key in ("top_p", "top_k"):
         if getattr(cfg, key) != getattr(src, key):
-            raise UserError(f"{where}.{key}: {getattr(cfg, key)} differs from stage '{src.name}' ({key} {getattr(src, key)}), "
-                            "whose logit store this stage reads; use the same top_p and top_k")
+            raise UserError(
+                f"{where}.{key}: {getattr(cfg, key)} differs from stage '{src.name}' ({key} {getattr(src, key)}), "
+                "whose logit store this stage reads; use the same top_p and top_k"
+            )
 
 
 # ---------------------------------------------------------------- data
@@ -109,8 +139,15 @@ def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) 
             batch["teacher"] = store.truncated(idx, run.device)  # (B, T-1, K)
         return batch
 
-    return ShuffledBatches(len(blocks), cfg.batch_size, make, seed=run.recipe.seed,
-                           rank=acc.process_index, world=acc.num_processes, accum=cfg.grad_accum)
+    return ShuffledBatches(
+        len(blocks),
+        cfg.batch_size,
+        make,
+        seed=run.recipe.seed,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        accum=cfg.grad_accum,
+    )
 
 
 def total_steps(cfg, source: ShuffledBatches) -> int:
@@ -128,15 +165,23 @@ def store_folder(run, cfg) -> Path:
     for s in reversed(run.recipe.stages[:here]):
         if s.type == "pd_store":
             return run.stage_dir(s.name)
-    raise UserError(f"stages.{cfg.name}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
-                    "or put a pd_store stage before this stage")
+    raise UserError(
+        f"stages.{cfg.name}.store: teacher_logits 'offline' needs a logit store: set store: <folder> "
+        "or put a pd_store stage before this stage"
+    )
 
 
 def expected_identity(run, cfg, blocks: torch.Tensor) -> dict:
     """The store fields this run needs (see ``logit_store.CHECKED``)."""
-    return {"tokenizer_hash": logit_store.tokenizer_hash(run.tokenizer), "vocab_size": int(run.vocab_size),
-            "block_len": int(blocks.shape[1]), "n_blocks": int(blocks.shape[0]),
-            "corpus_fingerprint": data.corpus_fingerprint(blocks), "top_p": float(cfg.top_p), "top_k": int(cfg.top_k)}
+    return {
+        "tokenizer_hash": logit_store.tokenizer_hash(run.tokenizer),
+        "vocab_size": int(run.vocab_size),
+        "block_len": int(blocks.shape[1]),
+        "n_blocks": int(blocks.shape[0]),
+        "corpus_fingerprint": data.corpus_fingerprint(blocks),
+        "top_p": float(cfg.top_p),
+        "top_k": int(cfg.top_k),
+    }
 
 
 def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
@@ -148,8 +193,10 @@ def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
         raise UserError(f"stages.{cfg.name}.store: {e}") from None
     teacher = store.header.get("teacher")
     if teacher and teacher != run.recipe.teacher.model:
-        console.print(f"[yellow]logit store {store.folder}: built from teacher {teacher!r}, this run's teacher is "
-                      f"{run.recipe.teacher.model!r}[/]")
+        console.print(
+            f"[yellow]logit store {store.folder}: built from teacher {teacher!r}, this run's teacher is "
+            f"{run.recipe.teacher.model!r}[/]"
+        )
     return store
 
 
@@ -175,9 +222,18 @@ def pd_losses(cfg, logits: torch.Tensor, labels: torch.Tensor, target, *, chunk_
     full-vocabulary passes and two backward passes through them. ``student_kept_sum`` is None
     unless the target is ``Truncated`` (and ``student_temperature`` is off).
     """
-    r = ce_and_divergence(logits, target, labels, None, cfg.kd_kind, temperature=cfg.temperature,
-                          student_temperature=cfg.student_temperature, skew=cfg.skew, beta=cfg.beta,
-                          chunk_size=chunk_size)
+    r = ce_and_divergence(
+        logits,
+        target,
+        labels,
+        None,
+        cfg.kd_kind,
+        temperature=cfg.temperature,
+        student_temperature=cfg.student_temperature,
+        skew=cfg.skew,
+        beta=cfg.beta,
+        chunk_size=chunk_size,
+    )
     return r.ce, r.divergence, r.student_kept
 
 
@@ -189,8 +245,15 @@ def lm_only(cfg) -> bool:
 def alpha_for(cfg, step: int, total: int) -> float:
     """alpha for optimizer step ``step`` (0-based) of ``total``: ``schedules.alpha_at`` with the
     stage's settings (its ``wsd`` uses the LR's own WSD phases, ``warmup_steps``/``decay_steps``)."""
-    return alpha_at(step, total, schedule=cfg.alpha_schedule, alpha=cfg.alpha, alpha_min=cfg.alpha_min,
-                    warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
+    return alpha_at(
+        step,
+        total,
+        schedule=cfg.alpha_schedule,
+        alpha=cfg.alpha,
+        alpha_min=cfg.alpha_min,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.decay_steps,
+    )
 
 
 def make_loss_fn(run, cfg, total: int):
@@ -236,14 +299,14 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
         return t
 
     def evaluate(model) -> dict:
-        mine = blocks[acc.process_index::acc.num_processes]
+        mine = blocks[acc.process_index :: acc.num_processes]
         lm_tot = torch.zeros((), device=run.device)
         kd_tot = torch.zeros((), device=run.device)
         tokens = torch.zeros((), device=run.device)
         for n, i in enumerate(range(0, len(mine), cfg.batch_size)):
             if cfg.eval_batches is not None and n >= cfg.eval_batches:
                 break
-            ids = mine[i:i + cfg.batch_size].to(run.device)
+            ids = mine[i : i + cfg.batch_size].to(run.device)
             with torch.no_grad(), acc.autocast():
                 logits = next_token_logits(model, ids, vocab=run.vocab_size)
                 lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
@@ -275,16 +338,28 @@ def run(run, cfg: Config, student):
         if cfg.keep_best:
             run.export(model, best_dir)
 
-    fresh = not (run.recipe.resume == "auto"
-                 and ckpt.list_complete(run.stage_dir(cfg.name) / "checkpoints", report=lambda m: None))
+    fresh = not (
+        run.recipe.resume == "auto"
+        and ckpt.list_complete(run.stage_dir(cfg.name) / "checkpoints", report=lambda m: None)
+    )
     if evaluate is not None and cfg.eval_at_start and fresh:
         student.eval()
         values = evaluate(student)
         student.train()
         run.log(cfg.name, 0, {f"valid/{k}": v for k, v in values.items()})
         console.print(f"[cyan]{cfg.name} step 0 valid: ppl {values['ppl']:.4g}, kd_loss {values['kd_loss']:.4g}[/]")
-    return train(run, cfg, student, source, make_loss_fn(run, cfg, steps), steps, evaluate=evaluate,
-                 best_key="ppl", best_mode="min", on_best=on_best)
+    return train(
+        run,
+        cfg,
+        student,
+        source,
+        make_loss_fn(run, cfg, steps),
+        steps,
+        evaluate=evaluate,
+        best_key="ppl",
+        best_mode="min",
+        on_best=on_best,
+    )
 
 
 def preflight(run, cfg) -> None:
@@ -297,8 +372,9 @@ PLOTS = (  # the report's training curves
     Plot("loss", ["loss", "lm_loss", "kd_loss", "valid/loss", "valid/kd_loss"], "Losses", "nats/token"),
     Plot("alpha", ["alpha"], "KD weight alpha", "alpha (0 = LM only, 1 = KD only)", smooth=False),
     Plot("valid_ppl", ["valid/ppl"], "Validation perplexity", "perplexity (log scale)", logy=True),
-    Plot("kept_mass", ["teacher_kept_mass", "student_kept_mass"], "Mass on the teacher's kept tokens", "probability mass"),
+    Plot(
+        "kept_mass", ["teacher_kept_mass", "student_kept_mass"], "Mass on the teacher's kept tokens", "probability mass"
+    ),
 )
 
-STAGE = Stage("pd", Config, run, needs_corpus=always, preflight=preflight, check_in_recipe=check_in_recipe,
-              plots=PLOTS)
+STAGE = Stage("pd", Config, run, needs_corpus=always, preflight=preflight, check_in_recipe=check_in_recipe, plots=PLOTS)

@@ -37,18 +37,27 @@ class Config:
     type: str = opt("", "Stage type.")
     name: str = opt("", "Stage name (folder under output_dir, which holds the store); defaults to the type.")
     top_p: float = opt(0.95, "Keep the smallest set of teacher tokens reaching this probability...", gt=0.0, max=1.0)
-    top_k: int = opt(50, "...capped at this many tokens (record width: 4 * top_k bytes per token with uint16 ids).", min=1)
+    top_k: int = opt(
+        50, "...capped at this many tokens (record width: 4 * top_k bytes per token with uint16 ids).", min=1
+    )
     batch_size: int = opt(8, "Blocks per teacher forward pass.", min=1)
     shard_blocks: int = opt(1024, "Blocks per shard (one .indices.npy + one .logprobs.npy file).", min=1)
     on_partial: Literal["continue", "rebuild"] = opt(
-        "continue", "An interrupted build: keep its complete shards and continue, or delete them and start over.")
+        "continue", "An interrupted build: keep its complete shards and continue, or delete them and start over."
+    )
 
 
 def store_identity(run, cfg, blocks) -> dict:
     return logit_store.identity(
-        tokenizer_hash=logit_store.tokenizer_hash(run.tokenizer), vocab_size=run.vocab_size,
-        block_len=blocks.shape[1], n_blocks=blocks.shape[0], corpus_fingerprint=data.corpus_fingerprint(blocks),
-        top_p=cfg.top_p, top_k=cfg.top_k, teacher=run.recipe.teacher.model)
+        tokenizer_hash=logit_store.tokenizer_hash(run.tokenizer),
+        vocab_size=run.vocab_size,
+        block_len=blocks.shape[1],
+        n_blocks=blocks.shape[0],
+        corpus_fingerprint=data.corpus_fingerprint(blocks),
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        teacher=run.recipe.teacher.model,
+    )
 
 
 def run(run, cfg: Config, student):
@@ -69,23 +78,40 @@ def run(run, cfg: Config, student):
     bar = tqdm(total=len(blocks), desc=f"{cfg.name} (blocks)", disable=not acc.is_main_process, dynamic_ncols=True)
     t0 = time.perf_counter()
     header = logit_store.build_store(
-        folder, blocks, logits_fn, ident, batch_size=cfg.batch_size, shard_blocks=cfg.shard_blocks,
-        on_partial=cfg.on_partial, rank=acc.process_index, world=acc.num_processes, barrier=acc.wait_for_everyone,
-        progress=bar.update, log=lambda m: console.print(m) if acc.is_main_process else None)
+        folder,
+        blocks,
+        logits_fn,
+        ident,
+        batch_size=cfg.batch_size,
+        shard_blocks=cfg.shard_blocks,
+        on_partial=cfg.on_partial,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        barrier=acc.wait_for_everyone,
+        progress=bar.update,
+        log=lambda m: console.print(m) if acc.is_main_process else None,
+    )
     bar.close()
     dt = time.perf_counter() - t0
     computed[0] = int(acc.reduce(torch.tensor(computed[0], device=run.device), "sum"))  # over processes
     stats = header["stats"]
-    values = {"store_seconds": dt, "bytes_per_token": stats["bytes_per_token"], "mean_kept": stats["mean_kept"],
-              "mean_teacher_kept_mass": stats["mean_teacher_kept_mass"], "store_bytes": stats["bytes"],
-              "computed_blocks": computed[0]}
+    values = {
+        "store_seconds": dt,
+        "bytes_per_token": stats["bytes_per_token"],
+        "mean_kept": stats["mean_kept"],
+        "mean_teacher_kept_mass": stats["mean_teacher_kept_mass"],
+        "store_bytes": stats["bytes"],
+        "computed_blocks": computed[0],
+    }
     if computed[0]:
         values["store_tokens_per_s"] = computed[0] * header["positions_per_block"] / dt
     run.log(cfg.name, 0, values)
     if acc.is_main_process:
-        console.print(f"logit store {folder}: {header['n_blocks']} blocks x {header['positions_per_block']} positions, "
-                      f"{stats['bytes'] / 1e6:.1f} MB, {stats['bytes_per_token']:.1f} bytes/token, "
-                      f"mean kept {stats['mean_kept']:.1f} of {cfg.top_k}, teacher kept mass {stats['mean_teacher_kept_mass']:.3f}")
+        console.print(
+            f"logit store {folder}: {header['n_blocks']} blocks x {header['positions_per_block']} positions, "
+            f"{stats['bytes'] / 1e6:.1f} MB, {stats['bytes_per_token']:.1f} bytes/token, "
+            f"mean kept {stats['mean_kept']:.1f} of {cfg.top_k}, teacher kept mass {stats['mean_teacher_kept_mass']:.3f}"
+        )
     return LoopResult(model=student, step=0, best=None, stopped=False)
 
 

@@ -46,10 +46,19 @@ SIDECAR = "teacher_responses.json"
 
 @dataclass
 class Config(kd.Config):
-    kd_ratio: float = opt(0.0, "Weight of word-level KD on the teacher's samples; (1 - kd_ratio) weighs their CE "
-                               "(paper's SeqKD: 0; the official scripts: 0.5).", min=0.0, max=1.0)
-    max_new_tokens: int | None = opt(None, "Teacher response token limit (null: data.max_length - data.max_prompt_length, "
-                                           "256 with the defaults, as the paper's 512 total / 256 prompt).", min=1)
+    kd_ratio: float = opt(
+        0.0,
+        "Weight of word-level KD on the teacher's samples; (1 - kd_ratio) weighs their CE "
+        "(paper's SeqKD: 0; the official scripts: 0.5).",
+        min=0.0,
+        max=1.0,
+    )
+    max_new_tokens: int | None = opt(
+        None,
+        "Teacher response token limit (null: data.max_length - data.max_prompt_length, "
+        "256 with the defaults, as the paper's 512 total / 256 prompt).",
+        min=1,
+    )
     gen_temperature: float = opt(1.0, "Teacher sampling temperature (paper: 1; 0 = greedy).", min=0.0)
     gen_top_p: float = opt(1.0, "Teacher nucleus sampling top_p (paper: 1).", gt=0.0, max=1.0)
     gen_top_k: int = opt(0, "Teacher top-k sampling (0: off, as the paper).", min=0)
@@ -65,8 +74,13 @@ def prompts(run, split: str = "train") -> tuple[list[list[int]], list[int]]:
     d = run.recipe.data
 
     def make():
-        ids, _, stats = data.tokenize_prompts(run.instructions(split), run.tokenizer, template=d.template,
-                                              max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+        ids, _, stats = data.tokenize_prompts(
+            run.instructions(split),
+            run.tokenizer,
+            template=d.template,
+            max_prompt_length=d.max_prompt_length,
+            long_prompt=d.long_prompt,
+        )
         return ids, list(stats.kept_indices)
 
     return run.cached(f"instructions/seqkd_prompts/{split}", make)
@@ -102,7 +116,7 @@ def sampling_settings(run, cfg, prompt_ids: list[list[int]]) -> dict:
 def sample_batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
     """Prompt positions grouped into generation batches: longest first (little padding), stable order."""
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def batch_seed(seed: int, b: int) -> int:
@@ -117,14 +131,28 @@ def sample(run, settings: dict, prompt_ids: list[list[int]]) -> list[tuple[int, 
     batches = sample_batches(prompt_ids, settings["batch_size"])
     mine = [b for b in range(len(batches)) if b % acc.num_processes == acc.process_index]
     out: list[tuple[int, list[int]]] = []
-    with tqdm(total=sum(len(batches[b]) for b in mine), desc="teacher samples", unit="prompt",
-              disable=not acc.is_main_process, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=sum(len(batches[b]) for b in mine),
+        desc="teacher samples",
+        unit="prompt",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    ) as bar:
         for b in mine:
             idx = batches[b]
-            new = generate_ids(run.teacher, run.tokenizer, [prompt_ids[i] for i in idx],
-                               max_new_tokens=settings["max_new_tokens"], batch_size=len(idx),
-                               temperature=settings["temperature"], top_p=settings["top_p"], top_k=settings["top_k"],
-                               seed=batch_seed(settings["seed"], b), progress=False, vocab_size=run.vocab_size)
+            new = generate_ids(
+                run.teacher,
+                run.tokenizer,
+                [prompt_ids[i] for i in idx],
+                max_new_tokens=settings["max_new_tokens"],
+                batch_size=len(idx),
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                top_k=settings["top_k"],
+                seed=batch_seed(settings["seed"], b),
+                progress=False,
+                vocab_size=run.vocab_size,
+            )
             out.extend(zip(idx, new))
             bar.update(len(idx))
     return out
@@ -197,12 +225,19 @@ def teacher_responses(run, cfg, split: str = "train") -> list[dict]:
     records = []
     for k, i in enumerate(kept):
         ex, ids = examples[i], new_ids[k]
-        records.append({
-            "index": i, "source": ex.source, "instruction": ex.instruction, "input": ex.input,
-            "prompt": data.render_prompt(ex, d.template, run.tokenizer),
-            "output": run.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            "output_ids": ids, "finished": len(ids) < settings["max_new_tokens"], "reference": ex.response,
-        })
+        records.append(
+            {
+                "index": i,
+                "source": ex.source,
+                "instruction": ex.instruction,
+                "input": ex.input,
+                "prompt": data.render_prompt(ex, d.template, run.tokenizer),
+                "output": run.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "output_ids": ids,
+                "finished": len(ids) < settings["max_new_tokens"],
+                "reference": ex.response,
+            }
+        )
     n_tokens = sum(len(r["output_ids"]) for r in records)
     stats = {
         "sample_seconds": round(seconds, 3),
@@ -213,16 +248,19 @@ def teacher_responses(run, cfg, split: str = "train") -> list[dict]:
     }
     if acc.is_main_process:
         save_responses(stage_dir, settings, records, stats)
-        console.print(f"stage '{cfg.name}': {len(records)} responses, {stats['mean_response_tokens']:.1f} tokens on "
-                      f"average, {100 * stats['finished_fraction']:.0f}% ended with EOS, {seconds:.1f} s "
-                      f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s) -> {stage_dir / RESPONSES}")
+        console.print(
+            f"stage '{cfg.name}': {len(records)} responses, {stats['mean_response_tokens']:.1f} tokens on "
+            f"average, {100 * stats['finished_fraction']:.0f}% ended with EOS, {seconds:.1f} s "
+            f"({n_tokens / max(seconds, 1e-9):.1f} tokens/s) -> {stage_dir / RESPONSES}"
+        )
     run.log(cfg.name, 0, {f"teacher/{k}": v for k, v in stats.items()})
     acc.wait_for_everyone()
     return records
 
 
-def rows_from_responses(records: list[dict], prompt_ids: list[list[int]], kept: list[int], eos: int,
-                        max_length: int) -> tuple[list[dict], int]:
+def rows_from_responses(
+    records: list[dict], prompt_ids: list[list[int]], kept: list[int], eos: int, max_length: int
+) -> tuple[list[dict], int]:
     """SFT rows (input_ids, labels, prompt_length) on the sampled ids; returns (rows, n_truncated)."""
     position = {i: k for k, i in enumerate(kept)}
     rows, truncated = [], 0
@@ -241,10 +279,13 @@ def rows_from_responses(records: list[dict], prompt_ids: list[list[int]], kept: 
 def run(run, cfg: Config, student):
     records = teacher_responses(run, cfg)
     prompt_ids, kept = prompts(run)
-    rows, truncated = rows_from_responses(records, prompt_ids, kept, run.tokenizer.eos_token_id,
-                                          run.recipe.data.max_length)
+    rows, truncated = rows_from_responses(
+        records, prompt_ids, kept, run.tokenizer.eos_token_id, run.recipe.data.max_length
+    )
     if truncated:
-        console.print(f"stage '{cfg.name}': {truncated} teacher responses cut to data.max_length={run.recipe.data.max_length}")
+        console.print(
+            f"stage '{cfg.name}': {truncated} teacher responses cut to data.max_length={run.recipe.data.max_length}"
+        )
     return kd.train_on_rows(run, cfg, student, rows, instruction_rows(run, "valid"))
 
 

@@ -16,8 +16,8 @@ from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..logits import next_token_logits
 from ..loop import train
-from . import Stage
 from ..losses import lm_loss
+from . import Stage
 
 
 @dataclass
@@ -31,9 +31,14 @@ def instruction_rows(run, split: str) -> list[dict]:
     d = run.recipe.data
 
     def make():
-        rows, stats = data.tokenize_sft(run.instructions(split), run.tokenizer, template=d.template,
-                                        max_prompt_length=d.max_prompt_length, max_length=d.max_length,
-                                        long_prompt=d.long_prompt)
+        rows, stats = data.tokenize_sft(
+            run.instructions(split),
+            run.tokenizer,
+            template=d.template,
+            max_prompt_length=d.max_prompt_length,
+            max_length=d.max_length,
+            long_prompt=d.long_prompt,
+        )
         return rows
 
     if split == "valid" and not run.instructions("valid"):
@@ -51,8 +56,15 @@ def collate(rows: list[dict], pad_id: int, device) -> dict:
 def source_for(run, cfg, rows: list[dict]) -> ShuffledBatches:
     acc = run.accelerator
     pad = run.tokenizer.pad_token_id
-    return ShuffledBatches(len(rows), cfg.batch_size, lambda idx: collate([rows[i] for i in idx], pad, run.device),
-                           seed=run.recipe.seed, rank=acc.process_index, world=acc.num_processes, accum=cfg.grad_accum)
+    return ShuffledBatches(
+        len(rows),
+        cfg.batch_size,
+        lambda idx: collate([rows[i] for i in idx], pad, run.device),
+        seed=run.recipe.seed,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        accum=cfg.grad_accum,
+    )
 
 
 def total_steps(cfg, source: ShuffledBatches) -> int:
@@ -82,13 +94,13 @@ def make_evaluate(run, cfg, rows: list[dict], loss_fn=sft_loss):
     pad = run.tokenizer.pad_token_id
 
     def evaluate(model) -> dict:
-        mine = rows[acc.process_index::acc.num_processes]
+        mine = rows[acc.process_index :: acc.num_processes]
         total = torch.zeros((), device=run.device)
         tokens = torch.zeros((), device=run.device)
         for n, i in enumerate(range(0, len(mine), cfg.batch_size)):
             if cfg.eval_batches is not None and n >= cfg.eval_batches:
                 break
-            batch = collate(mine[i:i + cfg.batch_size], pad, run.device)
+            batch = collate(mine[i : i + cfg.batch_size], pad, run.device)
             with acc.autocast():
                 total += loss_fn(model, batch)[0].float()
             tokens += batch["num_tokens"]
@@ -109,9 +121,18 @@ def run(run, cfg: Config, student):
         if cfg.keep_best:
             run.export(model, best_dir)
 
-    return train(run, cfg, student, source, lambda model, batch, step: sft_loss(model, batch), total_steps(cfg, source),
-                 evaluate=make_evaluate(run, cfg, valid) if valid else None,
-                 best_key="loss", best_mode="min", on_best=on_best)
+    return train(
+        run,
+        cfg,
+        student,
+        source,
+        lambda model, batch, step: sft_loss(model, batch),
+        total_steps(cfg, source),
+        evaluate=make_evaluate(run, cfg, valid) if valid else None,
+        best_key="loss",
+        best_mode="min",
+        on_best=on_best,
+    )
 
 
 STAGE = Stage("sft", Config, run, needs_instructions=True)

@@ -47,8 +47,10 @@ def snapshot(path: Path) -> dict | None:
         return None
     if path.is_file():
         return {".": (path.stat().st_size, path.stat().st_mtime_ns)}
-    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else "dir"
-            for f in sorted(path.rglob("*"))}
+    return {
+        str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) if f.is_file() else "dir"
+        for f in sorted(path.rglob("*"))
+    }
 
 
 def error_line(code: int, err: str, *needles: str, alone: bool = False) -> str:
@@ -76,8 +78,14 @@ def fails(capsys, argv: list, *needles: str, out: Path, alone: bool = False) -> 
 
 def cli(argv: list) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "minidistill.run", *map(str, argv)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "minidistill.run", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def write_jsonl_lines(path: Path, lines: list[str]) -> Path:
@@ -97,36 +105,101 @@ RECIPE_CASES = [
     ("list-for-float", SFT1, ["stages.sft.lr=[1, 2]"], ["(sft).lr: expected a number, got [1, 2]"]),
     ("string-for-bool", SFT1, ["overwrite=maybe"], ["overwrite: expected true/false, got 'maybe'"]),
     ("mapping-for-list", SFT1, ["data.corpus={a: 1}"], ["data.corpus: expected a list of a string"]),
-    ("scalar-for-list", SFT1, ["student.keep_layers=3"], ["student.keep_layers: expected a list of an integer or null, got 3"]),
-    ("bad-stage-choice", SFT1, ["stages.0.scheduler=step"], ["(sft).scheduler: expected one of 'constant', 'cosine'", "got 'step'"]),
+    (
+        "scalar-for-list",
+        SFT1,
+        ["student.keep_layers=3"],
+        ["student.keep_layers: expected a list of an integer or null, got 3"],
+    ),
+    (
+        "bad-stage-choice",
+        SFT1,
+        ["stages.0.scheduler=step"],
+        ["(sft).scheduler: expected one of 'constant', 'cosine'", "got 'step'"],
+    ),
     ("bad-choice", SFT1, ["precision=fp8"], ["precision: expected one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"]),
     ("negative-lr", SFT1, ["stages.sft.lr=-0.001"], ["(sft).lr: expected a value >= 0.0, got -0.001"]),
     ("batch-size-0", SFT1, ["stages.sft.batch_size=0"], ["(sft).batch_size: expected a value >= 1, got 0"]),
-    ("mix-alpha-above-1", [MINILLM], ["stages.minillm.mix_alpha=1.5"], ["(minillm).mix_alpha: expected a value <= 1.0, got 1.5"]),
-    ("mix-alpha-negative", [MINILLM], ["stages.minillm.mix_alpha=-0.2"], ["(minillm).mix_alpha: expected a value >= 0.0, got -0.2"]),
+    (
+        "mix-alpha-above-1",
+        [MINILLM],
+        ["stages.minillm.mix_alpha=1.5"],
+        ["(minillm).mix_alpha: expected a value <= 1.0, got 1.5"],
+    ),
+    (
+        "mix-alpha-negative",
+        [MINILLM],
+        ["stages.minillm.mix_alpha=-0.2"],
+        ["(minillm).mix_alpha: expected a value >= 0.0, got -0.2"],
+    ),
     ("top-p-zero", PD1, ["stages.pd.top_p=0"], ["(pd).top_p: expected a value > 0.0, got 0.0"]),
     ("top-p-above-1", [MINILLM], ["stages.minillm.top_p=1.5"], ["(minillm).top_p: expected a value <= 1.0, got 1.5"]),
     ("top-k-negative", [MINILLM], ["stages.minillm.top_k=-1"], ["(minillm).top_k: expected a value >= 0, got -1"]),
     ("temperature-zero", PD1, ["stages.pd.temperature=0"], ["(pd).temperature: expected a value > 0.0, got 0.0"]),
-    ("sampling-temperature-zero", [MINILLM], ["stages.minillm.temperature=0"], ["(minillm).temperature: expected a value > 0.0"]),
-    ("unknown-stage-type", [{"type": "sfft"}], [], ["stages[0].type: unknown stage type 'sfft'", "did you mean 'sft'", "expected one of sft, kd"]),
+    (
+        "sampling-temperature-zero",
+        [MINILLM],
+        ["stages.minillm.temperature=0"],
+        ["(minillm).temperature: expected a value > 0.0"],
+    ),
+    (
+        "unknown-stage-type",
+        [{"type": "sfft"}],
+        [],
+        ["stages[0].type: unknown stage type 'sfft'", "did you mean 'sft'", "expected one of sft, kd"],
+    ),
     ("stage-without-type", [{"name": "x"}], [], ["stages[0].type: unknown stage type None", "expected one of"]),
     ("stage-not-a-mapping", ["sft"], [], ["stages[0]: expected a mapping with a 'type'"]),
     ("duplicate-stage-names", [SFT1[0], SFT1[0]], [], ["stages[1].name: duplicate stage name 'sft'"]),
     ("empty-stages", [], [], ["stages: expected a non-empty list of stages"]),
     ("override-without-equals", SFT1, ["seed"], ["override 'seed': expected dotted.key=value"]),
-    ("override-unknown-stage", SFT1, ["stages.nope.lr=1"], ["override 'stages.nope.lr': no stage named 'nope' (stages: sft)"]),
+    (
+        "override-unknown-stage",
+        SFT1,
+        ["stages.nope.lr=1"],
+        ["override 'stages.nope.lr': no stage named 'nope' (stages: sft)"],
+    ),
     ("override-into-scalar", SFT1, ["seed.x=1"], ["override 'seed.x=1': 'seed' is not a mapping"]),
     ("override-unknown-key", SFT1, ["stages.sft.learning_rate=1"], ["(sft).learning_rate: unknown key"]),
-    ("layer-stride-zero", SFT1, ["student.keep_layers=null", "student.layer_stride=0"], ["student.layer_stride: expected a value >= 1, got 0"]),
-    ("layer-stride-negative", SFT1, ["student.keep_layers=null", "student.layer_stride=-2"], ["student.layer_stride: expected a value >= 1, got -2"]),
-    ("prune-without-layers", SFT1, ["student.keep_layers=null"], ["student: init 'prune' needs keep_layers or layer_stride"]),
-    ("max-length-below-prompt", SFT1, ["data.max_length=100", "data.max_prompt_length=200"], ["data.max_prompt_length: must be < data.max_length (100)"]),
+    (
+        "layer-stride-zero",
+        SFT1,
+        ["student.keep_layers=null", "student.layer_stride=0"],
+        ["student.layer_stride: expected a value >= 1, got 0"],
+    ),
+    (
+        "layer-stride-negative",
+        SFT1,
+        ["student.keep_layers=null", "student.layer_stride=-2"],
+        ["student.layer_stride: expected a value >= 1, got -2"],
+    ),
+    (
+        "prune-without-layers",
+        SFT1,
+        ["student.keep_layers=null"],
+        ["student: init 'prune' needs keep_layers or layer_stride"],
+    ),
+    (
+        "max-length-below-prompt",
+        SFT1,
+        ["data.max_length=100", "data.max_prompt_length=200"],
+        ["data.max_prompt_length: must be < data.max_length (100)"],
+    ),
     ("no-output-dir", SFT1, ["output_dir="], ["output_dir: required"]),
     ("no-teacher", SFT1, ["teacher.model="], ["teacher.model: required"]),
-    ("pretrained-without-model", SFT1, ["student.init=pretrained"], ["student.model: required when student.init is 'pretrained'"]),
+    (
+        "pretrained-without-model",
+        SFT1,
+        ["student.init=pretrained"],
+        ["student.model: required when student.init is 'pretrained'"],
+    ),
     ("lora-rank-zero", SFT1, ["student.lora.r=0"], ["student.lora.r: expected a value >= 1, got 0"]),
-    ("offline-pd-without-store", [{**PD1[0], "teacher_logits": "offline"}], [], ["(pd).store: teacher_logits 'offline' needs a logit store", "pd_store stage before"]),
+    (
+        "offline-pd-without-store",
+        [{**PD1[0], "teacher_logits": "offline"}],
+        [],
+        ["(pd).store: teacher_logits 'offline' needs a logit store", "pd_store stage before"],
+    ),
 ]
 
 
@@ -148,7 +221,9 @@ def test_unknown_key_cli(recipe_file):
     """Through the real CLI: exit status 2, exactly one stderr line, nothing written."""
     path = recipe_file([{**SFT1[0], "lrr": 1}])
     proc = cli([path])
-    error_line(proc.returncode, proc.stderr, "recipe.yaml: stages[0] (sft).lrr: unknown key", "did you mean 'lr'", alone=True)
+    error_line(
+        proc.returncode, proc.stderr, "recipe.yaml: stages[0] (sft).lrr: unknown key", "did you mean 'lr'", alone=True
+    )
     assert not (path.parent / "run").exists()
 
 
@@ -172,9 +247,11 @@ def test_python_yaml_tag_is_refused_not_run(tmp_path):
     """yaml.safe_load: a !!python tag is an error (through the real CLI), and its code never runs."""
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.yaml"
-    p.write_text(f"output_dir: {tmp_path / 'out'}\n"
-                 f"seed: !!python/object/apply:os.mkdir [{str(marker)!r}]\n"
-                 "teacher: {model: x}\nstages: [{type: sft}]\n")
+    p.write_text(
+        f"output_dir: {tmp_path / 'out'}\n"
+        f"seed: !!python/object/apply:os.mkdir [{str(marker)!r}]\n"
+        "teacher: {model: x}\nstages: [{type: sft}]\n"
+    )
     proc = cli([p])
     line = error_line(proc.returncode, proc.stderr, f"{p}:2:", "!!python/object/apply:os.mkdir", "plain YAML")
     assert "tag" in line
@@ -185,28 +262,54 @@ def test_python_yaml_tag_is_refused_not_run(tmp_path):
 
 
 def test_missing_teacher_folder(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={tmp_path / 'no_such_model'}"],
-          "teacher.model: model", "no_such_model': no such folder", "expected a local model folder", out=tmp_path / "run", alone=True)
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={tmp_path / 'no_such_model'}"],
+        "teacher.model: model",
+        "no_such_model': no such folder",
+        "expected a local model folder",
+        out=tmp_path / "run",
+        alone=True,
+    )
 
 
 def test_teacher_folder_without_config(recipe_file, tmp_path, capsys):
     empty = tmp_path / "empty_model"
     empty.mkdir()
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={empty}"], "teacher.model", "empty_model", "cannot load",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={empty}"],
+        "teacher.model",
+        "empty_model",
+        "cannot load",
+        out=tmp_path / "run",
+    )
 
 
 def test_gguf_file_absent(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={tmp_path / 'absent.gguf'}"],
-          "teacher.model", "absent.gguf", "file not found", out=tmp_path / "run", alone=True)
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={tmp_path / 'absent.gguf'}"],
+        "teacher.model",
+        "absent.gguf",
+        "file not found",
+        out=tmp_path / "run",
+        alone=True,
+    )
 
 
 def test_gguf_file_corrupt(recipe_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "garbage.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(300))
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={bad}"], "teacher.model", "garbage.gguf", "cannot load as GGUF",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={bad}"],
+        "teacher.model",
+        "garbage.gguf",
+        "cannot load as GGUF",
+        out=tmp_path / "run",
+    )
     assert not any((tmp_path / "cache").rglob("*.safetensors"))  # no half-built cache entry
 
 
@@ -214,8 +317,14 @@ def test_corrupt_weights_file(recipe_file, tmp_path, tiny_dir, capsys):
     broken = tmp_path / "broken_model"
     shutil.copytree(tiny_dir, broken)
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={broken}"], "teacher.model", "broken_model", "cannot load",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={broken}"],
+        "teacher.model",
+        "broken_model",
+        "cannot load",
+        out=tmp_path / "run",
+    )
 
 
 def _student_folder(tmp_path: Path, name: str, *, tokenizer, vocab_size: int | None = None) -> Path:
@@ -223,8 +332,16 @@ def _student_folder(tmp_path: Path, name: str, *, tokenizer, vocab_size: int | N
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     out = tmp_path / name
     LlamaForCausalLM(cfg).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -238,8 +355,14 @@ def test_student_with_a_different_vocabulary(recipe_file, tmp_path, capsys):
     tok = make_tokenizer()
     tok.add_tokens([f"<extra_{i}>" for i in range(100)])
     student = _student_folder(tmp_path, "other_vocab", tokenizer=tok)
-    fails(capsys, [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
-          "student.model", "tokenizer differs from the teacher's (359 vs 259 tokens)", "same tokenizer", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
+        "student.model",
+        "tokenizer differs from the teacher's (359 vs 259 tokens)",
+        "same tokenizer",
+        out=tmp_path / "run",
+    )
 
 
 def test_student_with_a_different_tokenizer_same_size(recipe_file, tmp_path, capsys):
@@ -255,35 +378,68 @@ def test_student_with_a_different_tokenizer_same_size(recipe_file, tmp_path, cap
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    swapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token=tok.eos_token,
-                                      bos_token=tok.bos_token, pad_token=tok.pad_token)
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        eos_token=tok.eos_token,
+        bos_token=tok.bos_token,
+        pad_token=tok.pad_token,
+    )
     student = _student_folder(tmp_path, "swapped_vocab", tokenizer=swapped)
-    fails(capsys, [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
-          "student.model", "tokenizer differs from the teacher's (259 vs 259 tokens)", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
+        "student.model",
+        "tokenizer differs from the teacher's (259 vs 259 tokens)",
+        out=tmp_path / "run",
+    )
 
 
 def test_student_head_smaller_than_the_tokenizer(recipe_file, tmp_path, capsys):
     from tiny_tokenizer import make_tokenizer
 
     student = _student_folder(tmp_path, "small_head", tokenizer=make_tokenizer(), vocab_size=200)
-    fails(capsys, [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
-          "student: vocabulary mismatch: tokenizer has 259 tokens", "student head 200 rows", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "student.init=pretrained", f"student.model={student}", "student.keep_layers=null"],
+        "student: vocabulary mismatch: tokenizer has 259 tokens",
+        "student head 200 rows",
+        out=tmp_path / "run",
+    )
 
 
 @pytest.mark.parametrize("keep,needle", [("[0, 9]", "[0, 9]"), ("[-1, 2]", "[-1, 2]"), ("[1, 1]", "[1, 1]")])
 def test_keep_layers_out_of_range(recipe_file, tmp_path, capsys, keep, needle):
-    fails(capsys, [recipe_file(SFT1), f"student.keep_layers={keep}"],
-          "student.keep_layers: expected distinct layer indices in [0, 3]", needle, out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"student.keep_layers={keep}"],
+        "student.keep_layers: expected distinct layer indices in [0, 3]",
+        needle,
+        out=tmp_path / "run",
+    )
 
 
 def test_config_override_not_a_model_field(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), "student.init=config", "student.keep_layers=null", "student.config_overrides={n_layerz: 1}"],
-          "student.config_overrides.n_layerz: not a field of LlamaConfig", out=tmp_path / "run")
+    fails(
+        capsys,
+        [
+            recipe_file(SFT1),
+            "student.init=config",
+            "student.keep_layers=null",
+            "student.config_overrides={n_layerz: 1}",
+        ],
+        "student.config_overrides.n_layerz: not a field of LlamaConfig",
+        out=tmp_path / "run",
+    )
 
 
 def test_lora_target_module_not_in_model(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), "student.lora.enabled=true", "student.lora.target_modules=[q_proj, c_attn]"],
-          "student.lora.target_modules: ['c_attn'] not found in the model", "q_proj", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "student.lora.enabled=true", "student.lora.target_modules=[q_proj, c_attn]"],
+        "student.lora.target_modules: ['c_attn'] not found in the model",
+        "q_proj",
+        out=tmp_path / "run",
+    )
 
 
 def _custom_code_model(tmp_path: Path, tiny_dir: Path, marker: Path, *, known_type: bool) -> Path:
@@ -299,7 +455,8 @@ def _custom_code_model(tmp_path: Path, tiny_dir: Path, marker: Path, *, known_ty
         f"open({str(marker)!r}, 'w').close()\n"
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
-        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )
     return folder
 
 
@@ -307,8 +464,14 @@ def test_custom_model_code_needs_trust_remote_code(recipe_file, tmp_path, tiny_d
     """A folder that only loads with its own Python code: refused (the code never runs) unless the recipe opts in."""
     marker = tmp_path / "code_ran"
     folder = _custom_code_model(tmp_path, tiny_dir, marker, known_type=False)
-    fails(capsys, [recipe_file(SFT1), f"teacher.model={folder}"],
-          "teacher.model", "custom model code", "set trust_remote_code: true", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"teacher.model={folder}"],
+        "teacher.model",
+        "custom model code",
+        "set trust_remote_code: true",
+        out=tmp_path / "run",
+    )
     assert not marker.exists()
 
 
@@ -332,17 +495,50 @@ GOOD = json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."})
 DATA_CASES = [
     # id, train lines (None: file absent), extra overrides, needles
     ("missing-file", None, [], ["data.train: ", "bad_train.jsonl: file not found"]),
-    ("not-json", [GOOD, GOOD, "{instruction: oops"], [], ["data.train: ", "bad_train.jsonl:3: not valid JSON", "column 2"]),
-    ("not-an-object", [GOOD, "[1, 2, 3]"], [], ["data.train: ", "bad_train.jsonl:2: expected a JSON object (a record), got a list"]),
-    ("no-instruction", [GOOD, json.dumps({"question": "x", "output": "y"})], [], ["data.train: ", "bad_train.jsonl:2: record has no 'instruction' field"]),
-    ("no-output", [json.dumps({"instruction": "x"}), GOOD], [], ["data.train: ", "bad_train.jsonl:1: record has no 'output' or 'response' field"]),
-    ("output-not-string", [GOOD, json.dumps({"instruction": "x", "output": 5})], [], ["data.train: ", "bad_train.jsonl:2: field 'output' must be a string"]),
+    (
+        "not-json",
+        [GOOD, GOOD, "{instruction: oops"],
+        [],
+        ["data.train: ", "bad_train.jsonl:3: not valid JSON", "column 2"],
+    ),
+    (
+        "not-an-object",
+        [GOOD, "[1, 2, 3]"],
+        [],
+        ["data.train: ", "bad_train.jsonl:2: expected a JSON object (a record), got a list"],
+    ),
+    (
+        "no-instruction",
+        [GOOD, json.dumps({"question": "x", "output": "y"})],
+        [],
+        ["data.train: ", "bad_train.jsonl:2: record has no 'instruction' field"],
+    ),
+    (
+        "no-output",
+        [json.dumps({"instruction": "x"}), GOOD],
+        [],
+        ["data.train: ", "bad_train.jsonl:1: record has no 'output' or 'response' field"],
+    ),
+    (
+        "output-not-string",
+        [GOOD, json.dumps({"instruction": "x", "output": 5})],
+        [],
+        ["data.train: ", "bad_train.jsonl:2: field 'output' must be a string"],
+    ),
     ("empty-file", ["", "  "], [], ["data.train: ", "bad_train.jsonl: no instruction records found"]),
     ("not-utf8", b'{"instruction": "\xff\xfe"}\n', [], ["data.train: ", "bad_train.jsonl:1: not UTF-8 text"]),
-    ("held-out-everything", [GOOD] * 3, ["data.valid=null", "data.valid_size=3"],
-     ["data.valid_size: holding out 3 examples leaves no training examples", "bad_train.jsonl has 3"]),
-    ("all-prompts-too-long", [GOOD] * 3, ["data.max_prompt_length=20", "data.max_length=40"],
-     ["bad_train.jsonl: all 3 examples dropped: prompts longer than max_prompt_length=20 tokens"]),
+    (
+        "held-out-everything",
+        [GOOD] * 3,
+        ["data.valid=null", "data.valid_size=3"],
+        ["data.valid_size: holding out 3 examples leaves no training examples", "bad_train.jsonl has 3"],
+    ),
+    (
+        "all-prompts-too-long",
+        [GOOD] * 3,
+        ["data.max_prompt_length=20", "data.max_length=40"],
+        ["bad_train.jsonl: all 3 examples dropped: prompts longer than max_prompt_length=20 tokens"],
+    ),
 ]
 
 
@@ -364,52 +560,96 @@ def test_chat_template_missing(recipe_file, tmp_path, tiny_dir, capsys):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     for f in folder.glob("chat_template.*"):
         f.unlink()
-    fails(capsys, [recipe_file(SFT1), "data.template=chat", f"teacher.model={folder}"],
-          "no_chat: tokenizer has no chat_template", "use template 'alpaca'", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "data.template=chat", f"teacher.model={folder}"],
+        "no_chat: tokenizer has no chat_template",
+        "use template 'alpaca'",
+        out=tmp_path / "run",
+    )
 
 
 def test_bad_validation_file(recipe_file, tmp_path, capsys):
     valid = write_jsonl_lines(tmp_path / "bad_valid.jsonl", [GOOD, "not json"])
-    fails(capsys, [recipe_file(SFT1), f"data.valid={valid}"], "data.valid: ", "bad_valid.jsonl:2: not valid JSON", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"data.valid={valid}"],
+        "data.valid: ",
+        "bad_valid.jsonl:2: not valid JSON",
+        out=tmp_path / "run",
+    )
 
 
 def test_instruction_data_unset_for_sft(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), "data.train=null", "data.valid=null"], "data.train: required by this stage",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "data.train=null", "data.valid=null"],
+        "data.train: required by this stage",
+        out=tmp_path / "run",
+    )
 
 
 # ---------------------------------------------------------------- corpus
 
 
 def test_corpus_file_missing(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(PD1), f"data.corpus=[{tmp_path / 'nope.txt'}]"], "data.corpus: ", "nope.txt: file not found", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(PD1), f"data.corpus=[{tmp_path / 'nope.txt'}]"],
+        "data.corpus: ",
+        "nope.txt: file not found",
+        out=tmp_path / "run",
+    )
 
 
 def test_corpus_empty_file(recipe_file, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
-    fails(capsys, [recipe_file(PD1), f"data.corpus=[{empty}]"], "data.corpus: ", "empty.txt: no text found", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(PD1), f"data.corpus=[{empty}]"],
+        "data.corpus: ",
+        "empty.txt: no text found",
+        out=tmp_path / "run",
+    )
 
 
 def test_corpus_shorter_than_one_block(recipe_file, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n")
-    fails(capsys, [recipe_file(PD1), f"data.corpus=[{short}]"],
-          "data.corpus: ", "short.txt: corpus has 17 tokens, fewer than one block of block_len=32", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(PD1), f"data.corpus=[{short}]"],
+        "data.corpus: ",
+        "short.txt: corpus has 17 tokens, fewer than one block of block_len=32",
+        out=tmp_path / "run",
+    )
 
 
 def test_corpus_jsonl_without_text(recipe_file, tmp_path, capsys):
     bad = write_jsonl_lines(tmp_path / "docs.jsonl", [json.dumps({"text": "hello"}), json.dumps({"body": "x"})])
-    fails(capsys, [recipe_file(PD1), f"data.corpus=[{bad}]"], "data.corpus: ", "docs.jsonl:2: record has no 'text' field", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(PD1), f"data.corpus=[{bad}]"],
+        "data.corpus: ",
+        "docs.jsonl:2: record has no 'text' field",
+        out=tmp_path / "run",
+    )
 
 
 def test_corpus_all_held_out(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(PD1), "data.valid_blocks=500"], "data.valid_blocks: 500 held-out blocks leave no training text",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(PD1), "data.valid_blocks=500"],
+        "data.valid_blocks: 500 held-out blocks leave no training text",
+        out=tmp_path / "run",
+    )
 
 
 def test_pd_without_corpus(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(PD1), "data.corpus=[]"], "data.corpus: this stage needs plain text", out=tmp_path / "run")
+    fails(
+        capsys, [recipe_file(PD1), "data.corpus=[]"], "data.corpus: this stage needs plain text", out=tmp_path / "run"
+    )
 
 
 # ---------------------------------------------------------------- offline logit stores
@@ -451,23 +691,42 @@ def _edit_header(**changes):
         h = json.loads((folder / "header.json").read_text())
         h.update(changes)
         (folder / "header.json").write_text(json.dumps(h))
+
     return tamper
 
 
 def test_store_from_another_tokenizer(tmp_path, store_setup, capsys):
     path = _store_case(tmp_path, store_setup, _edit_header(tokenizer_hash="0123456789abcdef"))
-    fails(capsys, [path], "stages.pd.store: ", "store: logit store tokenizer_hash is '0123456789abcdef' but this run has", "rebuild the store",
-          out=tmp_path / "run")
+    fails(
+        capsys,
+        [path],
+        "stages.pd.store: ",
+        "store: logit store tokenizer_hash is '0123456789abcdef' but this run has",
+        "rebuild the store",
+        out=tmp_path / "run",
+    )
 
 
 def test_store_for_another_block_length(tmp_path, store_setup, capsys):
     path = _store_case(tmp_path, store_setup, lambda f: None)
-    fails(capsys, [path, "data.block_len=16"], "stages.pd.store: ", "logit store block_len is 32 but this run has 16", out=tmp_path / "run")
+    fails(
+        capsys,
+        [path, "data.block_len=16"],
+        "stages.pd.store: ",
+        "logit store block_len is 32 but this run has 16",
+        out=tmp_path / "run",
+    )
 
 
 def test_store_with_other_top_k(tmp_path, store_setup, capsys):
     path = _store_case(tmp_path, store_setup, lambda f: None)
-    fails(capsys, [path, "stages.pd.top_k=8"], "stages.pd.store: ", "logit store top_k is 4 but this run has 8", out=tmp_path / "run")
+    fails(
+        capsys,
+        [path, "stages.pd.top_k=8"],
+        "stages.pd.store: ",
+        "logit store top_k is 4 but this run has 8",
+        out=tmp_path / "run",
+    )
 
 
 def test_store_with_corrupt_header(tmp_path, store_setup, capsys):
@@ -491,7 +750,13 @@ def test_store_truncated_shard(tmp_path, store_setup, capsys):
         f.write_bytes(f.read_bytes()[:100])
 
     path = _store_case(tmp_path, store_setup, tamper)
-    fails(capsys, [path], "stages.pd.store: ", "logprobs.npy: logit store shard file missing or truncated", out=tmp_path / "run")
+    fails(
+        capsys,
+        [path],
+        "stages.pd.store: ",
+        "logprobs.npy: logit store shard file missing or truncated",
+        out=tmp_path / "run",
+    )
 
 
 def test_store_folder_missing(tmp_path, store_setup, capsys):
@@ -502,8 +767,13 @@ def test_store_folder_missing(tmp_path, store_setup, capsys):
 def test_store_settings_differ_from_the_recipes_pd_store(recipe_file, tmp_path, capsys):
     """pd_store and the pd stage reading it disagree on top_k: refused before the store is built."""
     stages = [{"type": "pd_store", "name": "logits", "top_k": 4}, {**PD1[0], "teacher_logits": "offline", "top_k": 8}]
-    fails(capsys, [recipe_file(stages)], "(pd).top_k: 8 differs from stage 'logits' (top_k 4)", out=tmp_path / "run",
-          alone=True)
+    fails(
+        capsys,
+        [recipe_file(stages)],
+        "(pd).top_k: 8 differs from stage 'logits' (top_k 4)",
+        out=tmp_path / "run",
+        alone=True,
+    )
 
 
 # ---------------------------------------------------------------- output_dir
@@ -528,8 +798,15 @@ def test_output_dir_not_writable(recipe_file, tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        fails(capsys, [recipe_file(SFT1), f"output_dir={locked / 'run'}"], "output_dir", "locked", "not writable",
-              out=locked, alone=True)
+        fails(
+            capsys,
+            [recipe_file(SFT1), f"output_dir={locked / 'run'}"],
+            "output_dir",
+            "locked",
+            "not writable",
+            out=locked,
+            alone=True,
+        )
     finally:
         locked.chmod(0o700)
 
@@ -541,14 +818,28 @@ def test_output_dir_not_writable_message(recipe_file, tmp_path, capsys, monkeypa
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
-    monkeypatch.setattr(outputs_mod.os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
-    fails(capsys, [recipe_file(SFT1), f"output_dir={locked / 'run'}"], "output_dir", "not writable",
-          "no write permission on", out=locked, alone=True)
+    monkeypatch.setattr(
+        outputs_mod.os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw)
+    )
+    fails(
+        capsys,
+        [recipe_file(SFT1), f"output_dir={locked / 'run'}"],
+        "output_dir",
+        "not writable",
+        "no write permission on",
+        out=locked,
+        alone=True,
+    )
 
 
 def test_tensorboard_run_with_bad_data_writes_nothing(recipe_file, tmp_path, capsys):
-    fails(capsys, [recipe_file(SFT1), "tensorboard=true", f"data.train={tmp_path / 'missing.jsonl'}"],
-          "data.train: ", "missing.jsonl: file not found", out=tmp_path / "run")
+    fails(
+        capsys,
+        [recipe_file(SFT1), "tensorboard=true", f"data.train={tmp_path / 'missing.jsonl'}"],
+        "data.train: ",
+        "missing.jsonl: file not found",
+        out=tmp_path / "run",
+    )
 
 
 def _fake_run(out: Path, recipe: Path, overrides: list[str]) -> None:
@@ -579,7 +870,12 @@ def test_bad_data_does_not_clear_an_overwrite_target(recipe_file, tmp_path, caps
     path = recipe_file(SFT1)
     out = tmp_path / "run"
     _fake_run(out, path, ["seed=7"])
-    fails(capsys, [path, "overwrite=true", f"data.train={tmp_path / 'missing.jsonl'}"], "missing.jsonl: file not found", out=out)
+    fails(
+        capsys,
+        [path, "overwrite=true", f"data.train={tmp_path / 'missing.jsonl'}"],
+        "missing.jsonl: file not found",
+        out=out,
+    )
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(recipe_file, tmp_path, capsys):
@@ -601,12 +897,27 @@ def test_resume_auto_without_checkpoint_starts_fresh(recipe_file, tmp_path, caps
 def test_error_mid_pipeline_keeps_finished_stages_only(recipe_file, tmp_path, capsys):
     """The generate stage's corpus turns out shorter than one block when PD packs it: the run stops
     with exit 2; the earlier stage's final/ is complete, the failing stage wrote nothing."""
-    stages = [SFT1[0], {"type": "generate", "name": "gen", "splits": ["train"], "corpus": True, "max_new_tokens": 2,
-                        "gen_batch_size": 24}, PD1[0]]
+    stages = [
+        SFT1[0],
+        {
+            "type": "generate",
+            "name": "gen",
+            "splits": ["train"],
+            "corpus": True,
+            "max_new_tokens": 2,
+            "gen_batch_size": 24,
+        },
+        PD1[0],
+    ]
     path = recipe_file(stages, threads=1)
     out = tmp_path / "run"
     code = main([str(path), "data.block_len=100000"])
-    error_line(code, capsys.readouterr().err, "stage 'gen' generated text: corpus has", "fewer than one block of block_len=100000")
+    error_line(
+        code,
+        capsys.readouterr().err,
+        "stage 'gen' generated text: corpus has",
+        "fewer than one block of block_len=100000",
+    )
     from minidistill import checkpoint as ckpt
 
     assert ckpt.is_complete(out / "sft" / "final")[0]
@@ -637,7 +948,9 @@ def test_checkpoint_pickle_is_refused(tmp_path, tiny_dir):
     acc = Accelerator(cpu=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    folder = ckpt.save_checkpoint(acc, tmp_path / "checkpoints", 1, model, opt, sched, {"pos": 0}, {"step": 1}, keep_last=2)
+    folder = ckpt.save_checkpoint(
+        acc, tmp_path / "checkpoints", 1, model, opt, sched, {"pos": 0}, {"step": 1}, keep_last=2
+    )
     marker = tmp_path / "code_ran"
     with open(folder / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Payload(marker)}, f, protocol=2)
@@ -659,6 +972,6 @@ def test_every_torch_load_is_weights_only():
             while depth:
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
-            calls.append((f.name, text[m.start():i]))
+            calls.append((f.name, text[m.start() : i]))
     assert calls, "expected checkpoint loading to use torch.load"
     assert all("weights_only=True" in c for _, c in calls), [c for c in calls if "weights_only=True" not in c[1]]

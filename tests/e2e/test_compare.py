@@ -34,7 +34,7 @@ def test_compare_recipes_parse():
 def test_ci95():
     mean, half = compare.ci95([10.0, 12.0, 14.0])
     assert mean == pytest.approx(12.0)
-    assert half == pytest.approx(4.303 * 2.0 / 3 ** 0.5, rel=1e-4)
+    assert half == pytest.approx(4.303 * 2.0 / 3**0.5, rel=1e-4)
     assert compare.ci95([5.0]) == (5.0, None)
 
 
@@ -54,11 +54,46 @@ def test_unknown_method(tmp_path, capsys):
 def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     pytest.importorskip("trl")
     out = tmp_path / "cmp"
-    argv = ["--tiny", "--teacher", str(sharp_dir), "--train", tiny_data["train"],
-            "--test", f"a={tiny_data['valid']}", "--test", f"b={tiny_data['valid']}", "--corpus", tiny_data["corpus"],
-            "--steps", "2", "--batch-size", "2", "--start-steps", "2", "--layer-stride", "3", "--seeds", "10,20", "--max-examples", "3",
-            "--max-new-tokens", "6", "--gen-tokens", "6", "--eval-batch-size", "4", "--eval-dtype", "fp32",
-            "--precision", "fp32", "--threads", "1", "--out", str(out), "--no-progress"]
+    argv = [
+        "--tiny",
+        "--teacher",
+        str(sharp_dir),
+        "--train",
+        tiny_data["train"],
+        "--test",
+        f"a={tiny_data['valid']}",
+        "--test",
+        f"b={tiny_data['valid']}",
+        "--corpus",
+        tiny_data["corpus"],
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--start-steps",
+        "2",
+        "--layer-stride",
+        "3",
+        "--seeds",
+        "10,20",
+        "--max-examples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--gen-tokens",
+        "6",
+        "--eval-batch-size",
+        "4",
+        "--eval-dtype",
+        "fp32",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert compare.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     names = ["teacher", "start", "sft", "kd", "seqkd", "minillm", "trl"]
@@ -103,7 +138,7 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
 
     # another budget in the same folder is refused (one line), not mixed with the old run
     steps = argv.index("--steps") + 1
-    changed = argv[:steps] + ["3"] + argv[steps + 1:] + ["--methods", "sft"]
+    changed = argv[:steps] + ["3"] + argv[steps + 1 :] + ["--methods", "sft"]
     assert compare.main(changed) == 2
     assert "--overwrite" in capsys.readouterr().err
 

@@ -53,8 +53,17 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def sft_stage(**kw) -> dict:
-    stage = {"type": "sft", "name": "sft", "max_steps": 4, "batch_size": 4, "lr": 3e-3, "scheduler": "cosine",
-             "warmup_steps": 1, "eval_every": 0, "save_every": 1}
+    stage = {
+        "type": "sft",
+        "name": "sft",
+        "max_steps": 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "scheduler": "cosine",
+        "warmup_steps": 1,
+        "eval_every": 0,
+        "save_every": 1,
+    }
     stage.update(kw)
     return stage
 
@@ -161,7 +170,11 @@ CORRUPTIONS = {
     # name: (what to do to checkpoint step 3, the reason the one report line must give, folder reported)
     "truncated_weights": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors has", "step_0000003"),
     "missing_file": (lambda d: (d / "optimizer.pt").unlink(), "missing optimizer.pt", "step_0000003"),
-    "corrupt_manifest": (lambda d: (d / "manifest.json").write_text("{\"files\": [1, 2"), "manifest.json is corrupt", "step_0000003"),
+    "corrupt_manifest": (
+        lambda d: (d / "manifest.json").write_text('{"files": [1, 2'),
+        "manifest.json is corrupt",
+        "step_0000003",
+    ),
     "no_manifest": (lambda d: (d / "manifest.json").unlink(), "no manifest.json", "step_0000003"),
     "unreadable_same_size": (lambda d: _scramble_same_size(d / "model.safetensors"), "unreadable", "step_0000003"),
     "tmp_leftover": (lambda d: d.rename(d.parent / ".tmp-step_0000003"), "temp folder", ".tmp-step_0000003"),

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM
 
 from minidistill.run import main
 from minidistill.tracking import read_metrics
-from tiny_assets import crash_after_first_save
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_assets import write_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -27,7 +28,6 @@ from minidistill import data as mdata
 from minidistill.logits import response_logits
 from minidistill.models import fresh_from_config
 from minidistill.run import main
-from tiny_assets import write_jsonl
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
@@ -50,9 +50,19 @@ def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     tok = _tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      tie_word_embeddings=True, eos_token_id=EOS_ID, pad_token_id=EOS_ID, bos_token_id=EOS_ID)
+    cfg = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+    )
     teacher = LlamaForCausalLM(cfg)
     with torch.no_grad():
         teacher.get_input_embeddings().weight.mul_(20.0)  # peaked next-token distributions
@@ -81,7 +91,7 @@ def _enumerate(prompt: list[int]) -> dict:
     ids = torch.full((M, N_NEW), EOS_ID, dtype=torch.long)
     mask = torch.zeros((M, N_NEW), dtype=torch.long)
     for i, y in enumerate(seqs):
-        ids[i, :len(y)], mask[i, :len(y)] = torch.tensor(y), 1
+        ids[i, : len(y)], mask[i, : len(y)] = torch.tensor(y), 1
     p = torch.tensor([prompt] * M)
     return {"prompt_ids": p, "prompt_mask": torch.ones_like(p), "response_ids": ids, "response_mask": mask}
 
@@ -104,7 +114,10 @@ def exact_reverse_kl(student, teacher, prompt: list[int]) -> float:
 
 def _recipe(assets: dict, out: Path, stage: dict) -> Path:
     recipe = {
-        "output_dir": str(out), "seed": 0, "device": "cpu", "threads": 1,
+        "output_dir": str(out),
+        "seed": 0,
+        "device": "cpu",
+        "threads": 1,
         "teacher": {"model": str(assets["teacher"])},
         "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
         "data": {"train": str(assets["train"]), "max_prompt_length": 96, "max_length": 128},
@@ -116,11 +129,28 @@ def _recipe(assets: dict, out: Path, stage: dict) -> Path:
 
 
 STEPS = 30
-MINILLM = {"type": "minillm", "name": "minillm", "max_steps": STEPS, "lr": 3e-2, "warmup_steps": 0,
-           "num_rollouts": 16, "rollout_batch_size": 16, "batch_size": 8, "ppo_epochs": 1,
-           "max_new_tokens": N_NEW, "lm_coef": 0.0}
-KD = {"type": "kd", "name": "kd", "max_steps": STEPS, "lr": 3e-2, "warmup_steps": 0, "batch_size": 8,
-      "scheduler": "constant"}
+MINILLM = {
+    "type": "minillm",
+    "name": "minillm",
+    "max_steps": STEPS,
+    "lr": 3e-2,
+    "warmup_steps": 0,
+    "num_rollouts": 16,
+    "rollout_batch_size": 16,
+    "batch_size": 8,
+    "ppo_epochs": 1,
+    "max_new_tokens": N_NEW,
+    "lm_coef": 0.0,
+}
+KD = {
+    "type": "kd",
+    "name": "kd",
+    "max_steps": STEPS,
+    "lr": 3e-2,
+    "warmup_steps": 0,
+    "batch_size": 8,
+    "scheduler": "constant",
+}
 
 
 def _final(out: Path, stage: str):
@@ -143,10 +173,20 @@ def test_minillm_run_lowers_exact_sequence_reverse_kl_more_than_kd(assets, start
 
     # the MiniLLM run as a user starts it (a subprocess of ``python -m minidistill.run``); KD in-process
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "minidistill.run", str(_recipe(assets, tmp_path / "minillm", MINILLM))],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "minidistill.run", str(_recipe(assets, tmp_path / "minillm", MINILLM))],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     kl_minillm = exact_reverse_kl(_final(tmp_path / "minillm", "minillm"), teacher, prompt)
     assert main([str(_recipe(assets, tmp_path / "kd", KD))]) == 0

@@ -45,13 +45,32 @@ def accelerate_cli() -> list[str]:
 
 def accelerate_2proc(recipe: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch --cpu --num_processes 2 -m minidistill.run recipe overrides``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
-    cmd = accelerate_cli() + ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                              "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                              "-m", "minidistill.run", str(recipe), *overrides]
+    cmd = accelerate_cli() + [
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "minidistill.run",
+        str(recipe),
+        *overrides,
+    ]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -93,13 +112,33 @@ def test_accelerate_cpu_launch_is_recognised_from_the_parent_command_line(monkey
     assert accelerate_cpu_processes(env, cli + ["--config_file", str(cfg)] + run) == 2
     assert accelerate_cpu_processes(env, cli + ["--config_file", str(cfg), "--num_processes", "4"] + run) == 4
     # already one of several processes (torchrun / the relaunched workers / mpirun): nothing to do
-    assert accelerate_cpu_processes({**env, "RANK": "0", "WORLD_SIZE": "2"}, cli + ["--cpu", "--num_processes", "2"] + run) == 1
+    assert (
+        accelerate_cpu_processes({**env, "RANK": "0", "WORLD_SIZE": "2"}, cli + ["--cpu", "--num_processes", "2"] + run)
+        == 1
+    )
     assert accelerate_cpu_processes({**env, "PMI_SIZE": "2"}, cli + ["--cpu", "--num_processes", "2"] + run) == 1
     # not accelerate's simple launcher, or several machines (needs mpirun): unchanged
     assert accelerate_cpu_processes({"MASTER_ADDR": "x"}, cli + ["--cpu", "--num_processes", "2"] + run) == 1
     assert accelerate_cpu_processes(env, ["python", "-m", "minidistill.run", "r.yaml"]) == 1
-    assert accelerate_cpu_processes(env, cli + ["--cpu", "--num_processes", "4", "--num_machines", "2",
-                                                "--main_process_ip", "10.0.0.1", "--main_process_port", "1"] + run) == 1
+    assert (
+        accelerate_cpu_processes(
+            env,
+            cli
+            + [
+                "--cpu",
+                "--num_processes",
+                "4",
+                "--num_machines",
+                "2",
+                "--main_process_ip",
+                "10.0.0.1",
+                "--main_process_port",
+                "1",
+            ]
+            + run,
+        )
+        == 1
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
@@ -116,8 +155,19 @@ def test_device_auto_uses_cpu_under_a_multi_process_launcher(monkeypatch):
 
 
 def sft_stage(batch_size: int) -> list[dict]:
-    return [{"type": "sft", "name": "sft", "max_steps": 4, "lr": 3e-3, "batch_size": batch_size, "warmup_steps": 0,
-             "scheduler": "constant", "eval_every": 2, "keep_best": False}]
+    return [
+        {
+            "type": "sft",
+            "name": "sft",
+            "max_steps": 4,
+            "lr": 3e-3,
+            "batch_size": batch_size,
+            "warmup_steps": 0,
+            "scheduler": "constant",
+            "eval_every": 2,
+            "keep_best": False,
+        }
+    ]
 
 
 def test_sft_two_processes_match_one(recipe_file, tmp_path):
@@ -139,8 +189,22 @@ def test_sft_two_processes_match_one(recipe_file, tmp_path):
 @pytest.mark.slow
 def test_pd_two_processes_match_one(recipe_file, tmp_path):
     def pd(batch_size):
-        return [{"type": "pd", "name": "pd", "max_steps": 4, "lr": 3e-3, "batch_size": batch_size, "warmup_steps": 0,
-                 "scheduler": "constant", "eval_every": 2, "alpha": 0.5, "top_k": 8, "top_p": 0.95, "eval_at_start": False}]
+        return [
+            {
+                "type": "pd",
+                "name": "pd",
+                "max_steps": 4,
+                "lr": 3e-3,
+                "batch_size": batch_size,
+                "warmup_steps": 0,
+                "scheduler": "constant",
+                "eval_every": 2,
+                "alpha": 0.5,
+                "top_k": 8,
+                "top_p": 0.95,
+                "eval_at_start": False,
+            }
+        ]
 
     one = recipe_file(pd(4), name="one.yaml", output_dir=str(tmp_path / "one"))
     assert main([str(one)]) == 0
@@ -152,9 +216,25 @@ def test_pd_two_processes_match_one(recipe_file, tmp_path):
 
 @pytest.mark.slow
 def test_minillm_two_processes_complete_and_log_once(recipe_file, tmp_path):
-    stages = [{"type": "minillm", "name": "minillm", "max_steps": 4, "lr": 1e-3, "warmup_steps": 0, "num_rollouts": 8,
-               "batch_size": 2, "rollout_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 12, "eval_every": 2,
-               "eval_examples": 3, "eval_max_new_tokens": 8, "lm_coef": 0.5, "lm_batch_size": 2}]
+    stages = [
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 4,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "num_rollouts": 8,
+            "batch_size": 2,
+            "rollout_batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 12,
+            "eval_every": 2,
+            "eval_examples": 3,
+            "eval_max_new_tokens": 8,
+            "lm_coef": 0.5,
+            "lm_batch_size": 2,
+        }
+    ]
     path = recipe_file(stages, threads=1)
     accelerate_2proc(path)
     out = tmp_path / "run"
@@ -174,25 +254,61 @@ def test_minillm_two_processes_complete_and_log_once(recipe_file, tmp_path):
 
 def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     """One of ``world`` gloo processes: sample this process's rollouts with RolloutSource.collect."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from accelerate import Accelerator
+    from tiny_tokenizer import make_tokenizer, tiny_llama
 
     from minidistill.config import build
     from minidistill.stages import minillm
-    from tiny_tokenizer import make_tokenizer, tiny_llama
 
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world
     tok = make_tokenizer()
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
-    cfg = build(minillm.Config, {"type": "minillm", "name": "m", "num_rollouts": 8, "batch_size": 2,
-                                 "rollout_batch_size": 4, "max_new_tokens": 10, "lm_coef": 0.0, "preset": "minidistill"}, "t:")
-    run = SimpleNamespace(accelerator=acc, device=acc.device, teacher=teacher, tokenizer=tok, vocab_size=len(tok), precision="fp32",
-                          recipe=SimpleNamespace(seed=0))
-    prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit", "2 and 3",
-                                          "Spell dog", "Opposite of hot", "An animal"]]
+    cfg = build(
+        minillm.Config,
+        {
+            "type": "minillm",
+            "name": "m",
+            "num_rollouts": 8,
+            "batch_size": 2,
+            "rollout_batch_size": 4,
+            "max_new_tokens": 10,
+            "lm_coef": 0.0,
+            "preset": "minidistill",
+        },
+        "t:",
+    )
+    run = SimpleNamespace(
+        accelerator=acc,
+        device=acc.device,
+        teacher=teacher,
+        tokenizer=tok,
+        vocab_size=len(tok),
+        precision="fp32",
+        recipe=SimpleNamespace(seed=0),
+    )
+    prompts = [
+        tok(p).input_ids
+        for p in [
+            "Say hi",
+            "A longer prompt here",
+            "Q",
+            "Name a fruit",
+            "2 and 3",
+            "Spell dog",
+            "Opposite of hot",
+            "An animal",
+        ]
+    ]
     source = minillm.RolloutSource(run, cfg, student, prompts, None)
     source.collect()
     keep = ("returns", "advantages", "response_mask", "rewards", "student_logp", "teacher_logp", "response_ids")
@@ -224,7 +340,9 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
     valid = mask.bool()
     torch.testing.assert_close(got[valid], together[valid], rtol=1e-6, atol=1e-6)
     alone = adv.whiten(parts[0]["returns"], parts[0]["response_mask"])
-    assert not torch.allclose(alone[parts[0]["response_mask"].bool()], parts[0]["advantages"][parts[0]["response_mask"].bool()], atol=1e-4)
+    assert not torch.allclose(
+        alone[parts[0]["response_mask"].bool()], parts[0]["advantages"][parts[0]["response_mask"].bool()], atol=1e-4
+    )
     # logged rollout statistics: identical on both processes and equal to those of the 8 rollouts
     buf = {k: _pad_cat([p[k] for p in parts]) for k in ("response_mask", "rewards", "student_logp", "teacher_logp")}
     buf["response_ids"] = _pad_cat([p["response_ids"] for p in parts], value=1)
@@ -243,16 +361,22 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
 def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
     """Shard the tiny teacher with build.shard_teacher over 2 gloo processes. accelerate enables FSDP
     only for GPU process groups, so the accelerator is a stand-in carrying a real FSDP2 plugin."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from tiny_tokenizer import make_tokenizer, tiny_llama
     from torch.distributed.fsdp import FSDPModule
 
     from minidistill import models
     from minidistill.build import shard_teacher
-    from tiny_tokenizer import make_tokenizer, tiny_llama
 
     acc = Accelerator(cpu=True)
     teacher = models.freeze(tiny_llama(make_tokenizer(), seed=2))
@@ -261,17 +385,31 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
         ref = teacher(input_ids=ids).logits
     full = sum(p.numel() for p in teacher.parameters())
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    fake = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
-                           device=acc.device, is_main_process=acc.is_main_process, parallelism_config=None)
+    fake = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        torch_device_mesh=None,
+        mixed_precision="no",
+        device=acc.device,
+        is_main_process=acc.is_main_process,
+        parallelism_config=None,
+    )
     run = SimpleNamespace(accelerator=fake, sharded=True, fsdp=True, teacher=teacher, recipe=SimpleNamespace(stages=[]))
     shard_teacher(run)
     local = sum(p.to_local().numel() for p in run.teacher.parameters())
     layers = models.decoder_layers(run.teacher)
     with torch.no_grad():
         got = run.teacher(input_ids=ids).logits
-    torch.save({"full": full, "local": local, "max_diff": float((got - ref).abs().max()), "training": run.teacher.training,
-                "layer_units": all(isinstance(m, FSDPModule) for m in layers), "root_unit": isinstance(run.teacher, FSDPModule)},
-               Path(out) / f"fsdp{rank}.pt")
+    torch.save(
+        {
+            "full": full,
+            "local": local,
+            "max_diff": float((got - ref).abs().max()),
+            "training": run.teacher.training,
+            "layer_units": all(isinstance(m, FSDPModule) for m in layers),
+            "root_unit": isinstance(run.teacher, FSDPModule),
+        },
+        Path(out) / f"fsdp{rank}.pt",
+    )
     acc.wait_for_everyone()
     acc.end_training()
 
@@ -280,7 +418,9 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_fsdp_shards_the_teacher_per_layer_and_keeps_its_outputs(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp_teacher_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _fsdp_teacher_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     res = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=True) for r in range(2)]
     for r in res:
         assert r["root_unit"] and r["layer_units"] and not r["training"]
@@ -290,10 +430,14 @@ def test_fsdp_shards_the_teacher_per_layer_and_keeps_its_outputs(tmp_path):
 
 
 def test_fsdp_refuses_stages_that_generate():
-    from minidistill.errors import UserError
     from minidistill.build import shard_teacher
+    from minidistill.errors import UserError
 
-    run = SimpleNamespace(sharded=True, recipe=SimpleNamespace(stages=[SimpleNamespace(name="sft", type="sft"),
-                                                                       SimpleNamespace(name="rl", type="minillm")]))
+    run = SimpleNamespace(
+        sharded=True,
+        recipe=SimpleNamespace(
+            stages=[SimpleNamespace(name="sft", type="sft"), SimpleNamespace(name="rl", type="minillm")]
+        ),
+    )
     with pytest.raises(UserError, match="rl generate text"):
         shard_teacher(run)

@@ -3,13 +3,12 @@ from prompts alone (no reference outputs, no corpus file), ending in an evaluati
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
+import pytest
+from conftest import write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import write_jsonl
 from minidistill.run import main
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
@@ -34,14 +33,37 @@ def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):
         {"type": "generate", "name": "teacher_data", "max_new_tokens": 12, "gen_batch_size": 8},
         {"type": "pd", "name": "pd", "max_steps": 2, "lr": 1e-3, **common},
         {"type": "sft", "name": "sft", "max_steps": 2, "lr": 1e-3, **common},
-        {"type": "minillm", "name": "minillm", "max_steps": 2, "lr": 1e-3, "num_rollouts": 4, "rollout_batch_size": 4,
-         "ppo_epochs": 1, "max_new_tokens": 8, "lm_batch_size": 2, "eval_examples": 2, "eval_max_new_tokens": 4,
-         **common},
-        {"type": "evaluate", "name": "eval", "models": ["teacher", "sft", "student"], "max_examples": 4,
-         "max_new_tokens": 8, "batch_size": 4},
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 2,
+            "lr": 1e-3,
+            "num_rollouts": 4,
+            "rollout_batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 8,
+            "lm_batch_size": 2,
+            "eval_examples": 2,
+            "eval_max_new_tokens": 4,
+            **common,
+        },
+        {
+            "type": "evaluate",
+            "name": "eval",
+            "models": ["teacher", "sft", "student"],
+            "max_examples": 4,
+            "max_new_tokens": 8,
+            "batch_size": 4,
+        },
     ]
-    data = {"train": str(train), "valid": str(valid), "max_prompt_length": 224, "max_length": 288, "block_len": 16,
-            "valid_blocks": 1}
+    data = {
+        "train": str(train),
+        "valid": str(valid),
+        "max_prompt_length": 224,
+        "max_length": 288,
+        "block_len": 16,
+        "valid_blocks": 1,
+    }
     path = recipe_file(stages, data=data)
     assert main([str(path)]) == 0
     out = path.parent / "run"
@@ -49,7 +71,9 @@ def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):
     assert len(saved) == 8 and all("output" in r for r in saved)
     # SFT trained on the teacher's answers with EOS after exactly the answers the teacher finished
     assert any(not r["finished"] for r in saved)  # a random tiny teacher rarely stops within 12 tokens
-    sft_rows = [rows for exs, rows in seen if len(exs) == 8 and [e.response for e in exs] == [r["output"] for r in saved]]
+    sft_rows = [
+        rows for exs, rows in seen if len(exs) == 8 and [e.response for e in exs] == [r["output"] for r in saved]
+    ]
     assert sft_rows, "the SFT stage did not tokenize the teacher's answers"
     assert [row["labels"][-1] == 0 for row in sft_rows[0]] == [r["finished"] for r in saved]  # id 0 = EOS
     assert (out / "teacher_data" / "valid" / "teacher_responses.jsonl").is_file()
@@ -65,8 +89,11 @@ def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):
     walls = {r["stage"]: r["stage_wall_s"] for r in rows if "stage_wall_s" in r}
     assert set(walls) == {"teacher_data", "pd", "sft", "minillm", "eval"} and all(w > 0 for w in walls.values())
     stages_md = report.split("## Stages", 1)[1].split("\n## ", 1)[0]
-    stage_rows = {l.split("|")[1].strip(): l.split("|")[4].strip() for l in stages_md.splitlines()
-                  if l.startswith("| ") and l.split("|")[1].strip() in walls}
+    stage_rows = {
+        l.split("|")[1].strip(): l.split("|")[4].strip()
+        for l in stages_md.splitlines()
+        if l.startswith("| ") and l.split("|")[1].strip() in walls
+    }
     assert set(stage_rows) == set(walls) and all(v.endswith((" s", " min")) for v in stage_rows.values())
     pngs = list((out / "plots").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -7,19 +7,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM
 
 from minidistill.config import load_recipe
 from minidistill.run import main, run_recipe
 from minidistill.tracking import read_metrics
-from tiny_assets import crash_after_first_save
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
 
 def sft(**kw):
-    stage = {"type": "sft", "name": "sft", "max_steps": 12, "lr": 3e-3, "batch_size": 4, "warmup_steps": 0,
-             "scheduler": "constant", "eval_every": 6}
+    stage = {
+        "type": "sft",
+        "name": "sft",
+        "max_steps": 12,
+        "lr": 3e-3,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "scheduler": "constant",
+        "eval_every": 6,
+    }
     stage.update(kw)
     return [stage]
 
@@ -42,7 +50,9 @@ def test_sft_loss_decreases_and_final_loads(recipe_file):
 
 
 def _next_step_loss(out: Path) -> float:
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "sft" and r["step"] == 4 and "loss" in r][-1]["loss"]
+    return [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "sft" and r["step"] == 4 and "loss" in r][
+        -1
+    ]["loss"]
 
 
 def test_resume_gives_same_next_step_loss(recipe_file, tmp_path):
@@ -64,9 +74,14 @@ def test_resume_gives_same_next_step_loss(recipe_file, tmp_path):
 
 
 def test_lora_saves_adapter_and_merged(recipe_file):
-    path = recipe_file(sft(max_steps=3, eval_every=0), student={"init": "prune", "keep_layers": [0, 3],
-                                                                  "lora": {"enabled": True, "r": 4, "alpha": 8,
-                                                                           "target_modules": ["q_proj", "v_proj"]}})
+    path = recipe_file(
+        sft(max_steps=3, eval_every=0),
+        student={
+            "init": "prune",
+            "keep_layers": [0, 3],
+            "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
+    )
     assert main([str(path)]) == 0
     final = path.parent / "run" / "sft" / "final"
     assert (final / "adapter" / "adapter_config.json").is_file()

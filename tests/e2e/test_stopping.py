@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_assets import tiny_recipe
+from tiny_tokenizer import make_tokenizer
 
 from minidistill import data, models
 from minidistill.config import build
@@ -16,8 +18,6 @@ from minidistill.evaluation import generate_ids
 from minidistill.run import main
 from minidistill.sampler import sample
 from minidistill.stages import minillm
-from tiny_tokenizer import make_tokenizer
-from tiny_assets import tiny_recipe
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
@@ -47,9 +47,23 @@ def brief_teacher(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("brief")
     d = write_tiny_data(root)
-    out = _run(root / "teach", tiny_dir, d, [{"type": "sft", "name": "sft", "max_steps": 200, "lr": 3e-3, "batch_size": 8,
-                                              "warmup_steps": 0, "scheduler": "constant"}],
-               student={"init": "config", "config_overrides": {}})
+    out = _run(
+        root / "teach",
+        tiny_dir,
+        d,
+        [
+            {
+                "type": "sft",
+                "name": "sft",
+                "max_steps": 200,
+                "lr": 3e-3,
+                "batch_size": 8,
+                "warmup_steps": 0,
+                "scheduler": "constant",
+            }
+        ],
+        student={"init": "config", "config_overrides": {}},
+    )
     tok = make_tokenizer()
     ex = data.load_instructions(d["valid"]) + data.load_instructions(d["train"])[:8]
     prompts, _, _ = data.tokenize_prompts(ex, tok, template="alpaca", max_prompt_length=224)
@@ -61,15 +75,40 @@ def test_minillm_does_not_lower_the_eos_rate(brief_teacher, tmp_path):
     rate, length = _eos_rate(teacher, prompts, 64)
     assert rate >= 0.9 and length < 10, (rate, length)  # the premise: the teacher stops within a few tokens
     # a student from the teacher's last layer alone, barely fine-tuned: it rarely stops within 64 tokens
-    stages = [{"type": "sft", "name": "sft", "max_steps": 2, "lr": 3e-3, "batch_size": 8, "warmup_steps": 0,
-               "scheduler": "constant"},
-              {"type": "minillm", "name": "minillm", "max_steps": 16, "lr": 3e-3, "warmup_steps": 0, "num_rollouts": 8,
-               "rollout_batch_size": 8, "batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 12, "lm_coef": 0.0,
-               "eval_examples": 2, "eval_max_new_tokens": 4}]
-    out = _run(tmp_path, teacher, d, stages, teacher={"model": str(teacher)}, student={"init": "prune", "keep_layers": [3]})
+    stages = [
+        {
+            "type": "sft",
+            "name": "sft",
+            "max_steps": 2,
+            "lr": 3e-3,
+            "batch_size": 8,
+            "warmup_steps": 0,
+            "scheduler": "constant",
+        },
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 16,
+            "lr": 3e-3,
+            "warmup_steps": 0,
+            "num_rollouts": 8,
+            "rollout_batch_size": 8,
+            "batch_size": 8,
+            "ppo_epochs": 1,
+            "max_new_tokens": 12,
+            "lm_coef": 0.0,
+            "eval_examples": 2,
+            "eval_max_new_tokens": 4,
+        },
+    ]
+    out = _run(
+        tmp_path, teacher, d, stages, teacher={"model": str(teacher)}, student={"init": "prune", "keep_layers": [3]}
+    )
     before, _ = _eos_rate(out / "sft" / "final", prompts, 64)
     after, after_len = _eos_rate(out / "minillm" / "final", prompts, 64)
-    print(f"EOS rate at 64 new tokens (trained at 12): teacher {rate:.2f}, before MiniLLM {before:.2f}, after {after:.2f}")
+    print(
+        f"EOS rate at 64 new tokens (trained at 12): teacher {rate:.2f}, before MiniLLM {before:.2f}, after {after:.2f}"
+    )
     assert after >= before and after >= 0.8, (before, after)
     assert after_len < 20
 
@@ -80,8 +119,17 @@ def test_rollouts_know_which_responses_were_cut(brief_teacher):
     ids, mask = data.collate_prompts(prompts, tok.pad_token_id)
     # 4 new tokens: answers of 1-3 characters stop, longer ones are cut
     student = models.prune_layers(teacher, [0, 1, 3])  # rewards log p - log q must not be 0
-    ro = sample(student, teacher, ids, mask, max_new_tokens=4, mix_alpha=0.2, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    ro = sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=4,
+        mix_alpha=0.2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
     lengths = ro.response_mask.sum(-1)
     last = ro.response_ids.gather(1, (lengths - 1)[:, None])[:, 0]
     assert torch.equal(ro.ended, last == tok.eos_token_id)
@@ -94,5 +142,7 @@ def test_rollouts_know_which_responses_were_cut(brief_teacher):
     changed = R_on[rows, lengths - 1] != R_off[rows, lengths - 1]
     assert torch.equal(changed, ~ro.ended)
     r = minillm.advantages_for(on, ro)["rewards"]
-    torch.testing.assert_close(R_on[~ro.ended, :][torch.arange(int((~ro.ended).sum())), lengths[~ro.ended] - 1],
-                               r[~ro.ended].sum(-1) / lengths[~ro.ended])
+    torch.testing.assert_close(
+        R_on[~ro.ended, :][torch.arange(int((~ro.ended).sum())), lengths[~ro.ended] - 1],
+        r[~ro.ended].sum(-1) / lengths[~ro.ended],
+    )

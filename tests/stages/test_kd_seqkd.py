@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import INSTRUCTIONS
 from transformers import AutoModelForCausalLM
 
 from minidistill import data, models
@@ -16,9 +17,6 @@ from minidistill.losses import token_divergence
 from minidistill.run import main
 from minidistill.stages import kd, seqkd, sft
 from minidistill.tracking import read_metrics
-
-from conftest import INSTRUCTIONS
-
 
 # ---- one batch ---------------------------------------------------------------------------------
 
@@ -121,8 +119,10 @@ def test_configs():
 
 
 def test_rows_from_responses_eos_only_when_finished():
-    records = [{"index": 5, "output_ids": [7, 8], "finished": True},
-               {"index": 2, "output_ids": [9, 9, 9, 9], "finished": False}]
+    records = [
+        {"index": 5, "output_ids": [7, 8], "finished": True},
+        {"index": 2, "output_ids": [9, 9, 9, 9], "finished": False},
+    ]
     rows, cut = seqkd.rows_from_responses(records, [[1, 2], [3, 4, 5]], kept=[2, 5], eos=0, max_length=6)
     assert rows[0] == {"input_ids": [3, 4, 5, 7, 8, 0], "labels": [-100] * 3 + [7, 8, 0], "prompt_length": 3}
     assert rows[1]["input_ids"] == [1, 2, 9, 9, 9, 9] and cut == 0  # no EOS: the teacher was cut off
@@ -149,8 +149,15 @@ def test_saved_responses_reused_only_with_same_settings_and_checksum(tmp_path):
 
 
 def stage(kind, **kw):
-    s = {"type": kind, "name": kind, "max_steps": 6, "lr": 3e-3, "batch_size": 4, "scheduler": "constant",
-         "eval_every": 3}
+    s = {
+        "type": kind,
+        "name": kind,
+        "max_steps": 6,
+        "lr": 3e-3,
+        "batch_size": 4,
+        "scheduler": "constant",
+        "eval_every": 3,
+    }
     s.update(kw)
     return [s]
 
@@ -174,31 +181,53 @@ def test_kd_run_final_loads_and_logs_both_terms(recipe_file):
 
 
 def test_seqkd_samples_teacher_trains_and_reuses_on_resume(recipe_file, tiny_dir, monkeypatch):
-    path = recipe_file(stage("seqkd", max_steps=4, eval_every=0, max_new_tokens=12, gen_batch_size=8, gen_seed=7,
-                             kd_ratio=0.5))
+    path = recipe_file(
+        stage("seqkd", max_steps=4, eval_every=0, max_new_tokens=12, gen_batch_size=8, gen_seed=7, kd_ratio=0.5)
+    )
     assert main([str(path)]) == 0
     out = path.parent / "run"
     responses, side = out / "seqkd" / seqkd.RESPONSES, out / "seqkd" / seqkd.SIDECAR
     records = [json.loads(line) for line in responses.read_text().splitlines()]
     meta = json.loads(side.read_text())
     s = meta["settings"]
-    assert (s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["batch_size"]) == (1.0, 1.0, 0, 12, 7, 8)
+    assert (s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["batch_size"]) == (
+        1.0,
+        1.0,
+        0,
+        12,
+        7,
+        8,
+    )
     recipe = load_recipe(path)
     teacher, tok = models.load_model(str(tiny_dir))
     d = recipe.data
-    prompt_ids, _, stats = data.tokenize_prompts(data.load_instructions(d.train), tok, template=d.template,
-                                                 max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt)
+    prompt_ids, _, stats = data.tokenize_prompts(
+        data.load_instructions(d.train),
+        tok,
+        template=d.template,
+        max_prompt_length=d.max_prompt_length,
+        long_prompt=d.long_prompt,
+    )
     assert stats.n_dropped_long_prompt == 3  # "Add the numbers." x3: the input preamble is over 224 bytes
     assert s["teacher"] == str(tiny_dir) and s["n_prompts"] == len(prompt_ids) == meta["n_records"] == len(records)
     assert [r["index"] for r in records] == stats.kept_indices
-    assert {"instruction", "input", "prompt", "output", "output_ids", "finished", "reference", "source"} <= set(records[0])
+    assert {"instruction", "input", "prompt", "output", "output_ids", "finished", "reference", "source"} <= set(
+        records[0]
+    )
     assert all(r["finished"] == (len(r["output_ids"]) < 12) for r in records)
     assert records[0]["reference"] == INSTRUCTIONS[0][2] and records[0]["prompt"].endswith("### Response:\n")
 
     # the records are the teacher's: regenerate the first batch with the same prompts and seed
     first = seqkd.sample_batches(prompt_ids, 8)[0]
-    again = generate_ids(models.freeze(teacher), tok, [prompt_ids[i] for i in first], max_new_tokens=12,
-                         batch_size=8, seed=seqkd.batch_seed(7, 0), progress=False)
+    again = generate_ids(
+        models.freeze(teacher),
+        tok,
+        [prompt_ids[i] for i in first],
+        max_new_tokens=12,
+        batch_size=8,
+        seed=seqkd.batch_seed(7, 0),
+        progress=False,
+    )
     assert again == [records[i]["output_ids"] for i in first]
     assert records[first[0]]["output"] == tok.decode(again[0], skip_special_tokens=True).strip()
 

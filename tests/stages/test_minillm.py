@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from minidistill import advantages as adv
@@ -14,7 +15,6 @@ from minidistill.run import main
 from minidistill.sampler import sample
 from minidistill.stages import minillm
 from minidistill.tracking import read_metrics
-from tiny_tokenizer import make_tokenizer, tiny_llama
 
 
 def cfg_of(**kw) -> minillm.Config:
@@ -39,8 +39,17 @@ def _rollout_batch(seed=0, pad_extra=0):
     prompts = [tok("Say hi").input_ids, tok("A longer prompt here").input_ids, tok("Q").input_ids]
     ids, mask = collate_prompts(prompts, tok.pad_token_id)
     g = torch.Generator().manual_seed(seed)
-    ro = sample(student, teacher, ids, mask, max_new_tokens=6, mix_alpha=0.2, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, generator=g)
+    ro = sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=6,
+        mix_alpha=0.2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=g,
+    )
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
     if pad_extra:
         assert batch["teacher_hidden"] is not None  # the tiny Llama splits into backbone + head
@@ -77,8 +86,17 @@ def _mean_reverse_kl(student, teacher, tok, prompts, seed=0) -> float:
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for _ in range(4):
-        ro = sample(student, teacher, ids, mask, max_new_tokens=16, mix_alpha=0.0, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, generator=g)
+        ro = sample(
+            student,
+            teacher,
+            ids,
+            mask,
+            max_new_tokens=16,
+            mix_alpha=0.0,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            generator=g,
+        )
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
         with torch.no_grad():
             s = minillm.response_logits(student, batch, student.config.vocab_size)
@@ -92,13 +110,32 @@ def test_tiny_minillm_run_lowers_reverse_kl(recipe_file, sharp_dir):
     from minidistill import data as mdata
 
     # L_PT here is pure KD on the corpus text (kd_ratio 1), so every term pulls toward the teacher
-    stages = [{"type": "minillm", "name": "minillm", "max_steps": 20, "lr": 1e-2, "warmup_steps": 0,
-               "num_rollouts": 8, "rollout_batch_size": 8, "batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 12,
-               "lm_coef": 0.1, "kd_ratio": 1.0, "lm_batch_size": 2, "eval_every": 10, "eval_examples": 4,
-               "eval_max_new_tokens": 8}]
+    stages = [
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 20,
+            "lr": 1e-2,
+            "warmup_steps": 0,
+            "num_rollouts": 8,
+            "rollout_batch_size": 8,
+            "batch_size": 8,
+            "ppo_epochs": 2,
+            "max_new_tokens": 12,
+            "lm_coef": 0.1,
+            "kd_ratio": 1.0,
+            "lm_batch_size": 2,
+            "eval_every": 10,
+            "eval_examples": 4,
+            "eval_max_new_tokens": 8,
+        }
+    ]
     # a fresh random 2-layer student: near-uniform, far from the peaked teacher
-    path = recipe_file(stages, teacher={"model": str(sharp_dir)},
-                       student={"init": "config", "config_overrides": {"num_hidden_layers": 2}})
+    path = recipe_file(
+        stages,
+        teacher={"model": str(sharp_dir)},
+        student={"init": "config", "config_overrides": {"num_hidden_layers": 2}},
+    )
     out = path.parent / "run"
     tok = make_tokenizer()
     teacher = AutoModelForCausalLM.from_pretrained(sharp_dir).eval()
@@ -125,11 +162,31 @@ def test_tiny_minillm_run_lowers_reverse_kl(recipe_file, sharp_dir):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_minillm_runs_with_lora_and_gradient_checkpointing(recipe_file, precision):
-    stages = [{"type": "minillm", "name": "minillm", "max_steps": 2, "lr": 1e-3, "warmup_steps": 0,
-               "num_rollouts": 4, "rollout_batch_size": 4, "batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
-               "lm_coef": 0.5, "lm_batch_size": 2, "eval_examples": 2, "eval_max_new_tokens": 4, "save_every": 1}]
-    student = {"init": "prune", "keep_layers": [0, 3], "gradient_checkpointing": True,
-               "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    stages = [
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 2,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "num_rollouts": 4,
+            "rollout_batch_size": 4,
+            "batch_size": 2,
+            "ppo_epochs": 1,
+            "max_new_tokens": 6,
+            "lm_coef": 0.5,
+            "lm_batch_size": 2,
+            "eval_examples": 2,
+            "eval_max_new_tokens": 4,
+            "save_every": 1,
+        }
+    ]
+    student = {
+        "init": "prune",
+        "keep_layers": [0, 3],
+        "gradient_checkpointing": True,
+        "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    }
     path = recipe_file(stages, student=student, precision=precision)
     assert main([str(path)]) == 0
     final = path.parent / "run" / "minillm" / "final"
@@ -169,20 +226,25 @@ def test_iteration_order_and_resume_at_every_micro_batch():
     first = torch.cat([b["prompt_ids"][:, -1] for b in batches[:3]])  # each epoch covers every row once
     assert sorted(first.tolist()) == sorted(torch.cat([b["prompt_ids"][:, -1] for b in batches[3:6]]).tolist())
     for b in batches:
-        assert b["num_tokens"] == {"response": int(b["response_mask"].sum()), "lm": b["lm_ids"].numel() - b["lm_ids"].shape[0]}
+        assert b["num_tokens"] == {
+            "response": int(b["response_mask"].sum()),
+            "lm": b["lm_ids"].numel() - b["lm_ids"].shape[0],
+        }
         assert b["response_mask"][:, -1].any()  # response columns trimmed to the longest row
 
     def same(a, b):
         assert a.keys() == b.keys()
         for k in a:
-            assert (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]), k
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
 
     for i in range(1, 8):
         for legacy in (False, True):
             state = dict(states[i])
             if legacy and state["buffer"]:  # the former format: one flat order and a flat position
                 state["order"] = state["order"].reshape(-1)
-                state["order_pos"] = state.pop("epoch") * state["order"].numel() // cfg.ppo_epochs + state.pop("position")
+                state["order_pos"] = state.pop("epoch") * state["order"].numel() // cfg.ppo_epochs + state.pop(
+                    "position"
+                )
             src = source()
             src.load_state_dict(state)
             for a, b in zip(walk(src, 8 - i), batches[i:]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from minidistill import models
@@ -12,7 +13,6 @@ from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import sample
 from minidistill.stages import minillm
-from tiny_tokenizer import make_tokenizer, tiny_llama
 
 
 def cfg_of(**kw) -> minillm.Config:
@@ -23,9 +23,19 @@ def cfg_of(**kw) -> minillm.Config:
 
 def tiny_gpt2(tok, dropout: float = 0.3, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=dropout,
-                     embd_pdrop=dropout, attn_pdrop=dropout, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=512,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -45,8 +55,17 @@ def lora_llama(tok, dropout: float = 0.5):
 def first_epoch_batch(student, teacher, tok, cfg):
     prompts = [tok("Say hi").input_ids, tok("A longer prompt").input_ids, tok("Q").input_ids, tok("Why").input_ids]
     ids, mask = collate_prompts(prompts, tok.pad_token_id)
-    ro = sample(student, teacher, ids, mask, max_new_tokens=8, mix_alpha=cfg.mix_alpha, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    ro = sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=8,
+        mix_alpha=cfg.mix_alpha,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+    )
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
     batch.update(minillm.advantages_for(cfg, ro))
     batch["num_tokens"] = int(batch["response_mask"].sum())
@@ -114,11 +133,31 @@ def test_stage_trains_without_dropout(recipe_file, tmp_path, student_kind):
         tok.save_pretrained(gpt2)
         top = {"teacher": {"model": str(gpt2)}, "student": {"init": "prune", "keep_layers": [0, 1]}}
     else:
-        top = {"student": {"init": "prune", "keep_layers": [0, 3],
-                           "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.5, "target_modules": ["q_proj", "v_proj"]}}}
-    stages = [{"type": "minillm", "name": "minillm", "max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "num_rollouts": 4,
-               "rollout_batch_size": 4, "batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6, "mix_alpha": 0.0,
-               "lm_coef": 0.0, "eval_examples": 2, "eval_max_new_tokens": 4}]
+        top = {
+            "student": {
+                "init": "prune",
+                "keep_layers": [0, 3],
+                "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.5, "target_modules": ["q_proj", "v_proj"]},
+            }
+        }
+    stages = [
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 3,
+            "lr": 1e-2,
+            "warmup_steps": 0,
+            "num_rollouts": 4,
+            "rollout_batch_size": 4,
+            "batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 6,
+            "mix_alpha": 0.0,
+            "lm_coef": 0.0,
+            "eval_examples": 2,
+            "eval_max_new_tokens": 4,
+        }
+    ]
     path = recipe_file(stages, **top)
     assert main([str(path)]) == 0
     rows = [r for r in read_metrics(path.parent / "run" / "metrics.jsonl") if "pg_loss" in r]
@@ -145,8 +184,18 @@ def test_rescored_behaviour_logp_makes_rho_exact_in_bf16():
         prompts = [tok("Say hi").input_ids, tok("A longer prompt").input_ids, tok("Q").input_ids]
         ids, mask = collate_prompts(prompts, tok.pad_token_id)
         with acc.autocast():
-            ro = sample(student, teacher, ids, mask, max_new_tokens=12, mix_alpha=0.0, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0), vocab=len(tok))
+            ro = sample(
+                student,
+                teacher,
+                ids,
+                mask,
+                max_new_tokens=12,
+                mix_alpha=0.0,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                generator=torch.Generator().manual_seed(0),
+                vocab=len(tok),
+            )
         if minillm.recompute_logp(cfg, "bf16"):
             ro = minillm.rescore_behaviour(student, ro, cfg, acc, len(tok))
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
@@ -156,6 +205,8 @@ def test_rescored_behaviour_logp_makes_rho_exact_in_bf16():
             _, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
         ratios[recompute] = metrics["ratio_new_old"]
     assert abs(ratios["always"] - 1.0) < 1e-7, ratios
-    assert abs(ratios["never"] - 1.0) > 1e-6, ratios  # the check has something to catch (a mean: deviations partly cancel)
+    assert abs(ratios["never"] - 1.0) > 1e-6, (
+        ratios
+    )  # the check has something to catch (a mean: deviations partly cancel)
     assert minillm.recompute_logp(cfg_of(), "bf16") and not minillm.recompute_logp(cfg_of(), "fp32")
     AcceleratorState._reset_state()

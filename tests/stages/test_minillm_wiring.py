@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer, tiny_llama
 
 from minidistill import advantages as adv
 from minidistill import logits as fwd
@@ -18,7 +19,6 @@ from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import Rollout, sample
 from minidistill.stages import minillm
-from tiny_tokenizer import make_tokenizer, tiny_llama
 
 F64 = torch.float64
 
@@ -40,12 +40,26 @@ def models():
 
 def _rollouts(models, temperature=1.0, seed=0) -> Rollout:
     tok, student, teacher = models
-    prompts = [tok("Say hi").input_ids, tok("A longer prompt here").input_ids, tok("Q").input_ids,
-               tok("Name a fruit.").input_ids]
+    prompts = [
+        tok("Say hi").input_ids,
+        tok("A longer prompt here").input_ids,
+        tok("Q").input_ids,
+        tok("Name a fruit.").input_ids,
+    ]
     ids, mask = collate_prompts(prompts, tok.pad_token_id)
     g = torch.Generator().manual_seed(seed)
-    return sample(student, teacher, ids, mask, max_new_tokens=6, mix_alpha=0.2, temperature=temperature,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=g)
+    return sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=6,
+        mix_alpha=0.2,
+        temperature=temperature,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=g,
+    )
 
 
 def _batch(cfg, ro: Rollout) -> dict:
@@ -138,8 +152,10 @@ def test_loss_and_gradient_match_the_formula(models, temperature, weighted):
     assert _close(loss, ref), (float(loss), float(ref))
     assert _close(grads, ref_grads, rtol=1e-3, atol=1e-6), float((grads - ref_grads).abs().max())
     # power: the wrong wirings move the loss or the gradient by far more than the tolerance
-    wrong = {"rho vs q_old": _reference_loss(models, cfg, batch, behaviour="student_logp"),
-             "weight flipped": _reference_loss(models, cfg, batch, weighted=not weighted)}
+    wrong = {
+        "rho vs q_old": _reference_loss(models, cfg, batch, behaviour="student_logp"),
+        "weight flipped": _reference_loss(models, cfg, batch, weighted=not weighted),
+    }
     if temperature != 1.0:
         wrong["temperature 1"] = _reference_loss(models, cfg, batch, temperature=1.0)
     for name, (l_bad, g_bad) in wrong.items():
@@ -164,7 +180,7 @@ def test_single_step_term_carries_its_importance_weight(models, importance):
     # row by row (the weights average to about 1 over a batch, not within a row)
     losses, logged = [], []
     for i in range(ro.batch_size):
-        row = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        row = {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         row["num_tokens"] = int(row["response_mask"].sum())
         loss, metrics, _ = _stage_loss(models, cfg, row)
         losses.append(loss)

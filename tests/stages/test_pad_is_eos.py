@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_assets import INSTRUCTIONS, fake_run
+from tiny_tokenizer import make_tokenizer, tiny_llama
 
 from minidistill import advantages as adv
 from minidistill import data
 from minidistill.config import build
 from minidistill.stages import kd, minillm, seqkd, sft
-from tiny_assets import INSTRUCTIONS, fake_run
-from tiny_tokenizer import make_tokenizer, tiny_llama
 
 
 def pad_is_eos_tokenizer():
@@ -52,10 +52,12 @@ def examples():
 def token_terms(student, teacher, batch):
     """Per-position CE and KL(p||q) of the shifted batch, computed directly. (B, T-1) each"""
     with torch.no_grad():
-        lq = torch.log_softmax(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                               .logits[:, :-1].float(), -1)
-        lp = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                               .logits[:, :-1].float(), -1)
+        lq = torch.log_softmax(
+            student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1
+        )
+        lp = torch.log_softmax(
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float(), -1
+        )
     labels = batch["labels"][:, 1:]
     ce = -lq.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     kl = (lp.exp() * (lp - lq)).sum(-1)
@@ -77,7 +79,7 @@ def check_rows_train_on_eos(rows, batch, eos, student, teacher):
     ce, kl = token_terms(student, teacher, batch)
     want = torch.zeros_like(ce, dtype=torch.bool)
     for i, r in enumerate(rows):
-        want[i, r["prompt_length"] - 1:len(r["input_ids"]) - 1] = True
+        want[i, r["prompt_length"] - 1 : len(r["input_ids"]) - 1] = True
     loss, _ = sft.sft_loss(student, batch)
     torch.testing.assert_close(loss, ce[want].sum(), rtol=1e-5, atol=1e-4)
     cfg = build(kd.Config, {"type": "kd", "kd_ratio": 0.5}, "test")
@@ -123,9 +125,21 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
     teacher, student = eos_biased(tok, seed=3, bias=4.0), eos_biased(tok, seed=4, bias=4.0)
     run = fake_run(teacher, tok)
     prompts, _, _ = data.tokenize_prompts(examples, tok, max_prompt_length=224)
-    cfg = build(minillm.Config, {"type": "minillm", "name": "minillm", "preset": preset, "lm_coef": 0.0,
-                                 "num_rollouts": 8, "rollout_batch_size": 8, "batch_size": 8, "ppo_epochs": 1,
-                                 "max_new_tokens": 10}, "test:")
+    cfg = build(
+        minillm.Config,
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "preset": preset,
+            "lm_coef": 0.0,
+            "num_rollouts": 8,
+            "rollout_batch_size": 8,
+            "batch_size": 8,
+            "ppo_epochs": 1,
+            "max_new_tokens": 10,
+        },
+        "test:",
+    )
     source = minillm.RolloutSource(run, cfg, student, prompts * 2, None)
     batch = source.next_batch()
     eos = tok.eos_token_id
@@ -136,14 +150,17 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
         n = int(mask[i].sum())
         if hits.numel():
             k = int(hits[0])
-            assert n == k + 1 and mask[i, :k + 1].all()  # valid up to and including the EOS
+            assert n == k + 1 and mask[i, : k + 1].all()  # valid up to and including the EOS
             assert (ids[i, k:] == eos).all()  # after it: padding, made of the same id
             ended.append((i, k))
         else:
             assert n == cfg.max_new_tokens and mask[i].all()
     assert any(k + 1 < ids.shape[1] for _, k in ended)  # a finished row followed by padding columns
-    assert batch["num_tokens"]["response"] == int(mask.sum()) == sum(k + 1 for _, k in ended) + \
-        cfg.max_new_tokens * (ids.shape[0] - len(ended))
+    assert (
+        batch["num_tokens"]["response"]
+        == int(mask.sum())
+        == sum(k + 1 for _, k in ended) + cfg.max_new_tokens * (ids.shape[0] - len(ended))
+    )
     if not cfg.include_current:  # returns start at r_{t+1}: an EOS at t = 0 reaches no return
         ended = [(i, k) for i, k in ended if k >= 1]
     assert ended

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minidistill import data, losses
@@ -17,12 +18,19 @@ from minidistill.errors import UserError
 from minidistill.run import main, run_recipe
 from minidistill.stages import pd
 from minidistill.tracking import read_metrics
-from tiny_assets import crash_after_first_save
 
 
 def pd_stage(**kw) -> dict:
-    stage = {"type": "pd", "name": "pd", "max_steps": 20, "batch_size": 4, "lr": 3e-3, "scheduler": "constant",
-             "warmup_steps": 0, "eval_at_start": False}
+    stage = {
+        "type": "pd",
+        "name": "pd",
+        "max_steps": 20,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "scheduler": "constant",
+        "warmup_steps": 0,
+        "eval_at_start": False,
+    }
     stage.update(kw)
     return stage
 
@@ -70,7 +78,9 @@ def test_pd_loss_matches_reference_and_only_the_student_gets_gradients(top_k):
     with torch.no_grad():
         s = student(input_ids=ids).logits[:, :-1].reshape(-1, V).double()
         t = teacher(input_ids=ids).logits[:, :-1].reshape(-1, V)
-    target = reference_target(t, 0.6, top_k, 2.0) if top_k else reference_target(t, 1.0, V, 2.0)  # top_k 0: no truncation
+    target = (
+        reference_target(t, 0.6, top_k, 2.0) if top_k else reference_target(t, 1.0, V, 2.0)
+    )  # top_k 0: no truncation
     logq = F.log_softmax(s, -1)
     ce = -logq.gather(-1, ids[:, 1:].reshape(-1, 1)).sum()
     kl = (target * (torch.log(target.clamp_min(1e-300)) - logq)).where(target > 0, 0.0).sum()
@@ -96,9 +106,22 @@ def test_pd_loss_matches_reference_and_only_the_student_gets_gradients(top_k):
     assert not calls and float(lm.detach()) == pytest.approx(float(ce), rel=1e-4) and "kd_loss" not in m
 
 
-@pytest.mark.parametrize("kind,top_k,tau", [("fkl", 6, 1.0), ("fkl", 6, 2.0), ("skew_fkl", 6, 0.5), ("skew_rkl", 6, 1.0),
-                                         ("jsd", 6, 1.0), ("tv", 6, 1.0), ("ce", 6, 1.5), ("fkl", 0, 2.0),
-                                         ("rkl", 0, 1.0), ("jsd", 0, 1.0), ("mse", 0, 1.0)])
+@pytest.mark.parametrize(
+    "kind,top_k,tau",
+    [
+        ("fkl", 6, 1.0),
+        ("fkl", 6, 2.0),
+        ("skew_fkl", 6, 0.5),
+        ("skew_rkl", 6, 1.0),
+        ("jsd", 6, 1.0),
+        ("tv", 6, 1.0),
+        ("ce", 6, 1.5),
+        ("fkl", 0, 2.0),
+        ("rkl", 0, 1.0),
+        ("jsd", 0, 1.0),
+        ("mse", 0, 1.0),
+    ],
+)
 def test_fused_losses_equal_the_library_calls(kind, top_k, tau):
     from minidistill.logit_store import truncate_raw
 
@@ -144,8 +167,19 @@ def test_the_loss_takes_its_alpha_from_the_step_it_is_given():
 def test_alpha_and_lr_come_from_the_loop_step_under_grad_accum(recipe_file, tmp_path):
     """With grad_accum 3 every micro-batch of an update gets that update's step: the logged alpha
     at step s is the schedule's at s - 1 (0-based), and the wsd LR and wsd alpha share the phases."""
-    stage = pd_stage(max_steps=5, grad_accum=3, batch_size=2, scheduler="wsd", warmup_steps=1, decay_steps=2,
-                     alpha_schedule="wsd", alpha=0.9, alpha_min=0.3, eval_every=0, top_k=5)
+    stage = pd_stage(
+        max_steps=5,
+        grad_accum=3,
+        batch_size=2,
+        scheduler="wsd",
+        warmup_steps=1,
+        decay_steps=2,
+        alpha_schedule="wsd",
+        alpha=0.9,
+        alpha_min=0.3,
+        eval_every=0,
+        top_k=5,
+    )
     path = recipe_file([stage], output_dir=str(tmp_path / "run"), threads=1)
     assert main([str(path)]) == 0
     logged = rows(tmp_path / "run")
@@ -174,15 +208,18 @@ def test_pd_source_resumes_from_old_checkpoints():
     assert b.next_batch() == a.next_batch()
 
 
-@pytest.mark.parametrize("stage,match", [
-    ({"teacher_logits": "offline", "top_k": 0}, "top_k"),
-    ({"kd_kind": "rkl"}, "kd_kind"),
-    ({"kd_kind": "mse", "top_k": 50}, "kd_kind"),
-    ({"alpha_schedule": "wsd", "alpha": 0.3, "alpha_min": 0.5}, "alpha_min"),
-    ({"store": "/x"}, "store"),
-    ({"alpha": 1.5}, "alpha"),
-    ({"top_pp": 0.9}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "stage,match",
+    [
+        ({"teacher_logits": "offline", "top_k": 0}, "top_k"),
+        ({"kd_kind": "rkl"}, "kd_kind"),
+        ({"kd_kind": "mse", "top_k": 50}, "kd_kind"),
+        ({"alpha_schedule": "wsd", "alpha": 0.3, "alpha_min": 0.5}, "alpha_min"),
+        ({"store": "/x"}, "store"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"top_pp": 0.9}, "top_p"),
+    ],
+)
 def test_config_errors(recipe_file, stage, match):
     with pytest.raises(UserError, match=match):
         load_recipe(recipe_file([pd_stage(**stage)]))
@@ -234,11 +271,19 @@ def test_pd_lowers_kl_to_teacher_faster_than_lm_only(recipe_file, tmp_path, tiny
 
 
 def test_offline_matches_online(recipe_file, tmp_path):
-    common = dict(max_steps=8, top_p=0.95, top_k=20, temperature=1.5, alpha_schedule="wsd", warmup_steps=2,
-                  scheduler="wsd")
+    common = dict(
+        max_steps=8, top_p=0.95, top_k=20, temperature=1.5, alpha_schedule="wsd", warmup_steps=2, scheduler="wsd"
+    )
     on = recipe_file([pd_stage(**common)], name="on.yaml", output_dir=str(tmp_path / "on"), threads=1)
-    off = recipe_file([{"type": "pd_store", "name": "logits", "top_p": 0.95, "top_k": 20, "batch_size": 4, "shard_blocks": 16},
-                       pd_stage(teacher_logits="offline", **common)], name="off.yaml", output_dir=str(tmp_path / "off"), threads=1)
+    off = recipe_file(
+        [
+            {"type": "pd_store", "name": "logits", "top_p": 0.95, "top_k": 20, "batch_size": 4, "shard_blocks": 16},
+            pd_stage(teacher_logits="offline", **common),
+        ],
+        name="off.yaml",
+        output_dir=str(tmp_path / "off"),
+        threads=1,
+    )
     assert main([str(on)]) == 0 and main([str(off)]) == 0
     store = tmp_path / "off" / "logits"
     assert (store / "header.json").is_file() and len(list(store.glob("shard_*.indices.npy"))) > 1
@@ -258,13 +303,17 @@ def test_offline_matches_online(recipe_file, tmp_path):
 
 
 def test_offline_refuses_a_store_for_other_data(recipe_file, tmp_path, capsys):
-    a = recipe_file([{"type": "pd_store", "name": "logits", "top_k": 8}], name="a.yaml", output_dir=str(tmp_path / "a"), threads=1)
+    a = recipe_file(
+        [{"type": "pd_store", "name": "logits", "top_k": 8}], name="a.yaml", output_dir=str(tmp_path / "a"), threads=1
+    )
     assert main([str(a)]) == 0
     store = tmp_path / "a" / "logits"
-    cases = [("block_len", {}, ["data.block_len=16"]),
-             ("top_k", {"top_k": 9}, []),
-             ("corpus_fingerprint", {}, ["seed=1"]),  # another held-out split: same block count, other blocks
-             ("n_blocks", {}, ["data.max_blocks=10"])]
+    cases = [
+        ("block_len", {}, ["data.block_len=16"]),
+        ("top_k", {"top_k": 9}, []),
+        ("corpus_fingerprint", {}, ["seed=1"]),  # another held-out split: same block count, other blocks
+        ("n_blocks", {}, ["data.max_blocks=10"]),
+    ]
     for i, (field, extra, overrides) in enumerate(cases):
         stage = pd_stage(max_steps=1, teacher_logits="offline", store=str(store), **{"top_k": 8, **extra})
         path = recipe_file([stage], name=f"b{i}.yaml", output_dir=str(tmp_path / f"b{i}"), threads=1)
@@ -273,7 +322,9 @@ def test_offline_refuses_a_store_for_other_data(recipe_file, tmp_path, capsys):
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and f"logit store {field} is" in err[0] and str(store) in err[0], err
     # offline without a store anywhere
-    path = recipe_file([pd_stage(max_steps=1, teacher_logits="offline")], name="d.yaml", output_dir=str(tmp_path / "d"), threads=1)
+    path = recipe_file(
+        [pd_stage(max_steps=1, teacher_logits="offline")], name="d.yaml", output_dir=str(tmp_path / "d"), threads=1
+    )
     assert main([str(path)]) == 2
     assert "pd_store" in capsys.readouterr().err
 

@@ -10,8 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
-EXPECTED = {"cpu_2proc": "MULTI_CPU", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
-            "deepspeed_zero3": "DEEPSPEED"}
+EXPECTED = {
+    "cpu_2proc": "MULTI_CPU",
+    "ddp": "MULTI_GPU",
+    "fsdp": "FSDP",
+    "deepspeed_zero2": "DEEPSPEED",
+    "deepspeed_zero3": "DEEPSPEED",
+}
 
 
 def test_the_expected_configs_exist():
@@ -34,7 +39,8 @@ def test_config_loads_and_resolves(path, monkeypatch):
         assert key in dests, key
     logging.getLogger("accelerate.commands.launch").setLevel(logging.ERROR)
     args, defaults, _ = _validate_launch_command(
-        launch_command_parser().parse_args(["--config_file", str(path), "-m", "minidistill.run", "r.yaml"]))
+        launch_command_parser().parse_args(["--config_file", str(path), "-m", "minidistill.run", "r.yaml"])
+    )
     assert args.num_processes == cfg.num_processes
     if cfg.fsdp_config:
         assert cfg.fsdp_config["fsdp_version"] == 2 and args.use_fsdp
@@ -50,8 +56,11 @@ def test_fsdp_config_builds_accelerates_fsdp_plugin():
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     logging.getLogger("accelerate.commands.launch").setLevel(logging.ERROR)
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
-        ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "-m", "minidistill.run", "r.yaml"]))
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(
+            ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "-m", "minidistill.run", "r.yaml"]
+        )
+    )
     env = prepare_multi_gpu_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     with patch_environment(**{k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}):

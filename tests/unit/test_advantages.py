@@ -20,8 +20,8 @@ from minidistill.advantages import (
     mixed_logp,
     pg_loss,
     returns,
-    sequence_importance_weights,
     reverse_kl_and_logp,
+    sequence_importance_weights,
     single_step_kl,
     step_importance_weights,
     token_rewards,
@@ -100,8 +100,7 @@ def test_returns_matches_definition(include_current, length_norm, gamma):
     gen = torch.Generator().manual_seed(0)
     lengths = [7, 3, 1, 0, 5]
     r = torch.randn(5, 7, generator=gen, dtype=F64)
-    out = returns(r, _mask(lengths, 7), gamma=gamma, include_current=include_current,
-                  length_norm=length_norm)
+    out = returns(r, _mask(lengths, 7), gamma=gamma, include_current=include_current, length_norm=length_norm)
     ref = _returns_reference(r, lengths, gamma, include_current, length_norm)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -119,7 +118,9 @@ def test_returns_truncated_rows_bootstrap_last_token():
     torch.testing.assert_close(out[1, :2], plain[1, :2])
     assert out[1, 3] == 0.0
     # with the current token included every valid position has a term: nothing to bootstrap
-    torch.testing.assert_close(returns(r, mask, include_current=True, ended=ended), returns(r, mask, include_current=True))
+    torch.testing.assert_close(
+        returns(r, mask, include_current=True, ended=ended), returns(r, mask, include_current=True)
+    )
 
 
 def test_returns_discount_is_relative():
@@ -129,8 +130,7 @@ def test_returns_discount_is_relative():
     r = torch.randn(1, 12, generator=gen, dtype=F64)
     for inc in (False, True):
         full = returns(r, torch.ones(1, 12), gamma=0.9, include_current=inc, length_norm=True)
-        suffix = returns(r[:, 5:], torch.ones(1, 7), gamma=0.9, include_current=inc,
-                         length_norm=True)
+        suffix = returns(r[:, 5:], torch.ones(1, 7), gamma=0.9, include_current=inc, length_norm=True)
         torch.testing.assert_close(full[:, 5:], suffix, rtol=1e-12, atol=1e-12)
 
 
@@ -410,8 +410,7 @@ def test_padding_invariance():
         torch.testing.assert_close(lb[k], la[k], rtol=1e-6, atol=1e-6)
     (ga,) = torch.autograd.grad(la["pg"] + la["kl"], s_a)
     (gb,) = torch.autograd.grad(lb["pg"] + lb["kl"], s_b)
-    torch.testing.assert_close(gb[:, :T], torch.where(valid[..., None], ga, 0.0), rtol=1e-6,
-                               atol=1e-7)
+    torch.testing.assert_close(gb[:, :T], torch.where(valid[..., None], ga, 0.0), rtol=1e-6, atol=1e-7)
     assert (gb[:, T:] == 0).all()
 
 
@@ -508,8 +507,7 @@ def _estimator_grad(theta, teacher, resp, coef, alpha, variant):
     w = step_importance_weights(lq, lmix, mask)
     sw = sequence_importance_weights(lq, lmix, mask)
     one = torch.ones_like(w)
-    w_single = {"none": one, "step": w, "prefix": sw.single_step,
-                "prefix_incl": sw.single_step * w}[single]
+    w_single = {"none": one, "step": w, "prefix": sw.single_step, "prefix_incl": sw.single_step * w}[single]
     # pg_loss's ratio q/p~ supplies w_t; these are the remaining factors
     w_long = {"none": one, "seq": sw.long_term, "prefix": sw.single_step, "zero": 0 * one}[long]
     c = coef[:, None]
@@ -575,10 +573,8 @@ def test_estimator_exact_expectation_biased_variants(tabular, record_property):
     g_double = _expected_grad(tabular, 0.0, "double_count")
     assert _rel(g_double, grad_kl) > 0.05
     # ... and the excess is exactly the single-step part, i.e. that part is counted twice
-    torch.testing.assert_close(g_double - grad_kl, _expected_grad(tabular, 0.0, "single_only"),
-                               rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(_expected_grad(tabular, 0.0, "paper_step"), grad_kl, rtol=1e-9,
-                               atol=1e-11)
+    torch.testing.assert_close(g_double - grad_kl, _expected_grad(tabular, 0.0, "single_only"), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(_expected_grad(tabular, 0.0, "paper_step"), grad_kl, rtol=1e-9, atol=1e-11)
     # a = 0.2: long-term term weighted by prod_{t'<=t} only, or unweighted single-step term
     for variant in ("prefix_incl_long", "no_is_single", "double_count"):
         bias = _rel(_expected_grad(tabular, 0.2, variant), grad_kl)
@@ -643,8 +639,10 @@ def test_mc_estimator_teacher_mixed(tabular, record_property):
     exact_bias = _rel(_expected_grad(tabular, 0.2, "paper_step"), grad_kl)
     se = float((grads["paper_step"].std(0) / math.sqrt(K_BATCHES)).norm() / grad_kl.norm())
     record_property("mc_rel_bias_paper_step", bias)
-    print(f"a=0.2 paper per-step weights, Monte Carlo: relative bias {bias:.4f} "
-          f"(exact {exact_bias:.4f}, relative stderr norm {se:.4f})")
+    print(
+        f"a=0.2 paper per-step weights, Monte Carlo: relative bias {bias:.4f} "
+        f"(exact {exact_bias:.4f}, relative stderr norm {se:.4f})"
+    )
     assert math.isfinite(bias)
     # the Monte Carlo estimate of the bias agrees with the exact one within noise
     assert abs(bias - exact_bias) < 5 * se + 1e-6
@@ -680,7 +678,8 @@ def test_reverse_kl_and_logp_match_autograd_reference(temperature):
     assert torch.all(s2.grad[~valid] == 0)
     s3 = s.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: tuple(reverse_kl_and_logp(x, t, mask, y, chunk_size=2, temperature=temperature)), (s3,))
+        lambda x: tuple(reverse_kl_and_logp(x, t, mask, y, chunk_size=2, temperature=temperature)), (s3,)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,11 +720,27 @@ def _stage_cfg(importance: str, alpha: float):
     from minidistill.config import build
     from minidistill.stages import minillm
 
-    return build(minillm.Config, {
-        "type": "minillm", "name": "minillm", "preset": "paper", "importance": importance, "mix_alpha": alpha,
-        "gamma": 1.0, "include_current": False, "length_norm": False, "whiten": False, "clip_eps": 0.0,
-        "reward_scale": 1.0, "lm_coef": 0.0, "pg_coef": 1.0, "single_step": True, "chunk_rows": 64,
-    }, "test:")
+    return build(
+        minillm.Config,
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "preset": "paper",
+            "importance": importance,
+            "mix_alpha": alpha,
+            "gamma": 1.0,
+            "include_current": False,
+            "length_norm": False,
+            "whiten": False,
+            "clip_eps": 0.0,
+            "reward_scale": 1.0,
+            "lm_coef": 0.0,
+            "pg_coef": 1.0,
+            "single_step": True,
+            "chunk_rows": 64,
+        },
+        "test:",
+    )
 
 
 def _stage_expected_grad(tabular, cfg):
@@ -746,15 +761,21 @@ def _stage_expected_grad(tabular, cfg):
     p_mix = (lmix * mask).sum(-1).exp()  # (M,) sampling probability of each response under p~
     assert abs(float(p_mix.sum()) - 1) < 1e-12
     prompt = torch.zeros(M, 1, dtype=torch.long)
-    ro = Rollout(prompt_ids=prompt, prompt_mask=torch.ones_like(prompt),
-                 response_ids=torch.where(mask.bool(), tokens, EOS), response_mask=mask,
-                 student_logp=lq, mix_logp=lmix, teacher_logp=lp)
+    ro = Rollout(
+        prompt_ids=prompt,
+        prompt_mask=torch.ones_like(prompt),
+        response_ids=torch.where(mask.bool(), tokens, EOS),
+        response_mask=mask,
+        student_logp=lq,
+        mix_logp=lmix,
+        teacher_logp=lp,
+    )
     buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
     buf.update(minillm.advantages_for(cfg, ro))  # per-row quantities (no whitening): slice below
     student, teacher_lm = _TabularLM(theta, 1), _TabularLM(teacher, 1)
     total = torch.zeros((), dtype=F64)
     for i in range(M):
-        row = {k: v[i:i + 1] for k, v in buf.items()}
+        row = {k: v[i : i + 1] for k, v in buf.items()}
         row["num_tokens"], row["stats"] = int(row["response_mask"].sum()), {}
         loss, _ = minillm.minillm_loss(student, row, cfg=cfg, teacher=teacher_lm, vocab=V)
         total = total + p_mix[i] * loss

@@ -98,7 +98,7 @@ def test_exaccerr_curve_constructed_case():
     student = [[1.0, 1.0, 1.0], [1.0]]
     teacher = [[0.5, 0.5, 0.5], [0.5, 0.5]]
     out = A.exaccerr_curve(student, teacher, [1, 2, 3])
-    assert out["R"] == pytest.approx([1.0, 1.5, 2.0])        # mean of accumulated sums, 0 past the end
+    assert out["R"] == pytest.approx([1.0, 1.5, 2.0])  # mean of accumulated sums, 0 past the end
     assert out["l_eps"] == pytest.approx([0.5, 1.0, 1.25])
     assert out["eps"] == pytest.approx([0.5, 0.5, 1.25 / 3])
     assert out["exaccerr"] == pytest.approx([100.0, 50.0, 60.0])  # (R - l eps) / (l eps) * 100
@@ -123,8 +123,8 @@ def direct_kl(model, teacher, prompt, response):
     """Unpadded, one example at a time: sums of reverse and forward KL over the response positions."""
     x = torch.tensor([prompt + response])
     with torch.no_grad():
-        lq = torch.log_softmax(model(x).logits[0, len(prompt) - 1:-1].float(), -1)
-        lp = torch.log_softmax(teacher(x).logits[0, len(prompt) - 1:-1].float(), -1)
+        lq = torch.log_softmax(model(x).logits[0, len(prompt) - 1 : -1].float(), -1)
+        lp = torch.log_softmax(teacher(x).logits[0, len(prompt) - 1 : -1].float(), -1)
     return float((lq.exp() * (lq - lp)).sum()), float((lp.exp() * (lp - lq)).sum())
 
 
@@ -138,7 +138,9 @@ def test_token_kl_self_zero_other_positive_and_direct(student, teacher, tok):
     prompts, responses = pairs(tok)
     batch = A.collate_pairs(prompts, responses, tok.pad_token_id)
     self_kl = A.token_kl(student, student, *batch)
-    assert self_kl["reverse_kl"] == pytest.approx(0.0, abs=1e-6) and self_kl["forward_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert self_kl["reverse_kl"] == pytest.approx(0.0, abs=1e-6) and self_kl["forward_kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )
     assert self_kl["n_tokens"] == sum(len(r) for r in responses)
 
     got = A.token_kl(student, teacher, *batch)
@@ -162,7 +164,7 @@ def test_calibration_ece_matches_direct(student, teacher, tok):
     conf, correct = [], []
     for p, r in zip(prompts, responses):
         with torch.no_grad():
-            probs = torch.softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1:-1].float(), -1)
+            probs = torch.softmax(teacher(torch.tensor([p + r])).logits[0, len(p) - 1 : -1].float(), -1)
         c, pred = probs.max(-1)
         conf += c.tolist()
         correct += (pred == torch.tensor(r)).tolist()
@@ -179,8 +181,9 @@ def test_calibration_ece_matches_direct(student, teacher, tok):
 
 def test_exposure_bias_models(student, teacher, tok):
     prompts = [ids(tok, "Hello there"), ids(tok, "A"), ids(tok, "Once upon a time")]
-    res, s, t = A.exposure_bias(student, teacher, tok, prompts, [2, 4, 8], seeds=[1, 2], batch_size=2,
-                                return_samples=True)
+    res, s, t = A.exposure_bias(
+        student, teacher, tok, prompts, [2, 4, 8], seeds=[1, 2], batch_size=2, return_samples=True
+    )
     assert res["lengths"] == [2, 4, 8] and res["n_student_sequences"] == 6 == res["n_teacher_sequences"]
     # the reported curve is exactly exaccerr_curve of the per-step forward KLs of the two sample sets
     again = A.exaccerr_curve(s.fkl, t.fkl, [2, 4, 8])
@@ -203,9 +206,11 @@ def test_exposure_bias_models(student, teacher, tok):
 
 
 def write_data(path: Path) -> Path:
-    records = [{"instruction": "Say hi", "input": "", "output": "hi"},
-               {"instruction": "Name two numbers", "input": "1 2", "output": ["1 2", "one two"]},
-               {"instruction": "Repeat", "input": "abc", "output": "abc"}]
+    records = [
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Name two numbers", "input": "1 2", "output": ["1 2", "one two"]},
+        {"instruction": "Repeat", "input": "abc", "output": "abc"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -214,15 +219,52 @@ def test_analyze_cli_end_to_end(tmp_path, tiny_dir, sharp_dir):
     data = write_data(tmp_path / "data.jsonl")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "eval/analyze.py", "--model", str(tiny_dir), "--teacher", str(sharp_dir), "--data", str(data),
-         "--out", str(out), "--seeds", "10,20", "--max-new-tokens", "6", "--lengths", "2,4,8", "--batch-size", "2",
-         "--max-examples", "2", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "eval/analyze.py",
+            "--model",
+            str(tiny_dir),
+            "--teacher",
+            str(sharp_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seeds",
+            "10,20",
+            "--max-new-tokens",
+            "6",
+            "--lengths",
+            "2,4,8",
+            "--batch-size",
+            "2",
+            "--max-examples",
+            "2",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     a = json.loads((out / "analysis.json").read_text())
-    assert {"reverse_kl", "forward_kl", "distinct_4", "ece", "exaccerr", "mean_length", "samples", "teacher_samples",
-            "reference", "calibration", "exposure_bias", "settings", "definitions"} <= set(a)
+    assert {
+        "reverse_kl",
+        "forward_kl",
+        "distinct_4",
+        "ece",
+        "exaccerr",
+        "mean_length",
+        "samples",
+        "teacher_samples",
+        "reference",
+        "calibration",
+        "exposure_bias",
+        "settings",
+        "definitions",
+    } <= set(a)
     assert set(a["exaccerr"]) == {"2", "4", "8"}
     assert a["reverse_kl"] > 0 and a["forward_kl"] > 0 and 0 <= a["ece"] <= 1 and 0 <= a["distinct_4"] <= 1
     assert a["settings"]["max_new_tokens"] == 8  # raised to max(--lengths)
@@ -252,6 +294,16 @@ def test_analyze_cli_user_errors_exit_2(tmp_path, tiny_dir, capsys):
     assert capsys.readouterr().err.startswith("error: --lengths")
     assert cli.main(base + ["--data", str(data), "--seeds", "x"]) == 2
     assert "--seeds" in capsys.readouterr().err
-    code = cli.main(["--model", str(tiny_dir), "--teacher", str(tmp_path / "nope"), "--data", str(data),
-                     "--out", str(tmp_path / "o")])
+    code = cli.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--teacher",
+            str(tmp_path / "nope"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2 and "nope" in capsys.readouterr().err

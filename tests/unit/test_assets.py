@@ -18,8 +18,18 @@ ASSETS = Path(__file__).resolve().parents[2] / "minidistill" / "assets"
 FILES = {"train": ASSETS / "prompts_train.jsonl", "heldout": ASSETS / "prompts_heldout.jsonl"}
 COUNTS = {"train": 256, "heldout": 64}
 CATEGORIES = {
-    "open_qa", "explanation", "brainstorming", "classification", "rewriting", "extraction",
-    "math", "writing", "advice", "definition", "comparison", "creative",
+    "open_qa",
+    "explanation",
+    "brainstorming",
+    "classification",
+    "rewriting",
+    "extraction",
+    "math",
+    "writing",
+    "advice",
+    "definition",
+    "comparison",
+    "creative",
 }
 MAX_INSTRUCTION, MAX_INPUT = 200, 400
 

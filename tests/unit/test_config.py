@@ -20,9 +20,17 @@ def test_load_and_defaults(recipe_file):
 
 
 def test_overrides_by_name_index_and_nested(recipe_file):
-    r = load_recipe(recipe_file(SFT), ["stages.sft.lr=0.5", "stages.0.max_steps=7", "student.lora.r=4",
-                                       "student.keep_layers=[0,1,2]", "seed=3"])
-    assert (r.stages[0].lr, r.stages[0].max_steps, r.student.lora.r, r.student.keep_layers, r.seed) == (0.5, 7, 4, [0, 1, 2], 3)
+    r = load_recipe(
+        recipe_file(SFT),
+        ["stages.sft.lr=0.5", "stages.0.max_steps=7", "student.lora.r=4", "student.keep_layers=[0,1,2]", "seed=3"],
+    )
+    assert (r.stages[0].lr, r.stages[0].max_steps, r.student.lora.r, r.student.keep_layers, r.seed) == (
+        0.5,
+        7,
+        4,
+        [0, 1, 2],
+        3,
+    )
 
 
 def test_override_syntax():
@@ -83,7 +91,9 @@ def test_stage_registry_declares_every_type_and_config_imports_no_stage():
         st = stage(kind)
         assert st.type == kind and dataclasses.is_dataclass(st.config) and callable(st.run)
     # config.py (and the report) import no stage module: the stages import config, not the reverse
-    code = ("import sys, minidistill.config, minidistill.report; "
-            "print(sorted(m for m in sys.modules if m.startswith('minidistill.stages.')))")
+    code = (
+        "import sys, minidistill.config, minidistill.report; "
+        "print(sorted(m for m in sys.modules if m.startswith('minidistill.stages.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

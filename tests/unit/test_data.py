@@ -94,21 +94,28 @@ def test_render_errors(tok):
 
 
 def test_load_formats(tmp_path, tok):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"instruction": "Summarise.", "input": "The sky is blue.", "output": "Blue sky."},
-        {"instruction": "Say hi.", "context": "", "response": "Hi."},
-        {"instruction": "Title it.", "input": "x", "output": ["First ref", "Second ref"]},
-        "",  # blank lines are skipped
-        {"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is 2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "And 3+3?"},
-            {"role": "assistant", "content": "6"},
-        ]},
-        {"instruction": "Antonym?",
-         "instances": [{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"instruction": "Summarise.", "input": "The sky is blue.", "output": "Blue sky."},
+            {"instruction": "Say hi.", "context": "", "response": "Hi."},
+            {"instruction": "Title it.", "input": "x", "output": ["First ref", "Second ref"]},
+            "",  # blank lines are skipped
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is 2+2?"},
+                    {"role": "assistant", "content": "4"},
+                    {"role": "user", "content": "And 3+3?"},
+                    {"role": "assistant", "content": "6"},
+                ]
+            },
+            {
+                "instruction": "Antonym?",
+                "instances": [{"input": "hot", "output": "cold"}, {"input": "up", "output": "down"}],
+            },
+        ],
+    )
     exs = load_instructions(path)
     assert len(exs) == 6
     assert exs[0].outputs == ["Blue sky."] and exs[0].input == "The sky is blue." and exs[0].prompt is None
@@ -139,13 +146,19 @@ def test_load_json_list(tmp_path):
         load_instructions(path)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"instruction": "a", "output": "b"', r"bad\.jsonl:2: not valid JSON \(Expecting ',' delimiter"),
-    ('{"instruction": "a", "input": "x"}', r"bad\.jsonl:2: record has no 'output' or 'response' field"),
-    ('{"instruction": "a", "output": 3}', r"bad\.jsonl:2: field 'output' must be a string or a non-empty list"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', r"bad\.jsonl:2: 'messages' must end with an assistant turn"),
-    ('[1, 2]', r"bad\.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"instruction": "a", "output": "b"', r"bad\.jsonl:2: not valid JSON \(Expecting ',' delimiter"),
+        ('{"instruction": "a", "input": "x"}', r"bad\.jsonl:2: record has no 'output' or 'response' field"),
+        ('{"instruction": "a", "output": 3}', r"bad\.jsonl:2: field 'output' must be a string or a non-empty list"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}]}',
+            r"bad\.jsonl:2: 'messages' must end with an assistant turn",
+        ),
+        ("[1, 2]", r"bad\.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "ok"}, line])
     with pytest.raises(UserError, match=message) as info:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,8 +60,9 @@ def test_rouge_l_max_over_references_and_mean():
 
 def test_generate_restores_order_and_left_padding_is_correct(model, tok):
     batched = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=3, temperature=0, progress=False)
-    alone = [generate(model, tok, [p], max_new_tokens=5, batch_size=1, temperature=0, progress=False)[0]
-             for p in PROMPTS]
+    alone = [
+        generate(model, tok, [p], max_new_tokens=5, batch_size=1, temperature=0, progress=False)[0] for p in PROMPTS
+    ]
     assert batched == alone
     assert len(set(batched)) > 1  # different prompts, different continuations
 
@@ -84,10 +84,14 @@ def test_generate_checks_context(tok):
 
 
 def test_evaluate_instructions(model, tok):
-    exs = [Example("Say hi", "", ["hi"]), Example("Count", "1 2", ["3 4", "three four"]),
-           Example("z" * 300, "", ["long"])]
-    res = evaluate_instructions(model, tok, exs, seeds=[10, 20], max_prompt_length=256, max_new_tokens=4,
-                                batch_size=2, progress=False)
+    exs = [
+        Example("Say hi", "", ["hi"]),
+        Example("Count", "1 2", ["3 4", "three four"]),
+        Example("z" * 300, "", ["long"]),
+    ]
+    res = evaluate_instructions(
+        model, tok, exs, seeds=[10, 20], max_prompt_length=256, max_new_tokens=4, batch_size=2, progress=False
+    )
     assert res["n_examples"] == 2 and res["n_dropped_long_prompt"] == 1
     assert set(res["rougeL_per_seed"]) == {10, 20}
     assert res["rougeL"] == pytest.approx(sum(res["rougeL_per_seed"].values()) / 2)
@@ -110,9 +114,11 @@ def saved_model(tmp_path_factory, tok, model):
 
 
 def write_data(path: Path) -> Path:
-    records = [{"instruction": "Say hi", "input": "", "output": "hi"},
-               {"instruction": "Name two numbers", "input": "1 2", "output": ["1 2", "one two"]},
-               {"instruction": "Repeat", "input": "abc", "output": "abc"}]
+    records = [
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+        {"instruction": "Name two numbers", "input": "1 2", "output": ["1 2", "one two"]},
+        {"instruction": "Repeat", "input": "abc", "output": "abc"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -121,10 +127,30 @@ def test_cli_end_to_end(tmp_path, saved_model):
     data = write_data(tmp_path / "data.jsonl")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "eval/instruct_eval.py", "--model", str(saved_model), "--data", str(data),
-         "--out", str(out), "--seeds", "10,20", "--max-new-tokens", "4", "--batch-size", "2",
-         "--max-examples", "2", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "eval/instruct_eval.py",
+            "--model",
+            str(saved_model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seeds",
+            "10,20",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+            "--max-examples",
+            "2",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())

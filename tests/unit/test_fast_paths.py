@@ -27,8 +27,18 @@ def models():
 def _sample(models, alpha, seed=0, **kw):
     ids, mask = left_padded_prompts([0, 3, 5, 1])
     student, teacher = models
-    return sample(student, teacher, ids, mask, max_new_tokens=10, mix_alpha=alpha, eos_token_id=list(range(2, 10)), pad_token_id=PAD,
-                  generator=torch.Generator().manual_seed(seed), **kw)
+    return sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=10,
+        mix_alpha=alpha,
+        eos_token_id=list(range(2, 10)),
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
 
 
 def _batch(ro) -> dict:
@@ -51,11 +61,13 @@ def test_kept_hidden_states_rebuild_the_teacher_logits(models, alpha):
     teacher = models[1]
     assert ro.teacher_hidden is not None and ro.teacher_hidden.shape[:2] == ro.response_ids.shape
     with torch.no_grad():
-        full = teacher(input_ids=torch.cat([ro.prompt_ids, ro.response_ids], 1),
-                       attention_mask=torch.cat([ro.prompt_mask, ro.response_mask], 1),
-                       position_ids=(torch.cat([ro.prompt_mask, ro.response_mask], 1).cumsum(-1) - 1).clamp(min=0)).logits
+        full = teacher(
+            input_ids=torch.cat([ro.prompt_ids, ro.response_ids], 1),
+            attention_mask=torch.cat([ro.prompt_mask, ro.response_mask], 1),
+            position_ids=(torch.cat([ro.prompt_mask, ro.response_mask], 1).cumsum(-1) - 1).clamp(min=0),
+        ).logits
         P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-        expect = full[:, P - 1:P - 1 + T]
+        expect = full[:, P - 1 : P - 1 + T]
         got = fwd.head_logits(teacher, ro.teacher_hidden)
     valid = ro.response_mask.bool()
     torch.testing.assert_close(got[valid], expect[valid], atol=1e-4, rtol=1e-4)
@@ -72,7 +84,7 @@ def test_response_logits_keep_only_response_positions(models):
         mask = torch.cat([b["prompt_mask"], b["response_mask"]], 1)
         full = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     P, T = b["prompt_ids"].shape[1], b["response_ids"].shape[1]
-    torch.testing.assert_close(got, full[:, P - 1:P - 1 + T], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, full[:, P - 1 : P - 1 + T], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2])
@@ -90,7 +102,9 @@ def test_minillm_loss_same_with_cached_teacher_hidden(models, alpha):
         student.zero_grad()
         loss, m = minillm.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
         loss.backward()
-        results.append((loss.detach(), m["single_step_kl"], torch.cat([p.grad.flatten() for p in student.parameters()])))
+        results.append(
+            (loss.detach(), m["single_step_kl"], torch.cat([p.grad.flatten() for p in student.parameters()]))
+        )
     (l0, s0, g0), (l1, s1, g1) = results
     assert s0 > 0
     torch.testing.assert_close(l0, l1, atol=1e-5, rtol=1e-5)
@@ -109,8 +123,17 @@ def test_split_head_refuses_models_whose_logits_are_not_head_of_hidden(models):
     assert fwd.split_head(wrapped) is None  # a DDP-like wrapper runs through its own forward
     # the sampler then keeps no hidden states and the loss falls back to a teacher forward
     ids, mask = left_padded_prompts([0, 2])
-    ro = sample(models[0], wrapped, ids, mask, max_new_tokens=4, mix_alpha=0.2, eos_token_id=2, pad_token_id=PAD,
-                generator=torch.Generator().manual_seed(0))
+    ro = sample(
+        models[0],
+        wrapped,
+        ids,
+        mask,
+        max_new_tokens=4,
+        mix_alpha=0.2,
+        eos_token_id=2,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert ro.teacher_hidden is not None  # _unwrap inside sample() reaches the plain model
 
 

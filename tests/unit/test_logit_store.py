@@ -10,7 +10,7 @@ import torch
 
 from minidistill import logit_store as LS
 from minidistill.errors import UserError
-from minidistill.losses import NEG_INF, Truncated, kept_mass, token_divergence, truncate_top_p_k
+from minidistill.losses import NEG_INF, kept_mass, token_divergence, truncate_top_p_k
 
 
 class TableTeacher:
@@ -30,8 +30,15 @@ class TableTeacher:
 
 
 def ident(blocks, vocab=300, top_p=0.9, top_k=8, **kw):
-    base = dict(tokenizer_hash="tok123", vocab_size=vocab, block_len=blocks.shape[1], n_blocks=blocks.shape[0],
-                corpus_fingerprint="fp", top_p=top_p, top_k=top_k)
+    base = dict(
+        tokenizer_hash="tok123",
+        vocab_size=vocab,
+        block_len=blocks.shape[1],
+        n_blocks=blocks.shape[0],
+        corpus_fingerprint="fp",
+        top_p=top_p,
+        top_k=top_k,
+    )
     base.update(kw)
     return LS.identity(**base)
 
@@ -48,7 +55,11 @@ def test_truncate_raw_matches_truncate_top_p_k(top_p, top_k, vocab):
     assert torch.equal(raw.indices, ref.indices)
     assert torch.equal(raw.logprobs == NEG_INF, ref.logprobs == NEG_INF)
     renorm = torch.log_softmax(raw.logprobs, -1)
-    assert torch.allclose(torch.where(ref.logprobs > NEG_INF, renorm, 0.0), torch.where(ref.logprobs > NEG_INF, ref.logprobs, 0.0), atol=1e-6)
+    assert torch.allclose(
+        torch.where(ref.logprobs > NEG_INF, renorm, 0.0),
+        torch.where(ref.logprobs > NEG_INF, ref.logprobs, 0.0),
+        atol=1e-6,
+    )
     assert torch.allclose(raw.logprobs.logsumexp(-1).exp(), kept_mass(z, ref), atol=1e-6)
 
 
@@ -56,7 +67,9 @@ def test_truncate_raw_matches_truncate_top_p_k(top_p, top_k, vocab):
 def test_round_trip_reproduces_truncated_distributions(tmp_path, vocab, dtype):
     blocks = make_blocks(n=7, T=6 if vocab > 4096 else 12, vocab=vocab)
     teacher = TableTeacher(vocab)
-    header = LS.build_store(tmp_path / "s", blocks, teacher, ident(blocks, vocab=vocab), batch_size=2, shard_blocks=3, log=lambda m: None)
+    header = LS.build_store(
+        tmp_path / "s", blocks, teacher, ident(blocks, vocab=vocab), batch_size=2, shard_blocks=3, log=lambda m: None
+    )
     assert header["n_shards"] == 3 and header["index_dtype"] == np.dtype(dtype).name
     store = LS.LogitStore(tmp_path / "s")
     order = [6, 0, 3, 2, 5]  # across shards, shuffled
@@ -85,7 +98,9 @@ def test_round_trip_reproduces_truncated_distributions(tmp_path, vocab, dtype):
 
 def test_padding_slots_when_top_p_cuts(tmp_path):
     blocks = make_blocks()
-    LS.build_store(tmp_path / "s", blocks, TableTeacher(300, scale=8.0), ident(blocks, top_p=0.5, top_k=8), log=lambda m: None)
+    LS.build_store(
+        tmp_path / "s", blocks, TableTeacher(300, scale=8.0), ident(blocks, top_p=0.5, top_k=8), log=lambda m: None
+    )
     store = LS.LogitStore(tmp_path / "s")
     idx, lp = store.get(range(7))
     pad = np.isneginf(lp)
@@ -99,8 +114,15 @@ def test_check_refuses_mismatches(tmp_path):
     store = LS.LogitStore(tmp_path / "s")
     good = {k: store.header[k] for k in LS.CHECKED}
     store.check(good)
-    for key, value in [("tokenizer_hash", "other"), ("block_len", 16), ("corpus_fingerprint", "abc"),
-                       ("top_k", 50), ("top_p", 0.95), ("n_blocks", 8), ("vocab_size", 301)]:
+    for key, value in [
+        ("tokenizer_hash", "other"),
+        ("block_len", 16),
+        ("corpus_fingerprint", "abc"),
+        ("top_k", 50),
+        ("top_p", 0.95),
+        ("n_blocks", 8),
+        ("vocab_size", 301),
+    ]:
         with pytest.raises(UserError) as e:
             store.check(dict(good, **{key: value}))
         msg = str(e.value)
@@ -119,7 +141,9 @@ def test_tokenizer_hash():
 
 def test_interrupted_build_continues_and_complete_store_is_reused(tmp_path):
     blocks = make_blocks(n=9)
-    full = LS.build_store(tmp_path / "ref", blocks, TableTeacher(300), ident(blocks), batch_size=3, shard_blocks=3, log=lambda m: None)
+    full = LS.build_store(
+        tmp_path / "ref", blocks, TableTeacher(300), ident(blocks), batch_size=3, shard_blocks=3, log=lambda m: None
+    )
 
     class Crash(Exception):
         pass
@@ -151,7 +175,16 @@ def test_interrupted_build_continues_and_complete_store_is_reused(tmp_path):
     # on_partial='rebuild' starts over
     (folder / "header.json").unlink()
     teacher.calls = 0
-    LS.build_store(folder, blocks, teacher, ident(blocks, top_k=4), batch_size=3, shard_blocks=3, on_partial="rebuild", log=lambda m: None)
+    LS.build_store(
+        folder,
+        blocks,
+        teacher,
+        ident(blocks, top_k=4),
+        batch_size=3,
+        shard_blocks=3,
+        on_partial="rebuild",
+        log=lambda m: None,
+    )
     assert teacher.calls == 3
 
 
@@ -171,4 +204,6 @@ def test_damaged_store_is_refused(tmp_path):
 
 def test_offline_store_needs_top_k():
     with pytest.raises(UserError, match="top_k"):
-        LS.identity(tokenizer_hash="t", vocab_size=10, block_len=8, n_blocks=1, corpus_fingerprint="f", top_p=0.9, top_k=0)
+        LS.identity(
+            tokenizer_hash="t", vocab_size=10, block_len=8, n_blocks=1, corpus_fingerprint="f", top_p=0.9, top_k=0
+        )

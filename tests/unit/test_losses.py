@@ -61,8 +61,13 @@ def ref_value(kind: str, q: list[float], p: list[float], skew: float, beta: floa
 def ref_rows(kind: str, s_logits, t_logits, skew=0.1, beta=0.5) -> torch.Tensor:
     """Reference per-row values (N,) from logits (N, V) (mse from raw logits)."""
     if kind == "mse":
-        return torch.tensor([sum((a - b) ** 2 for a, b in zip(r, t)) / len(r)
-                             for r, t in zip(s_logits.to(D).tolist(), t_logits.to(D).tolist())], dtype=D)
+        return torch.tensor(
+            [
+                sum((a - b) ** 2 for a, b in zip(r, t)) / len(r)
+                for r, t in zip(s_logits.to(D).tolist(), t_logits.to(D).tolist())
+            ],
+            dtype=D,
+        )
     qs = probs(F.log_softmax(s_logits.to(D), -1))
     ps = probs(F.log_softmax(t_logits.to(D), -1))
     return torch.tensor([ref_value(kind, q, p, skew, beta) for q, p in zip(qs, ps)], dtype=D)
@@ -368,10 +373,18 @@ def kept_set(tr: Truncated, b: int, t: int) -> set[int]:
     return {int(i) for i, lp in zip(tr.indices[b, t], tr.logprobs[b, t]) if lp > -math.inf}
 
 
-@pytest.mark.parametrize("top_p,top_k,want", [
-    (0.4, 50, {2}), (0.75, 50, {2, 0}), (0.85, 50, {2, 0, 3}), (0.97, 50, {2, 0, 3, 1}),
-    (0.85, 2, {2, 0}), (1.0, 1, {2}), (1.0, 4, {0, 1, 2, 3}),
-])
+@pytest.mark.parametrize(
+    "top_p,top_k,want",
+    [
+        (0.4, 50, {2}),
+        (0.75, 50, {2, 0}),
+        (0.85, 50, {2, 0, 3}),
+        (0.97, 50, {2, 0, 3, 1}),
+        (0.85, 2, {2, 0}),
+        (1.0, 1, {2}),
+        (1.0, 4, {0, 1, 2, 3}),
+    ],
+)
 def test_truncation_hand_built(top_p, top_k, want):
     p = torch.tensor([0.3, 0.05, 0.5, 0.15])
     tr = L.truncate_top_p_k(p.log().view(1, 1, 4) + 7.0, top_p=top_p, top_k=top_k)
@@ -414,8 +427,9 @@ def test_kept_mass():
     tr = L.truncate_top_p_k(t, top_p=0.7, top_k=4)
     for logits in (t, s):
         p = logits.softmax(-1)
-        want = torch.tensor([[sum(p[b, i, j].item() for j in kept_set(tr, b, i)) for i in range(t.shape[1])]
-                             for b in range(t.shape[0])])
+        want = torch.tensor(
+            [[sum(p[b, i, j].item() for j in kept_set(tr, b, i)) for i in range(t.shape[1])] for b in range(t.shape[0])]
+        )
         torch.testing.assert_close(L.kept_mass(logits, tr), want)
     assert (L.kept_mass(t, tr) >= 0.7 - 1e-6).any()
     torch.testing.assert_close(L.kept_mass(s, full_as_truncated(t, 30)), torch.ones(t.shape[:2]))
@@ -478,7 +492,9 @@ def test_forward_kl_and_ce_matches_definitions_values_and_gradients():
     g_ref = torch.autograd.grad(0.3 * kl_ref + 0.7 * ce_ref, s)[0]
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
     assert torch.all(g_fused[~m] == 0)  # padding gets no gradient
-    assert torch.autograd.gradcheck(lambda x: L.forward_kl_and_ce(x, t, y, m, chunk_size=2)[:2], (s.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: L.forward_kl_and_ce(x, t, y, m, chunk_size=2)[:2], (s.detach().requires_grad_(),)
+    )
 
 
 def test_forward_kl_and_ce_equals_the_separate_losses_in_bf16_and_never_reads_padding():
@@ -525,16 +541,28 @@ def _ce_div_reference(kind, s, teacher, y, mask, vocab, tau, student_temperature
     return ce, div * (tau**2 if student_temperature else 1.0)
 
 
-@pytest.mark.parametrize("kind,truncate,tau,student_temperature,pad", [
-    ("fkl", False, 1.0, False, 0),  # the fused kernel
-    ("fkl", False, 1.0, False, 3),  # padded head: CE over the head, KL over the vocabulary
-    ("fkl", False, 1.7, True, 0), ("rkl", False, 1.0, False, 3), ("skew_fkl", False, 1.3, False, 0),
-    ("skew_rkl", False, 1.0, True, 2), ("jsd", False, 0.8, False, 0), ("tv", False, 1.0, False, 0),
-    ("ce", False, 1.5, False, 0), ("mse", False, 1.2, True, 0),
-    ("fkl", True, 1.0, False, 0), ("fkl", True, 2.0, True, 0), ("skew_fkl", True, 1.0, False, 0),
-    ("skew_rkl", True, 1.4, False, 2), ("jsd", True, 1.0, False, 0), ("tv", True, 1.0, False, 0),
-    ("ce", True, 0.7, False, 0),
-])
+@pytest.mark.parametrize(
+    "kind,truncate,tau,student_temperature,pad",
+    [
+        ("fkl", False, 1.0, False, 0),  # the fused kernel
+        ("fkl", False, 1.0, False, 3),  # padded head: CE over the head, KL over the vocabulary
+        ("fkl", False, 1.7, True, 0),
+        ("rkl", False, 1.0, False, 3),
+        ("skew_fkl", False, 1.3, False, 0),
+        ("skew_rkl", False, 1.0, True, 2),
+        ("jsd", False, 0.8, False, 0),
+        ("tv", False, 1.0, False, 0),
+        ("ce", False, 1.5, False, 0),
+        ("mse", False, 1.2, True, 0),
+        ("fkl", True, 1.0, False, 0),
+        ("fkl", True, 2.0, True, 0),
+        ("skew_fkl", True, 1.0, False, 0),
+        ("skew_rkl", True, 1.4, False, 2),
+        ("jsd", True, 1.0, False, 0),
+        ("tv", True, 1.0, False, 0),
+        ("ce", True, 0.7, False, 0),
+    ],
+)
 def test_ce_and_divergence_matches_definitions(kind, truncate, tau, student_temperature, pad):
     s, t, mask = batch(seed=31)
     V = s.shape[-1]

@@ -6,11 +6,11 @@ import importlib.util
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from minidistill import models
 from minidistill.errors import UserError
-from tiny_tokenizer import make_tokenizer
 
 
 def test_prune_keeps_the_chosen_layers_and_caches_work(tiny_dir):
@@ -54,8 +54,16 @@ def test_fresh_from_config(tiny_dir):
 
 
 def _llama(vocab: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
 
 
 def test_vocab_checks():

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from tiny_assets import INSTRUCTIONS, fake_run, tiny_recipe
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -23,7 +24,6 @@ from minidistill.errors import UserError
 from minidistill.run import main
 from minidistill.sampler import process_logits, sample
 from minidistill.stages import minillm, seqkd
-from tiny_assets import INSTRUCTIONS, fake_run, tiny_recipe
 
 N_TOK, T_ROWS, S_ROWS = 48, 64, 56
 EOS, PAD = 0, 1
@@ -38,8 +38,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=specials[0], pad_token=specials[1],
-                                  unk_token=specials[2])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=specials[0], pad_token=specials[1], unk_token=specials[2]
+    )
     assert len(tok) == N_TOK and tok.eos_token_id == EOS and tok.pad_token_id == PAD
     return tok
 
@@ -47,9 +48,18 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 def padded_llama(rows: int, seed: int, layers: int = 2, bias: float = BIAS) -> LlamaForCausalLM:
     """A tiny Llama with a ``rows``-row head; rows >= N_TOK get logit ``bias`` (a head with a bias term)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=EOS, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=rows,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     model = LlamaForCausalLM(cfg).eval()
     if bias:
         head = torch.nn.Linear(32, rows, bias=True)
@@ -84,8 +94,19 @@ def prompts(n: int = 4, seed: int = 0) -> list[list[int]]:
 
 def rollout(student, teacher, alpha: float, seed: int = 0, **proc):
     ids, mask = collate_prompts(prompts(), PAD)
-    return sample(student, teacher, ids, mask, max_new_tokens=10, mix_alpha=alpha, eos_token_id=EOS,
-                  pad_token_id=PAD, vocab=N_TOK, generator=torch.Generator().manual_seed(seed), **proc)
+    return sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=10,
+        mix_alpha=alpha,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        vocab=N_TOK,
+        generator=torch.Generator().manual_seed(seed),
+        **proc,
+    )
 
 
 def forward_logps(model, ro, **proc) -> torch.Tensor:
@@ -97,7 +118,7 @@ def forward_logps(model, ro, **proc) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # (B, P+T, rows)
     P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-    return torch.log_softmax(process_logits(logits[:, P - 1:P - 1 + T, :N_TOK], **proc), -1)
+    return torch.log_softmax(process_logits(logits[:, P - 1 : P - 1 + T, :N_TOK], **proc), -1)
 
 
 def assert_close_with_inf(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -139,8 +160,11 @@ def test_sampler_with_heads_of_different_widths_needs_vocab(student, teacher):
 def test_minillm_loss_on_a_padded_head_rollout(student, teacher, alpha, top_k):
     """The loss (logits sliced [:vocab]) sees the sampler's log q: q_theta / q_old = 1 at the first epoch."""
     ro = rollout(student, teacher, alpha, top_k=top_k)
-    cfg = build(minillm.Config, {"type": "minillm", "name": "minillm", "lm_coef": 0.0, "top_k": top_k,
-                                 "mix_alpha": alpha}, "test:")
+    cfg = build(
+        minillm.Config,
+        {"type": "minillm", "name": "minillm", "lm_coef": 0.0, "top_k": top_k, "mix_alpha": alpha},
+        "test:",
+    )
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
     batch.update(minillm.advantages_for(cfg, ro))
     batch["num_tokens"] = int(ro.response_mask.sum())
@@ -164,12 +188,14 @@ def test_bias_makes_whole_head_sampling_emit_padded_ids(teacher, tok):
     assert sum(t >= N_TOK for r in out for t in r) > 10
 
 
-@pytest.mark.parametrize("settings", [{}, {"temperature": 0.0}, {"temperature": 0.7, "top_k": 5, "top_p": 0.8},
-                                      {"no_repeat_ngram_size": 2}])
+@pytest.mark.parametrize(
+    "settings", [{}, {"temperature": 0.0}, {"temperature": 0.7, "top_k": 5, "top_p": 0.8}, {"no_repeat_ngram_size": 2}]
+)
 def test_generate_ids_never_emits_ids_beyond_the_tokenizer(teacher, student, tok, settings):
     for model in (teacher, student):
-        out = evaluation.generate_ids(model, tok, prompts(), max_new_tokens=12, progress=False, vocab_size=N_TOK,
-                                      **settings)
+        out = evaluation.generate_ids(
+            model, tok, prompts(), max_new_tokens=12, progress=False, vocab_size=N_TOK, **settings
+        )
         assert sum(len(r) for r in out) > 10
         assert all(0 <= t < N_TOK for r in out for t in r)
 
@@ -186,8 +212,9 @@ def test_generate_processor_is_the_sampler_distribution_over_the_tokenizer(proc)
 
 def test_evaluate_instructions_and_sample_and_score_stay_in_the_vocab(teacher, student, tok):
     examples = [Example(instruction=i, input=x, outputs=[o]) for i, x, o in INSTRUCTIONS[:3]]
-    res = evaluation.evaluate_instructions(student, tok, examples, seeds=[1], max_new_tokens=8, keep_ids=True,
-                                           progress=False, vocab_size=N_TOK)
+    res = evaluation.evaluate_instructions(
+        student, tok, examples, seeds=[1], max_new_tokens=8, keep_ids=True, progress=False, vocab_size=N_TOK
+    )
     ids = [t for g in res["generations"] for t in g["generation_ids"]]
     assert len(ids) > 5 and max(ids) < N_TOK
     # the teacher's samples are fed to the 56-row student: ids >= 56 would not even embed
@@ -205,8 +232,19 @@ def test_stage_samplers_pass_the_run_vocab(teacher, student, tok, monkeypatch):
     assert sorted(i for i, _ in pieces) == list(range(6))
     assert sum(len(r) for _, r in pieces) > 10 and max(t for _, r in pieces for t in r) < N_TOK
 
-    cfg = build(minillm.Config, {"type": "minillm", "name": "minillm", "lm_coef": 0.0, "num_rollouts": 4,
-                                 "rollout_batch_size": 2, "batch_size": 2, "max_new_tokens": 6}, "test:")
+    cfg = build(
+        minillm.Config,
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "lm_coef": 0.0,
+            "num_rollouts": 4,
+            "rollout_batch_size": 2,
+            "batch_size": 2,
+            "max_new_tokens": 6,
+        },
+        "test:",
+    )
     source = minillm.RolloutSource(run, cfg, student, ids, None)
     batch = source.next_batch()
     assert int(source.buffer.rollout.response_ids.max()) < N_TOK and batch["num_tokens"]["response"] > 0
@@ -240,13 +278,39 @@ def test_pipeline_with_heads_of_64_and_56_rows(tmp_path, tiny_data, tok):
     teacher_dir = tmp_path / "teacher"
     padded_llama(T_ROWS, seed=0, bias=0.0).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    stages = [{"type": "seqkd", "name": "seqkd", "max_steps": 1, "eval_every": 0, "max_new_tokens": 12,
-               "gen_batch_size": 8, "kd_ratio": 0.5},
-              {"type": "minillm", "name": "minillm", "max_steps": 1, "warmup_steps": 0, "num_rollouts": 4,
-               "rollout_batch_size": 4, "batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8, "lm_coef": 0.5,
-               "lm_batch_size": 2, "eval_examples": 2, "eval_max_new_tokens": 4}]
-    recipe = tiny_recipe(tmp_path, teacher_dir, tiny_data, stages,
-                         student={"init": "config", "config_overrides": {"vocab_size": S_ROWS, "num_hidden_layers": 1}})
+    stages = [
+        {
+            "type": "seqkd",
+            "name": "seqkd",
+            "max_steps": 1,
+            "eval_every": 0,
+            "max_new_tokens": 12,
+            "gen_batch_size": 8,
+            "kd_ratio": 0.5,
+        },
+        {
+            "type": "minillm",
+            "name": "minillm",
+            "max_steps": 1,
+            "warmup_steps": 0,
+            "num_rollouts": 4,
+            "rollout_batch_size": 4,
+            "batch_size": 4,
+            "ppo_epochs": 1,
+            "max_new_tokens": 8,
+            "lm_coef": 0.5,
+            "lm_batch_size": 2,
+            "eval_examples": 2,
+            "eval_max_new_tokens": 4,
+        },
+    ]
+    recipe = tiny_recipe(
+        tmp_path,
+        teacher_dir,
+        tiny_data,
+        stages,
+        student={"init": "config", "config_overrides": {"vocab_size": S_ROWS, "num_hidden_layers": 1}},
+    )
     import yaml
 
     path = tmp_path / "recipe.yaml"

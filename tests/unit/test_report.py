@@ -26,16 +26,41 @@ def make_run(run: Path, n_minillm: int = 120, n_pd: int = 150, seed: int = 0) ->
         rows.append({"time": round(t, 3), "stage": stage, "step": step, **kv})
 
     for s in range(1, 21):
-        log("sft", s, loss=3.0 * math.exp(-s / 8) + 1.2 + rng.gauss(0, 0.1), lr=1e-4 * min(1, s / 5), tokens=900.0,
-            tokens_per_s=300.0, step_time_s=3.0, skipped_steps=0, grad_norm=1.0)
+        log(
+            "sft",
+            s,
+            loss=3.0 * math.exp(-s / 8) + 1.2 + rng.gauss(0, 0.1),
+            lr=1e-4 * min(1, s / 5),
+            tokens=900.0,
+            tokens_per_s=300.0,
+            step_time_s=3.0,
+            skipped_steps=0,
+            grad_norm=1.0,
+        )
         if s % 10 == 0:
-            log("sft", s, **{"valid/loss": 2.0 * math.exp(-s / 10) + 1.4, "valid/ppl": math.exp(2.0 * math.exp(-s / 10) + 1.4)})
+            log(
+                "sft",
+                s,
+                **{"valid/loss": 2.0 * math.exp(-s / 10) + 1.4, "valid/ppl": math.exp(2.0 * math.exp(-s / 10) + 1.4)},
+            )
     for s in range(1, n_minillm + 1):
         rkl = 0.9 * math.exp(-s / 50) + 0.3 + rng.gauss(0, 0.08)
-        log("minillm", s, loss=-0.05 + rng.gauss(0, 0.2), lr=5e-6, tokens=1500.0, pg_loss=rng.gauss(0, 0.2),
-            clip_frac=max(0.0, 0.08 + rng.gauss(0, 0.03)), single_step_kl=0.8 * rkl, lm_loss=2.6 + rng.gauss(0, 0.05),
-            reward=-rkl, rkl_estimate=rkl, response_length=60 + 20 * (1 - math.exp(-s / 40)) + rng.gauss(0, 6),
-            eos_rate=0.8, ratio_new_old=1.0)
+        log(
+            "minillm",
+            s,
+            loss=-0.05 + rng.gauss(0, 0.2),
+            lr=5e-6,
+            tokens=1500.0,
+            pg_loss=rng.gauss(0, 0.2),
+            clip_frac=max(0.0, 0.08 + rng.gauss(0, 0.03)),
+            single_step_kl=0.8 * rkl,
+            lm_loss=2.6 + rng.gauss(0, 0.05),
+            reward=-rkl,
+            rkl_estimate=rkl,
+            response_length=60 + 20 * (1 - math.exp(-s / 40)) + rng.gauss(0, 6),
+            eos_rate=0.8,
+            ratio_new_old=1.0,
+        )
         if s % 40 == 0:
             log("minillm", s, **{"valid/rougeL": 18 + 6 * (1 - math.exp(-s / 60)), "valid/mean_length": 70.0})
     log("pd", 0, **{"valid/loss": 6.0, "valid/ppl": math.exp(6.0), "valid/kd_loss": 3.0})
@@ -50,25 +75,51 @@ def make_run(run: Path, n_minillm: int = 120, n_pd: int = 150, seed: int = 0) ->
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "recipe.yaml").write_text(
         "output_dir: x\nseed: 0\nstages:\n- {type: sft, name: sft}\n- {type: minillm, name: minillm}\n"
-        "- {type: pd, name: pd}\n")
+        "- {type: pd, name: pd}\n"
+    )
     for name, rouge, length in (("eval/sft", 22.5, 71.0), ("eval/minillm", 24.4, 76.5)):
         d = run / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps({"rougeL": rouge, "mean_length": length, "n_examples": 100}))
     L = list(range(1, 65))
     ex = [30 * (1 - math.exp(-x / 20)) for x in L]
-    (run / "eval" / "minillm" / "analysis.json").write_text(json.dumps({
-        "reverse_kl": 0.4, "forward_kl": 0.8, "mean_length": 70.0, "distinct_4": 0.9, "ece": 0.03,
-        "exaccerr": {"16": ex[15], "64": ex[63]},
-        "samples": {"reverse_kl": 0.4, "distinct_4": 0.9}, "teacher_samples": {"forward_kl": 0.8},
-        "reference": {"reverse_kl": 0.5, "forward_kl": 0.9},
-        "calibration": {"ece": 0.03, "accuracy": 0.4, "bins": [
-            {"lo": b / 10, "hi": (b + 1) / 10, "count": 10, "accuracy": (b + 0.4) / 10, "confidence": (b + 0.5) / 10}
-            for b in range(10)]},
-        "exposure_bias": {"lengths": [16, 64], "exaccerr": [ex[15], ex[63]], "curve": {"lengths": L, "exaccerr": ex}},
-    }))
-    (run / "eval_table.json").write_text(json.dumps(
-        [{"model": "teacher", "rougeL": 27.0, "reverse_kl": 0.0, "forward_kl": 0.0, "mean_length": 80.0}]))
+    (run / "eval" / "minillm" / "analysis.json").write_text(
+        json.dumps(
+            {
+                "reverse_kl": 0.4,
+                "forward_kl": 0.8,
+                "mean_length": 70.0,
+                "distinct_4": 0.9,
+                "ece": 0.03,
+                "exaccerr": {"16": ex[15], "64": ex[63]},
+                "samples": {"reverse_kl": 0.4, "distinct_4": 0.9},
+                "teacher_samples": {"forward_kl": 0.8},
+                "reference": {"reverse_kl": 0.5, "forward_kl": 0.9},
+                "calibration": {
+                    "ece": 0.03,
+                    "accuracy": 0.4,
+                    "bins": [
+                        {
+                            "lo": b / 10,
+                            "hi": (b + 1) / 10,
+                            "count": 10,
+                            "accuracy": (b + 0.4) / 10,
+                            "confidence": (b + 0.5) / 10,
+                        }
+                        for b in range(10)
+                    ],
+                },
+                "exposure_bias": {
+                    "lengths": [16, 64],
+                    "exaccerr": [ex[15], ex[63]],
+                    "curve": {"lengths": L, "exaccerr": ex},
+                },
+            }
+        )
+    )
+    (run / "eval_table.json").write_text(
+        json.dumps([{"model": "teacher", "rougeL": 27.0, "reverse_kl": 0.0, "forward_kl": 0.0, "mean_length": 80.0}])
+    )
     return run
 
 
@@ -88,15 +139,37 @@ def test_report_files_and_pngs(report_run):
     run, path = report_run
     assert path == run / "report.md" and path.is_file()
     md = path.read_text()
-    for heading in ("## Stages", "## Evaluation", "## Analyses", "## Training curves", "### minillm (minillm)",
-                    "### pd (pd)", "## Recipe"):
+    for heading in (
+        "## Stages",
+        "## Evaluation",
+        "## Analyses",
+        "## Training curves",
+        "### minillm (minillm)",
+        "### pd (pd)",
+        "## Recipe",
+    ):
         assert heading in md
     pngs = sorted((run / "plots").glob("*.png"))
     names = {p.name for p in pngs}
-    expected = {"minillm_loss.png", "minillm_kl.png", "minillm_reward.png", "minillm_response_length.png",
-                "minillm_clip_frac.png", "minillm_lm_loss.png", "minillm_valid_rougeL.png", "pd_loss.png",
-                "pd_alpha.png", "pd_valid_ppl.png", "sft_loss.png", "eval_rougeL.png", "eval_reverse_kl.png",
-                "eval_forward_kl.png", "eval_mean_length.png", "exposure_bias.png", "calibration.png"}
+    expected = {
+        "minillm_loss.png",
+        "minillm_kl.png",
+        "minillm_reward.png",
+        "minillm_response_length.png",
+        "minillm_clip_frac.png",
+        "minillm_lm_loss.png",
+        "minillm_valid_rougeL.png",
+        "pd_loss.png",
+        "pd_alpha.png",
+        "pd_valid_ppl.png",
+        "sft_loss.png",
+        "eval_rougeL.png",
+        "eval_reverse_kl.png",
+        "eval_forward_kl.png",
+        "eval_mean_length.png",
+        "exposure_bias.png",
+        "calibration.png",
+    }
     assert expected <= names
     for p in pngs:
         w, h = png_size(p)
@@ -119,9 +192,13 @@ def test_report_tables(report_run):
 
 
 def test_series_last_value_wins_and_bad_rows(tmp_path):
-    rows = [{"stage": "s", "step": 1, "loss": 5.0}, {"stage": "s", "step": 2, "loss": "nan"},
-            {"stage": "s", "step": 2, "loss": 4.0}, {"stage": "s", "step": 1, "loss": 3.0},  # resumed: step 1 again
-            {"stage": "s", "step": 3, "loss": True}]
+    rows = [
+        {"stage": "s", "step": 1, "loss": 5.0},
+        {"stage": "s", "step": 2, "loss": "nan"},
+        {"stage": "s", "step": 2, "loss": 4.0},
+        {"stage": "s", "step": 1, "loss": 3.0},  # resumed: step 1 again
+        {"stage": "s", "step": 3, "loss": True},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     data = R.load_run(tmp_path)
     assert data.series("s", "loss") == ([1.0, 2.0], [3.0, 4.0])

@@ -60,9 +60,7 @@ def run(models, ids, mask, seed=0, **kw) -> Rollout:
     student, teacher = models
     kw.setdefault("max_new_tokens", 12)
     kw.setdefault("eos_token_id", 2)
-    return sample(
-        student, teacher, ids, mask, pad_token_id=PAD, generator=torch.Generator().manual_seed(seed), **kw
-    )
+    return sample(student, teacher, ids, mask, pad_token_id=PAD, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 # --- KV cache + left padding -----------------------------------------------------------------

@@ -40,6 +40,7 @@ def test_wsd_phases():
 @pytest.mark.parametrize("total,warm,decay", [(100, 10, 20), (37, 5, None), (10, 0, 3), (8, 8, None), (5, 2, 10)])
 def test_wsd_alpha_follows_the_wsd_learning_rate(total, warm, decay):
     """alpha_min + (alpha - alpha_min) * lr/peak at every step, with the loop's own scheduler."""
+
     class Cfg:
         scheduler, warmup_steps, decay_steps = "wsd", warm, decay
 
@@ -58,8 +59,20 @@ def test_unknown_schedule():
         alpha_at(0, 10, schedule="cosine")
 
 
-@pytest.mark.parametrize("total,warm,decay", [(100, 10, 20), (37, 5, None), (10, 0, 3), (8, 8, None), (5, 2, 10),
-                                              (1, 0, None), (12, 2, 4), (30, 3, 8), (7, 20, 2)])
+@pytest.mark.parametrize(
+    "total,warm,decay",
+    [
+        (100, 10, 20),
+        (37, 5, None),
+        (10, 0, 3),
+        (8, 8, None),
+        (5, 2, 10),
+        (1, 0, None),
+        (12, 2, 4),
+        (30, 3, 8),
+        (7, 20, 2),
+    ],
+)
 def test_wsd_lr_is_bitwise_transformers_warmup_stable_decay(total, warm, decay):
     """loop.make_scheduler builds WSD from schedules.wsd_factor (the definition alpha uses); its LR
     equals transformers' warmup_stable_decay (what it used before) bit for bit, also after a resume."""
@@ -74,8 +87,13 @@ def test_wsd_lr_is_bitwise_transformers_warmup_stable_decay(total, warm, decay):
         t = max(1, total)
         w = min(warm, t)
         d = decay if decay is not None else max(1, t // 10)
-        ref = get_scheduler("warmup_stable_decay", opt, num_warmup_steps=w, num_training_steps=t,
-                            scheduler_specific_kwargs={"num_decay_steps": min(d, t - w)})
+        ref = get_scheduler(
+            "warmup_stable_decay",
+            opt,
+            num_warmup_steps=w,
+            num_training_steps=t,
+            scheduler_specific_kwargs={"num_decay_steps": min(d, t - w)},
+        )
         opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-3)
         return opt, ref, opt2, make_scheduler(opt2, Cfg, total)
 

@@ -6,9 +6,9 @@ harness), at a = 0 with population statistics (the infinite-batch limit of batch
 from __future__ import annotations
 
 import torch
+from test_advantages import F64, P, V, _enumerate, _exact_kl
 
 from minidistill.advantages import pg_loss, returns, single_step_kl, token_rewards
-from test_advantages import F64, P, V, _enumerate, _exact_kl
 
 
 def _expected_update(theta, teacher, resp, whiten: bool) -> torch.Tensor:
