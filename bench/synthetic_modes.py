@@ -10,16 +10,23 @@ answers (temperature 1, no top-k/top-p) that are one of the prompt's valid answe
 of distinct valid answers a student gives per prompt shows what it gave up for that.
 
 Protocol (the paper's order, at toy scale): teacher = a 4-layer, 64-wide Llama fine-tuned on the
-answers until it reproduces them; student = a fresh 1-layer, 16-wide Llama of the same
-tokenizer, first fine-tuned (SFT) for a few steps; then, from that SFT start and for the same
-number of optimizer steps each: more SFT, word-level KD (0.5 CE + 0.5 forward KL), MiniLLM.
+answers until it reproduces them (800 steps); student = a fresh 1-layer, 16-wide Llama of the
+same tokenizer, first fine-tuned (SFT, 800 steps at lr 3e-3); then, from that SFT start, for
+the same number of optimizer steps (300) at the same lr (1e-3) each: more SFT, word-level KD
+(0.5 CE + 0.5 forward KL), MiniLLM (minidistill preset, 16 rollouts per step, no L_PT).
 Everything runs through ``python -m minidistill.run`` recipes on CPU, one thread; 3 seeds.
 
-  PYTHONPATH=. .venv/bin/python bench/synthetic_modes.py          # ~5 minutes on 2 cores
-  PYTHONPATH=. .venv/bin/python bench/synthetic_modes.py --seeds 0 --steps 20   # quicker look
+  PYTHONPATH=. .venv/bin/python bench/synthetic_modes.py          # ~7 minutes on 2 cores (bf16 CPU)
+  PYTHONPATH=. .venv/bin/python bench/synthetic_modes.py --seeds 0 --steps 100  # quicker look
 
 Writes ``bench/results/synthetic_modes.json`` and prints a table (mean over seeds, and each seed).
 It is a benchmark, not a test: nothing here asserts.
+
+Measured 2026-12-02 (2-core Intel Xeon with AVX-512 bf16, fp32 runs, 1 thread, seeds 0 and 1,
+1.5 min): valid-answer rate teacher 0.975; student start 0.468; after 300 more steps SFT 0.759,
+KD 0.806, MiniLLM 0.779; distinct valid answers per prompt 4.95 / 4.85 / 4.40. MiniLLM gives up
+modes as expected, but it does not (yet) give more valid answers than KD here. With a 24- or
+32-wide student every method reaches 0.94-0.98: the student must be too small for the task.
 """
 
 from __future__ import annotations
@@ -123,12 +130,13 @@ def score(folder: Path, samples: int, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of each method after the SFT start")
-    p.add_argument("--start-steps", type=int, default=100, help="SFT steps of the shared student start")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each method after the SFT start")
+    p.add_argument("--start-steps", type=int, default=800, help="SFT steps of the shared student start")
     p.add_argument("--samples", type=int, default=40, help="sampled answers per prompt")
     p.add_argument("--teacher-steps", type=int, default=800, help="SFT steps that teach the teacher the task")
-    p.add_argument("--width", type=int, default=32, help="student hidden size (teacher: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="lr of every method after the start (the start: 3e-3)")
+    p.add_argument("--width", type=int, default=16, help="student hidden size (teacher: 64)")
     p.add_argument("--layers", type=int, default=1, help="student layers (teacher: 4)")
     p.add_argument("--keep", default=None, help="keep the run folders here (default: a temp folder)")
     args = p.parse_args()
@@ -174,14 +182,15 @@ def main() -> None:
         },
     }
     common = {"lr": 3e-3, "warmup_steps": 0, "scheduler": "constant", "batch_size": 16, "eval_batches": 1}
+    after = {**common, "lr": args.lr}  # every method continues from the start with the same lr
     methods = {
-        "sft": {"type": "sft", "name": "method", "max_steps": args.steps, **common},
-        "kd": {"type": "kd", "name": "method", "max_steps": args.steps, "kd_ratio": 0.5, **common},
+        "sft": {"type": "sft", "name": "method", "max_steps": args.steps, **after},
+        "kd": {"type": "kd", "name": "method", "max_steps": args.steps, "kd_ratio": 0.5, **after},
         "minillm": {
             "type": "minillm",
             "name": "method",
             "max_steps": args.steps,
-            "lr": 3e-3,
+            "lr": args.lr,
             "warmup_steps": 0,
             "num_rollouts": 16,
             "rollout_batch_size": 16,
