@@ -654,13 +654,13 @@ def minillm_loss(model, batch: dict, *, cfg: Config, teacher, vocab: int):
 def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int) -> torch.Tensor:
     """L_PT on plain text: per-token mean of (1-kd_ratio)*CE + kd_ratio*KL(p||q) (one fused pass
     over the vocabulary for both terms, ``losses.forward_kl_and_ce``)."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
+    logits = fwd.next_token_logits(model, ids, vocab=vocab)  # (B, L-1, V)
     labels, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
     if kd_ratio == 0:
         ce, count = losses.lm_loss(logits, labels, mask)
         return ce / count
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1, :vocab]
+        t_logits = fwd.next_token_logits(teacher, ids, vocab=vocab)
     kd, ce, count = losses.forward_kl_and_ce(logits, t_logits, labels, mask)
     return ((1 - kd_ratio) * ce + kd_ratio * kd) / count
 
