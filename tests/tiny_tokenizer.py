@@ -59,3 +59,60 @@ def tiny_llama(tokenizer, *, seed: int = 0, max_positions: int = 1024):
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config).eval()
+
+
+# ---- tokenizers of another kind, for cross-tokenizer tests ----------------------------------------
+
+WORD_PIECES = ("th", "he", "Ġt", "Ġthe", "er", "on", "an", "Ġa", "ll", "el", "Ġc", "or", "Ġs", "at", "in", "Ġo", "ou")
+
+
+def make_bpe_tokenizer(*, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a few word-piece merges (``WORD_PIECES``) and its specials in
+    another order than :func:`make_tokenizer`'s: 0 = "<pad>", 1 = "</s>" (EOS), 2 = "<bos>"."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "</s>", "<bos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    merges = []
+    for piece in WORD_PIECES:  # each merge joins two symbols already in the vocabulary
+        for cut in range(len(piece) - 1, 0, -1):
+            a, b = piece[:cut], piece[cut:]
+            if a in vocab and b in vocab:
+                merges.append((a, b))
+                vocab[piece] = len(vocab)
+                break
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<bos>", pad_token="<pad>")
+    if chat_template:
+        tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" + (
+            "{% if add_generation_prompt %}[assistant] {% endif %}"
+        )
+    return tok
+
+
+def make_sp_tokenizer(*, byte_fallback: bool = True) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style (Gemma-like) tokenizer: spaces become "▁", printable ASCII and a few
+    "▁word" pieces are tokens, everything else falls back to <0xNN> byte tokens (``byte_fallback``;
+    without it: <unk>). 0 = "<pad>", 1 = "<eos>", 2 = "<bos>", 3 = "<unk>"."""
+    from tokenizers import normalizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    chars = ["▁"] + [chr(c) for c in range(33, 127)] + ["\n", "\t"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)] if byte_fallback else []
+    vocab = {tok: i for i, tok in enumerate(specials + byte_tokens + chars)}
+    merges = []
+    for piece in ("▁t", "he", "▁the", "▁a", "in", "▁c", "on", "er", "▁o", "ol", "▁s"):
+        for cut in range(len(piece) - 1, 0, -1):
+            a, b = piece[:cut], piece[cut:]
+            if a in vocab and b in vocab:
+                merges.append((a, b))
+                vocab[piece] = len(vocab)
+                break
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=byte_fallback))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    parts = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if byte_fallback else []) + [decoders.Fuse()]
+    backend.decoder = decoders.Sequence(parts)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
+    )
