@@ -38,7 +38,8 @@ def build_student(run: Run):
                 s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device, trust_remote_code=s.trust_remote_code
             ),
         )
-        models.check_tokenizers_match(run.tokenizer, tok)
+        if run.tokenizer.get_vocab() != tok.get_vocab():
+            setup_cross_tokenizer(run, tok)
     elif s.init == "prune":
         n = len(models.decoder_layers(run.teacher))
         keep = s.keep_layers if s.keep_layers else models.stride_layers(n, s.layer_stride)
@@ -47,8 +48,52 @@ def build_student(run: Run):
         student = models.fresh_from_config(run.teacher, s.config_overrides, r.seed).to(run.device)
     run.teacher.to(models.DTYPES[r.teacher.dtype if r.teacher.dtype != "auto" else run.precision])
     student.requires_grad_(True)
+    if run.xtok is None and "token" in (stage(c.type).cross_tokenizer(c)[0] for c in r.stages):
+        # one tokenizer, but a stage asks for a cross-tokenizer loss (kind uld, ...): the same
+        # alignment machinery with the tokenizer on both sides; every other stage keeps its path
+        from . import xtok
+
+        run.xtok = xtok.Aligner(run.tokenizer, run.tokenizer, f"teacher.model '{r.teacher.model}'", "student")
+        run.teacher_tokenizer = run.tokenizer
+    if run.xtok is not None:  # each model against its own tokenizer
+        run.vocab_size = models.check_vocab(student, student, run.tokenizer)
+        run.teacher_vocab_size = models.check_vocab(run.teacher, run.teacher, run.teacher_tokenizer, where="teacher")
+        run.xtok.shared(run.vocab_size, run.teacher_vocab_size)
+        return student
     run.vocab_size = models.check_vocab(run.teacher, student, run.tokenizer)
     return student
+
+
+def setup_cross_tokenizer(run: Run, student_tok) -> None:
+    """Teacher and student tokenizers differ. Allowed only when a stage uses the teacher across
+    tokenizers (``Stage.cross_tokenizer``: a cross-tokenizer loss, or teacher-written text) and no
+    stage compares the two models over one vocabulary; otherwise one error. Afterwards
+    ``run.tokenizer`` is the student's, ``run.teacher_tokenizer`` the teacher's and ``run.xtok``
+    the ``xtok.Aligner`` (which refuses a tokenizer that cannot give character spans, naming its
+    model)."""
+    from . import xtok
+
+    r = run.recipe
+    teacher_tok = run.tokenizer
+    modes, problems = [], []
+    for cfg in r.stages:
+        mode, problem = stage(cfg.type).cross_tokenizer(cfg)
+        modes.append(mode)
+        if problem:
+            problems.append(f"stage '{cfg.name}' {problem}")
+    base = f"tokenizer differs from the teacher's ({len(student_tok)} vs {len(teacher_tok)} tokens)"
+    if problems:
+        raise UserError(f"student.model: {base}, so every stage must work across tokenizers: {problems[0]}")
+    if not any(modes):
+        raise UserError(
+            f"student.model: {base}; distillation needs the same tokenizer, or a cross-tokenizer setting: "
+            "kd/seqkd kind: uld or uld_hybrid, pd kd_kind: uld or uld_hybrid, minillm cross_tokenizer: true "
+            "(README, 'Cross-tokenizer distillation')"
+        )
+    run.xtok = xtok.Aligner(
+        teacher_tok, student_tok, f"teacher.model '{r.teacher.model}'", f"student.model '{r.student.model}'"
+    )
+    run.teacher_tokenizer, run.tokenizer = teacher_tok, student_tok
 
 
 def shard_teacher(run: Run) -> None:

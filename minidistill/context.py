@@ -39,9 +39,19 @@ class Run:
         self.metrics = Metrics(self.out_dir, enabled=self.accelerator.is_main_process, tensorboard=recipe.tensorboard)
         console.quiet = not self.accelerator.is_main_process  # one copy of the console lines, not one per process
         self.teacher = None
-        self.tokenizer = None
+        self.tokenizer = None  # the student's (and, with one tokenizer, the teacher's)
         self.vocab_size = None
+        # cross-tokenizer runs only (build.build_student): the teacher's tokenizer and vocabulary
+        # size, and the ``xtok.Aligner`` of the pair; None when teacher and student share one
+        self.teacher_tokenizer = None
+        self.teacher_vocab_size = None
+        self.xtok = None
         self._cache: dict = {}
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Teacher and student have different tokenizers (the teacher's is ``teacher_tokenizer``)."""
+        return self.teacher_tokenizer is not None and self.teacher_tokenizer is not self.tokenizer
 
     @property
     def fsdp(self) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
     "response_logits",
     "response_hidden",
     "length_chunks",
+    "logits_at",
 ]
 
 # config attributes of models whose logits are not head(hidden) (Gemma soft-capping, Cohere
@@ -175,3 +176,27 @@ def length_chunks(prompt_mask: torch.Tensor, response_mask: torch.Tensor, rows_p
     for i in range(0, order.numel(), max(1, rows_per_chunk)):
         rows = order[i : i + rows_per_chunk]
         yield rows, P - int(plen[rows].max()), max(1, int(tlen[rows].max()))
+
+
+def logits_at(model, input_ids, attention_mask, rows: torch.Tensor, vocab: int | None = None):
+    """``f(start, stop) -> (n, V)``: the no-grad next-token logits at the flat positions
+    ``rows[start:stop]`` of the (B, L-1) positions of ``input_ids`` (B, L) (right-padded; the first
+    ``vocab`` logits). With a :func:`split_head` model one backbone forward keeps the final hidden
+    states of those positions only and the head runs a chunk at a time, so a 262k-token
+    vocabulary never has (B, L, V) logits in memory; otherwise one full forward."""
+    with torch.no_grad():
+        split = split_head(model)
+        if split is not None:
+            backbone, head = split
+            h = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = h[:, :-1].reshape(-1, h.shape[-1])[rows]  # (M, H)
+
+            def chunk(a: int, b: int) -> torch.Tensor:
+                with torch.no_grad():
+                    out = head(h[a:b].to(head.weight.dtype))
+                return out if vocab is None else out[..., :vocab]
+
+            return chunk
+        z = next_token_logits(model, input_ids, attention_mask, vocab)
+        z = z.reshape(-1, z.shape[-1])[rows]
+        return lambda a, b: z[a:b]

@@ -217,11 +217,12 @@ def sample(
     teacher-forced pass (``score_chunk`` rows at a time), which draws the same tokens and gives
     the same log p up to float rounding, for far fewer, larger matmuls. ``keep_teacher_hidden``
     stores the teacher's final hidden states in the rollout (when the teacher's logits are
-    head(hidden), see :mod:`minidistill.logits`). The private flags turn the optimisations off
+    head(hidden), see :mod:`minidistill.logits`). ``teacher=None`` (a = 0 only) leaves
+    ``teacher_logp`` at 0 for the caller to fill (MiniLLM across tokenizers scores the text). The private flags turn the optimisations off
     for testing (finished-row skipping, last-position-only logits, the a = 0 teacher pass).
     """
-    if teacher is None:
-        raise ValueError("sample() needs a teacher: the MiniLLM reward uses teacher_logp")
+    if teacher is None and mix_alpha > 0:
+        raise ValueError("sample() needs a teacher for mix_alpha > 0 (teacher-mixed sampling)")
     if not 0.0 <= mix_alpha <= 1.0:
         raise ValueError(f"mix_alpha must be in [0, 1], got {mix_alpha}")
     if max_new_tokens < 1:
@@ -246,9 +247,10 @@ def sample(
     eos = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
     a = float(mix_alpha)
     settings = (temperature, top_k, top_p)
-    flags = [(m, m.training) for m in (*student.modules(), *teacher.modules())]  # per module: a policy
-    student.eval()  # trained without dropout has a mixed state that a plain .train(flag) would lose
-    teacher.eval()
+    models_ = [m for m in (student, teacher) if m is not None]
+    flags = [(m, m.training) for model in models_ for m in model.modules()]  # per module: a policy
+    for model in models_:  # trained without dropout has a mixed state that a plain .train(flag) would lose
+        model.eval()
     try:
         with torch.no_grad():
             teacher_steps = not (a == 0.0 and _teacher_after)
@@ -256,7 +258,7 @@ def sample(
                 student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
                 settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden, vocab,
             )  # fmt: skip
-            if not teacher_steps:
+            if not teacher_steps and teacher is not None:
                 ro.teacher_logp, ro.teacher_hidden = score(
                     teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab
                 )

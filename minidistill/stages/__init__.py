@@ -43,6 +43,11 @@ def always(cfg: Any) -> bool:
     return True
 
 
+def teacher_free(cfg: Any) -> tuple[bool, str]:
+    """``Stage.cross_tokenizer`` of a stage that never compares teacher and student token by token."""
+    return False, ""
+
+
 @dataclass(frozen=True)
 class Stage:
     """What the rest of minidistill knows about a stage type."""
@@ -64,6 +69,10 @@ class Stage:
     # check_in_recipe(recipe, index, where): checks that need the other stages of the recipe
     check_in_recipe: Callable | None = None
     plots: tuple[Plot, ...] = LOSS_PLOTS  # the report's training-curve figures
+    # cross_tokenizer(cfg) -> (asks, problem): whether the stage, as configured, asks for
+    # cross-tokenizer distillation (a uld kind, MiniLLM cross_tokenizer: true), and why it cannot
+    # run with a teacher of another tokenizer ('' when it can); checked by build.build_student
+    cross_tokenizer: Callable[[Any], tuple[bool, str]] = teacher_free
 
 
 TYPES = ("sft", "kd", "seqkd", "pd", "pd_store", "minillm", "generate", "evaluate")

@@ -174,4 +174,20 @@ def run(run, cfg: Config, student) -> None:
     return None
 
 
-STAGE = Stage("evaluate", Config, run, trains=False, generates=True, needs_instructions=True)
+def cross_tokenizer(cfg) -> tuple[str, str]:
+    """``Stage.cross_tokenizer``: the KL columns compare teacher and student token by token."""
+    return "", (
+        "measures per-token KL between teacher and student, which needs one vocabulary: score each model "
+        "with eval/instruct_eval.py instead"
+    )
+
+
+STAGE = Stage(
+    "evaluate",
+    Config,
+    run,
+    trains=False,
+    generates=True,
+    needs_instructions=True,
+    cross_tokenizer=cross_tokenizer,
+)

@@ -7,7 +7,9 @@ KD and the MiniLLM validation score against the teacher's own answers (an answer
 ``max_new_tokens`` is marked incomplete: SFT/KD train on it without an EOS, so the student is not
 taught to stop where the teacher was cut); with ``corpus: true``
 the prompt+response texts of the train split also become the plain-text corpus (PD, L_PT).
-This is what lets the quickstart run from prompts alone.
+This is what lets the quickstart run from prompts alone. With a teacher of another tokenizer the
+teacher reads its own rendering of each prompt and writes text; the stages after it tokenize that
+text with the student's tokenizer.
 """
 
 from __future__ import annotations
@@ -76,4 +78,5 @@ STAGE = Stage(
     needs_instructions=True,
     writes_responses=True,
     provides_corpus=lambda cfg: cfg.corpus and "train" in cfg.splits,
+    cross_tokenizer=lambda cfg: ("text", ""),  # the teacher writes text with its own tokenizer
 )

@@ -40,6 +40,17 @@ The module reads top to bottom as the update does:
    chunked pass over the vocabulary (``losses.forward_kl_and_ce``).
 4. Validation samples responses for the validation prompts and scores ROUGE-L against the
    references; the best model goes to ``<stage>/best``.
+
+Across tokenizers (``cross_tokenizer: true``; the estimator is in ``minidistill.xtok``): the student
+samples alone (a = 0), the teacher scores the text of each response in its own tokenization after
+its own rendering of the prompt (one teacher-forced pass), and each teacher token's log-prob is
+credited to the student token that completes that token's last character. The per-token reward
+is that spread log p minus log q(y_t); a response's rewards sum exactly to
+log p(text) - log q(y) (the sequence-level reverse-KL sample), and returns/advantages/PPO are
+unchanged. Refused there, each with one line: ``single_step`` (an exact KL over one vocabulary at
+every position), ``mix_alpha`` > 0 (drawing a token from a*p + (1-a)*q needs p and q over the same
+tokens at every step; unset, it is 0 here instead of the preset's 0.2) and L_PT's ``kd_ratio`` > 0
+(token-level KD on the corpus over one vocabulary; use a pd stage with kd_kind uld for that).
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ from typing import Any
 import torch
 
 from .. import advantages as adv
-from .. import data, evaluation, losses
+from .. import data, evaluation, losses, xtok
 from .. import logits as fwd
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
@@ -146,6 +157,12 @@ class Config(TrainConfig):
     kd_ratio: float = opt(
         0.5, "L_PT = (1-kd_ratio)*CE + kd_ratio*forward KL to the teacher on the text (official 0.5).", min=0.0, max=1.0
     )
+    cross_tokenizer: bool = opt(
+        False,
+        "Teacher with another tokenizer: it scores the text of each response in its own tokenization and "
+        "its token log-probs are spread over the student's tokens by character spans (minidistill.xtok); "
+        "needs single_step: false, mix_alpha 0 (the default here), kd_ratio 0 when lm_coef > 0.",
+    )
     # --- validation ----------------------------------------------------------------------------
     eval_examples: int = opt(64, "Validation prompts scored by sampled ROUGE-L.", min=1)
     eval_max_new_tokens: int | None = opt(None, "Response limit for validation (default max_new_tokens).", min=1)
@@ -156,7 +173,11 @@ class Config(TrainConfig):
                 f"{where}.single_step_importance_weight: importance 'exact' needs the single-step importance "
                 "weight (the prefix product q/p~ of the earlier tokens); set it true or leave it unset"
             )
+        if self.cross_tokenizer and self.mix_alpha is None:
+            self.mix_alpha = 0.0
         self.apply_preset()
+        if self.cross_tokenizer:
+            self.check_cross_tokenizer(where)
         if (self.top_k > 0 or self.top_p < 1.0) and self.mix_alpha > 0:
             raise UserError(
                 f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
@@ -165,6 +186,24 @@ class Config(TrainConfig):
         if self.num_rollouts < self.batch_size:
             raise UserError(
                 f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})"
+            )
+
+    def check_cross_tokenizer(self, where: str) -> None:
+        if self.single_step:
+            raise UserError(
+                f"{where}.single_step: the single-step term is an exact KL over one vocabulary at every position, "
+                "which a teacher with another tokenizer cannot give; set single_step: false with cross_tokenizer: true"
+            )
+        if self.mix_alpha > 0:
+            raise UserError(
+                f"{where}.mix_alpha: teacher-mixed sampling draws each token from a*p + (1-a)*q, which needs p and q "
+                f"over the same tokens at every step; set mix_alpha: 0 with cross_tokenizer: true (got {self.mix_alpha})"
+            )
+        if self.lm_coef > 0 and self.kd_ratio > 0:
+            raise UserError(
+                f"{where}.kd_ratio: L_PT's KD term compares teacher and student token by token over one vocabulary; "
+                "set kd_ratio: 0 (or lm_coef: 0) with cross_tokenizer: true (a pd stage with kd_kind: uld distils "
+                "on text across tokenizers)"
             )
 
     def apply_preset(self) -> None:
@@ -334,9 +373,17 @@ def epoch_orders(seed: int, iteration: int, rows: int, ppo_epochs: int) -> torch
 
 
 def collect_buffer(
-    run, cfg: Config, student, prompts: list[list[int]], generator: torch.Generator, iteration: int
+    run,
+    cfg: Config,
+    student,
+    prompts: list[list[int]],
+    generator: torch.Generator,
+    iteration: int,
+    teacher_prompts: list[list[int]] | None = None,
 ) -> Buffer:
-    """Sample responses to ``prompts`` with the current student, score them, compute advantages."""
+    """Sample responses to ``prompts`` with the current student, score them, compute advantages.
+    ``teacher_prompts`` (cross_tokenizer): the same prompts in the teacher's tokenization, which
+    then scores the responses' text (:func:`cross_tokenizer_logp`)."""
     acc = run.accelerator
     parts = []
     for i in range(0, len(prompts), cfg.rollout_batch_size):
@@ -345,7 +392,7 @@ def collect_buffer(
             parts.append(
                 sample(
                     student,
-                    run.teacher,
+                    None if cfg.cross_tokenizer else run.teacher,
                     ids,
                     mask,
                     max_new_tokens=cfg.max_new_tokens,
@@ -360,6 +407,9 @@ def collect_buffer(
                 )
             )
     ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
+    if cfg.cross_tokenizer:
+        with acc.autocast():
+            ro.teacher_logp = cross_tokenizer_logp(run, cfg, ro, teacher_prompts)
     if recompute_logp(cfg, run.precision):
         ro = rescore_behaviour(student, ro, cfg, acc, run.vocab_size)
     reduce_sum = lambda t: acc.reduce(t.to(acc.device), "sum")  # noqa: E731
@@ -368,6 +418,34 @@ def collect_buffer(
         {**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum, mix_alpha=cfg.mix_alpha
     )
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
+
+
+def cross_tokenizer_logp(run, cfg: Config, ro: Rollout, teacher_prompts: list[list[int]]) -> torch.Tensor:
+    """The teacher's log-probs of each response's text, in its own tokenization after its own
+    prompt, spread over the student's tokens (``xtok.spread``: each teacher token to the student
+    token that completes its last character); (B, T) float32, 0 at padding, and each row sums to
+    the teacher's log-prob of the row's text (EOS included when the student ended with one)."""
+    ttok = run.teacher_tokenizer
+    pad = ttok.pad_token_id if ttok.pad_token_id is not None else ttok.eos_token_id
+    B, T = ro.response_ids.shape
+    lengths = ro.response_mask.sum(-1).tolist()
+    views = [run.xtok.teacher_view(ro.response_ids[b, : int(n)].tolist()) for b, n in enumerate(lengths)]
+    width = max(1, max(len(v.ids) for v in views))
+    r_ids = torch.full((B, width), pad, dtype=torch.long)
+    r_mask = torch.zeros((B, width), dtype=torch.long)
+    credit = torch.full((B, width), -1, dtype=torch.long)
+    for b, v in enumerate(views):
+        r_ids[b, : len(v.ids)] = torch.as_tensor(v.ids, dtype=torch.long)
+        r_mask[b, : len(v.ids)] = 1
+        credit[b, : len(v.ids)] = torch.as_tensor(v.credit, dtype=torch.long)
+    p_ids, p_mask = data.collate_prompts(teacher_prompts, pad)
+    zeros = torch.zeros((B, width))
+    t_ro = Rollout(p_ids, p_mask, r_ids, r_mask, zeros, zeros, zeros)
+    settings = (cfg.temperature, cfg.top_k, cfg.top_p)
+    logp, _ = score(run.teacher, t_ro, settings, keep_hidden=False, chunk=cfg.chunk_rows, vocab=run.teacher_vocab_size)
+    dev = ro.response_ids.device
+    out = xtok.spread(logp.float().cpu(), credit, T)
+    return out.where(ro.response_mask.bool().cpu(), torch.zeros(())).to(dev)
 
 
 def recompute_logp(cfg: Config, precision: str) -> bool:
@@ -427,10 +505,19 @@ class RolloutSource:
     holds the buffer, the position (``iteration``, ``epoch``, ``position``), the prompt and
     corpus orders and the sampling generator."""
 
-    def __init__(self, run, cfg: Config, student, prompts: list[list[int]], corpus: torch.Tensor | None):
+    def __init__(
+        self,
+        run,
+        cfg: Config,
+        student,
+        prompts: list[list[int]],
+        corpus: torch.Tensor | None,
+        teacher_prompts: list[list[int]] | None = None,
+    ):
         acc = run.accelerator
         self.run, self.cfg, self.student = run, cfg, student
         self.prompts = prompts
+        self.teacher_prompts = teacher_prompts  # cross_tokenizer: the same prompts in the teacher's tokens
         self.per_process = max(cfg.batch_size, cfg.num_rollouts // acc.num_processes)
         self.prompt_order = ShuffledBatches(
             len(prompts),
@@ -485,8 +572,9 @@ class RolloutSource:
         """Sample a fresh buffer (this process's share of the next prompts) and start its epoch 0."""
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         idx = self.prompt_order.next_batch()
+        tp = [self.teacher_prompts[j] for j in idx] if self.teacher_prompts is not None else None
         self.buffer = collect_buffer(
-            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration
+            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration, tp
         )
         self.iteration, self.epoch, self.position = self.iteration + 1, 0, 0
         if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
@@ -703,15 +791,28 @@ def make_evaluate(run, cfg: Config, examples: list):
 def run(run, cfg: Config, student):
     d = run.recipe.data
     train_examples = run.instructions("train")
-    prompts, _, _ = data.tokenize_prompts(
+    prompts, _, stats = data.tokenize_prompts(
         train_examples,
         run.tokenizer,
         template=d.template,
         max_prompt_length=d.max_prompt_length,
         long_prompt=d.long_prompt,
     )
+    teacher_prompts = None
+    if cfg.cross_tokenizer:  # the same examples in the teacher's rendering and tokens
+        t_prompts, _, t_stats = data.tokenize_prompts(
+            train_examples,
+            run.teacher_tokenizer,
+            template=d.template,
+            max_prompt_length=d.max_prompt_length,
+            long_prompt=d.long_prompt,
+        )
+        by_index = dict(zip(t_stats.kept_indices, t_prompts))
+        both = [k for k, i in enumerate(stats.kept_indices) if i in by_index]
+        teacher_prompts = [by_index[stats.kept_indices[k]] for k in both]
+        prompts = [prompts[k] for k in both]
     corpus = run.corpus()[0] if cfg.lm_coef > 0 else None  # L_PT text
-    source = RolloutSource(run, cfg, student, prompts, corpus)
+    source = RolloutSource(run, cfg, student, prompts, corpus, teacher_prompts)
     if cfg.max_steps is not None:
         total = cfg.max_steps
     else:
@@ -751,10 +852,22 @@ PLOTS = (  # the report's training curves
     Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),
 )
 
+
+def cross_tokenizer(cfg) -> tuple[str, str]:
+    """``Stage.cross_tokenizer``: ``cross_tokenizer: true`` asks for the span-spread reward."""
+    if cfg.cross_tokenizer:
+        return "token", ""
+    return "", (
+        "scores its rewards with the teacher's per-token log-probs over one vocabulary: set cross_tokenizer: true "
+        "(with single_step: false, mix_alpha: 0, kd_ratio: 0)"
+    )
+
+
 STAGE = Stage(
     "minillm",
     Config,
     run,
+    cross_tokenizer=cross_tokenizer,
     generates=True,
     needs_instructions=True,
     needs_corpus=lambda cfg: cfg.lm_coef > 0,

@@ -18,6 +18,14 @@ set before renormalising), student_kept_mass (student probability on the kept se
 held-out perplexity of the student on the corpus's validation blocks (``data.valid_blocks``) and the
 KD loss there (always against the live teacher: the store covers training blocks only). The
 lowest-perplexity model goes to ``<stage>/best/``, the last to ``<stage>/final/``.
+
+Across tokenizers (``kd_kind: uld`` or ``uld_hybrid``, online only; ``minidistill.xtok``): each
+student block's text goes to the teacher in the teacher's own tokenization (documents cut at EOS,
+the teacher's BOS in front); the KD term is taken at the paired positions (tokens of both sides
+that start at the same character) against the truncated, renormalised, tempered teacher target
+and averaged over the pairs (the LM term stays per student token). With ``top_k`` the sorted
+comparison uses the k largest student probabilities and the rest as one entry, which is exact
+against a target with at most k tokens. Logged: ``aligned`` (pairs per student position).
 """
 
 from __future__ import annotations
@@ -30,12 +38,12 @@ from typing import Literal
 import torch
 
 from .. import checkpoint as ckpt
-from .. import data, logit_store
+from .. import data, logit_store, xtok
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
 from ..logit_store import LogitStore, truncate_raw
-from ..logits import next_token_logits
+from ..logits import logits_at, next_token_logits
 from ..loop import train
 from ..losses import Truncated, ce_and_divergence, lm_loss
 from ..schedules import alpha_at
@@ -49,8 +57,10 @@ class Config(TrainConfig):
     scheduler: Literal["constant", "cosine", "linear", "wsd"] = opt(
         "wsd", "LR schedule after warm-up (the PD paper's best: wsd, with alpha_schedule wsd)."
     )
-    kd_kind: Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse"] = opt(
-        "fkl", "Divergence (losses.token_divergence); with truncation not rkl/mse (infinite or undefined)."
+    kd_kind: Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse", "uld", "uld_hybrid"] = opt(
+        "fkl",
+        "Divergence (losses.token_divergence); with truncation not rkl/mse (infinite or undefined); "
+        "uld / uld_hybrid: cross-tokenizer (minidistill.xtok; online only), any teacher tokenizer.",
     )
     top_p: float = opt(0.95, "Teacher truncation: keep the smallest set reaching this probability...", gt=0.0, max=1.0)
     top_k: int | None = opt(
@@ -75,6 +85,8 @@ class Config(TrainConfig):
     store: str | None = opt(None, "offline: logit store folder (default: the closest earlier pd_store stage's folder).")
     skew: float = opt(0.1, "skew_fkl / skew_rkl mixing weight.", min=0.0, max=1.0)
     beta: float = opt(0.5, "jsd beta (TRL convention: 0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0)
+    uld_matched_weight: float = opt(1.0, "uld_hybrid: weight of the KL over the shared tokens.", min=0.0)
+    uld_unmatched_weight: float = opt(1.0, "uld_hybrid: weight of the ULD over the unshared tokens.", min=0.0)
     keep_best: bool = opt(True, "Also export the lowest held-out-perplexity model to <stage>/best/.")
     eval_at_start: bool = opt(True, "Evaluate once before the first step (logged at step 0; not a 'best' candidate).")
 
@@ -104,6 +116,20 @@ class Config(TrainConfig):
             )
         if self.teacher_logits == "online" and self.store:
             raise UserError(f"{where}.store: only used with teacher_logits 'offline'")
+        if self.kd_kind in xtok.ULD_KINDS and self.teacher_logits == "offline":
+            raise UserError(
+                f"{where}.kd_kind: {self.kd_kind!r} needs teacher_logits 'online' (a logit store holds the teacher's "
+                "distributions at the student's token positions, which another tokenizer does not have)"
+            )
+
+
+def cross_tokenizer(cfg) -> tuple[str, str]:
+    """``Stage.cross_tokenizer``: kd_kind uld/uld_hybrid asks for it; an LM-only stage never uses the teacher."""
+    if lm_only(cfg):
+        return "", ""
+    if cfg.kd_kind in xtok.ULD_KINDS:
+        return "token", ""
+    return "", f"compares kd_kind '{cfg.kd_kind}' over one vocabulary: set kd_kind: uld or uld_hybrid (online)"
 
 
 def check_in_recipe(recipe, index: int, where: str) -> None:
@@ -137,6 +163,9 @@ def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) 
         batch = {"input_ids": ids, "num_tokens": ids.shape[0] * (ids.shape[1] - 1)}
         if store is not None:
             batch["teacher"] = store.truncated(idx, run.device)  # (B, T-1, K)
+        if uses_xtok(cfg):
+            batch.update(teacher_blocks(run, ids))
+            batch["num_tokens"] = {"lm": batch["num_tokens"], "kd": int(batch["pairs_s"].numel())}
         return batch
 
     return ShuffledBatches(
@@ -203,6 +232,66 @@ def open_store(run, cfg, blocks: torch.Tensor) -> LogitStore:
 # ---------------------------------------------------------------- loss
 
 
+def uses_xtok(cfg) -> bool:
+    return cfg.kd_kind in xtok.ULD_KINDS and not lm_only(cfg)
+
+
+def teacher_blocks(run, ids: torch.Tensor) -> dict:
+    """The teacher's tokenization of student blocks ``ids`` (B, T): right-padded teacher ids and
+    mask, and the pairs as flat indices into the (B * (L-1)) next-token positions of each side
+    (student token i >= 1 is predicted at position i-1; the teacher's BOS prefix in front)."""
+    ttok = run.teacher_tokenizer
+    prefix = data.special_affixes(ttok)[0]
+    views = [run.xtok.teacher_view(row) for row in ids.tolist()]
+    width = max(len(prefix) + len(v.ids) for v in views)
+    pad = ttok.pad_token_id if ttok.pad_token_id is not None else ttok.eos_token_id
+    t_ids = torch.full((len(views), width), pad, dtype=torch.long)
+    t_mask = torch.zeros((len(views), width), dtype=torch.long)
+    ls, lt, n0 = ids.shape[1] - 1, width - 1, len(prefix)
+    s_flat, t_flat = [], []
+    for b, v in enumerate(views):
+        row = prefix + v.ids
+        t_ids[b, : len(row)] = torch.as_tensor(row)
+        t_mask[b, : len(row)] = 1
+        for i, j in zip(v.student_pairs, v.teacher_pairs):
+            if i >= 1 and n0 + j >= 1:
+                s_flat.append(b * ls + i - 1)
+                t_flat.append(b * lt + n0 + j - 1)
+    dev = ids.device
+    return {
+        "teacher_ids": t_ids.to(dev),
+        "teacher_mask": t_mask.to(dev),
+        "pairs_s": torch.tensor(s_flat, dtype=torch.long, device=dev),
+        "pairs_t": torch.tensor(t_flat, dtype=torch.long, device=dev),
+    }
+
+
+def xtok_kd_sum(run, cfg, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum over the block pairs of the cross-tokenizer divergence to the (truncated) teacher target."""
+    rows = logits.reshape(-1, logits.shape[-1])[batch["pairs_s"]]  # (M, Vs)
+    raw = logits_at(run.teacher, batch["teacher_ids"], batch["teacher_mask"], batch["pairs_t"], run.teacher_vocab_size)
+
+    def target(a: int, b: int) -> torch.Tensor:  # (n, Vt) raw log-probs, -inf outside the kept set
+        z = raw(a, b)
+        if not cfg.top_k:
+            return z
+        tr = truncate_raw(z, cfg.top_p, cfg.top_k)
+        dense = torch.full(z.shape, float("-inf"), dtype=torch.float32, device=z.device)
+        return dense.scatter_reduce(-1, tr.indices.long(), tr.logprobs.float(), reduce="amax")
+
+    return xtok.divergence_sum(
+        rows,
+        target,
+        cfg.kd_kind,
+        shared=run.xtok.shared(),
+        temperature=cfg.temperature,
+        student_temperature=cfg.student_temperature,
+        top_k=cfg.top_k or 0,
+        matched_weight=cfg.uld_matched_weight,
+        unmatched_weight=cfg.uld_unmatched_weight,
+    )
+
+
 def teacher_target(run, cfg, ids: torch.Tensor) -> torch.Tensor | Truncated:
     """Online teacher target for blocks ``ids`` (B, T): Truncated (B, T-1, K) raw log-probs, or full logits."""
     with torch.no_grad():
@@ -267,6 +356,13 @@ def make_loss_fn(run, cfg, total: int):
             mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
             lm, _ = lm_loss(logits, ids[:, 1:], mask)
             return lm, {"alpha": a, "lm_loss": float(lm.detach()) / n}
+        if "pairs_s" in batch:  # across tokenizers: LM per student token, KD per pair
+            lm, _ = lm_loss(logits, ids[:, 1:], mask)
+            kd = xtok_kd_sum(run, cfg, logits, batch)
+            m = max(float(batch["num_tokens"]["kd"]), 1.0)
+            metrics = {"alpha": a, "lm_loss": float(lm.detach()) / n, "kd_loss": float(kd.detach()) / m}
+            metrics["aligned"] = m / n
+            return {"lm": (1 - a) * lm, "kd": a * kd}, metrics
         target = batch["teacher"] if "teacher" in batch else teacher_target(run, cfg, ids)
         lm, kd, kept = pd_losses(cfg, logits, ids[:, 1:], target)
         metrics = {"alpha": a, "lm_loss": float(lm.detach()) / n, "kd_loss": float(kd.detach()) / n}
@@ -298,24 +394,40 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
             targets[i] = t
         return t
 
+    views: dict[int, dict] = {}
+
+    def pairs_for(i: int, ids: torch.Tensor) -> dict:
+        if i not in views:
+            views[i] = teacher_blocks(run, ids)
+        return views[i]
+
     def evaluate(model) -> dict:
         mine = blocks[acc.process_index :: acc.num_processes]
         lm_tot = torch.zeros((), device=run.device)
         kd_tot = torch.zeros((), device=run.device)
         tokens = torch.zeros((), device=run.device)
+        kd_units = torch.zeros((), device=run.device)  # pairs across tokenizers, else tokens
         for n, i in enumerate(range(0, len(mine), cfg.batch_size)):
             if cfg.eval_batches is not None and n >= cfg.eval_batches:
                 break
             ids = mine[i : i + cfg.batch_size].to(run.device)
             with torch.no_grad(), acc.autocast():
                 logits = next_token_logits(model, ids, vocab=run.vocab_size)
-                lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
+                if uses_xtok(cfg):
+                    views = pairs_for(i, ids)
+                    lm, _ = lm_loss(logits, ids[:, 1:], torch.ones(logits.shape[:2], dtype=torch.bool))
+                    kd = xtok_kd_sum(run, cfg, logits, views)
+                    kd_units += views["pairs_s"].numel()
+                else:
+                    lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
+                    kd_units += logits.shape[0] * logits.shape[1]
             lm_tot += lm.float()
             kd_tot += kd.float()
             tokens += logits.shape[0] * logits.shape[1]
         lm_tot, kd_tot, tokens = acc.reduce(lm_tot, "sum"), acc.reduce(kd_tot, "sum"), acc.reduce(tokens, "sum")
+        kd_units = acc.reduce(kd_units, "sum")
         loss = float(lm_tot / tokens.clamp(min=1))
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "kd_loss": float(kd_tot / tokens.clamp(min=1))}
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "kd_loss": float(kd_tot / kd_units.clamp(min=1))}
 
     return evaluate
 
@@ -377,4 +489,13 @@ PLOTS = (  # the report's training curves
     ),
 )
 
-STAGE = Stage("pd", Config, run, needs_corpus=always, preflight=preflight, check_in_recipe=check_in_recipe, plots=PLOTS)
+STAGE = Stage(
+    "pd",
+    Config,
+    run,
+    needs_corpus=always,
+    preflight=preflight,
+    check_in_recipe=check_in_recipe,
+    plots=PLOTS,
+    cross_tokenizer=cross_tokenizer,
+)

@@ -115,4 +115,12 @@ def run(run, cfg: Config, student):
     return LoopResult(model=student, step=0, best=None, stopped=False)
 
 
-STAGE = Stage("pd_store", Config, run, trains=False, needs_corpus=always)
+def cross_tokenizer(cfg) -> tuple[str, str]:
+    """``Stage.cross_tokenizer``: a store holds teacher distributions at the student's token positions."""
+    return "", (
+        "stores teacher distributions at the student's token positions, which a teacher with another "
+        "tokenizer does not have: use a pd stage with teacher_logits: online and kd_kind: uld or uld_hybrid"
+    )
+
+
+STAGE = Stage("pd_store", Config, run, trains=False, needs_corpus=always, cross_tokenizer=cross_tokenizer)

@@ -17,6 +17,11 @@
    0 here = pure SeqKD as in the paper; the official scripts used 0.5). Validation and the
    ``best/`` export are the KD stage's: gold-response CE on the validation set (+ ``kd``).
 
+Across tokenizers the teacher samples from its own rendering of each prompt (its tokenizer, its
+chat template) and the records hold its ids; the student trains on the text (prompt rendered and
+response tokenized with the student's tokenizer), and a ``kd_ratio`` > 0 needs ``kind: uld`` or
+``uld_hybrid`` (``stages/kd.py``).
+
 Sampling is world-size independent: the prompts are sorted by length into batches of
 ``gen_batch_size`` (left-padded, as ``evaluation.generate_ids`` does) and batch ``b`` is sampled
 with seed ``gen_seed * 100003 + b``. With several processes, batch ``b`` is sampled by process
@@ -37,7 +42,7 @@ from ..config import opt
 from ..evaluation import generate_ids
 from ..tracking import console
 from . import Stage, kd
-from .sft import instruction_rows
+from .sft import instruction_examples, instruction_rows
 
 FORMAT = 1
 RESPONSES = "teacher_responses.jsonl"
@@ -69,21 +74,32 @@ class Config(kd.Config):
 # ---- sampling ---------------------------------------------------------------------------------
 
 
-def prompts(run, split: str = "train") -> tuple[list[list[int]], list[int]]:
-    """Prompt ids of a split's examples (as tokenize_prompts keeps them) and their example indices."""
+def prompts(run, split: str = "train", teacher: bool = False) -> tuple[list[list[int]], list[int]]:
+    """Prompt ids of a split's examples (as tokenize_prompts keeps them) and their example indices;
+    ``teacher``: in the teacher's tokenizer (the same as the student's unless they differ)."""
     d = run.recipe.data
+    tok = teacher_tokenizer(run) if teacher else run.tokenizer
 
     def make():
         ids, _, stats = data.tokenize_prompts(
             run.instructions(split),
-            run.tokenizer,
+            tok,
             template=d.template,
             max_prompt_length=d.max_prompt_length,
             long_prompt=d.long_prompt,
         )
         return ids, list(stats.kept_indices)
 
-    return run.cached(f"instructions/seqkd_prompts/{split}", make)
+    other = "teacher_" if tok is not run.tokenizer else ""
+    return run.cached(f"instructions/seqkd_{other}prompts/{split}", make)
+
+
+def teacher_tokenizer(run):
+    return getattr(run, "teacher_tokenizer", None) or run.tokenizer
+
+
+def teacher_vocab(run) -> int:
+    return getattr(run, "teacher_vocab_size", None) or run.vocab_size
 
 
 def max_new_tokens(run, cfg) -> int:
@@ -142,7 +158,7 @@ def sample(run, settings: dict, prompt_ids: list[list[int]]) -> list[tuple[int, 
             idx = batches[b]
             new = generate_ids(
                 run.teacher,
-                run.tokenizer,
+                teacher_tokenizer(run),
                 [prompt_ids[i] for i in idx],
                 max_new_tokens=settings["max_new_tokens"],
                 batch_size=len(idx),
@@ -151,7 +167,7 @@ def sample(run, settings: dict, prompt_ids: list[list[int]]) -> list[tuple[int, 
                 top_k=settings["top_k"],
                 seed=batch_seed(settings["seed"], b),
                 progress=False,
-                vocab_size=run.vocab_size,
+                vocab_size=teacher_vocab(run),
             )
             out.extend(zip(idx, new))
             bar.update(len(idx))
@@ -199,7 +215,7 @@ def teacher_responses(run, cfg, split: str = "train") -> list[dict]:
 
     acc = run.accelerator
     stage_dir = run.stage_dir(cfg.name) if split == "train" else run.stage_dir(cfg.name) / split
-    prompt_ids, kept = prompts(run, split)
+    prompt_ids, kept = prompts(run, split, teacher=True)
     settings = sampling_settings(run, cfg, prompt_ids)
     found = [None]
     if acc.is_main_process:
@@ -231,8 +247,8 @@ def teacher_responses(run, cfg, split: str = "train") -> list[dict]:
                 "source": ex.source,
                 "instruction": ex.instruction,
                 "input": ex.input,
-                "prompt": data.render_prompt(ex, d.template, run.tokenizer),
-                "output": run.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                "prompt": data.render_prompt(ex, d.template, teacher_tokenizer(run)),
+                "output": teacher_tokenizer(run).decode(ids, skip_special_tokens=True).strip(),
                 "output_ids": ids,
                 "finished": len(ids) < settings["max_new_tokens"],
                 "reference": ex.response,
@@ -276,8 +292,47 @@ def rows_from_responses(
     return rows, truncated
 
 
+def rows_from_text(run, records: list[dict]) -> tuple[list[dict], list]:
+    """Across tokenizers (or with a cross-tokenizer kind): SFT rows of the teacher's response
+    texts in the student's tokenizer, and the examples behind them, row for row."""
+    d, examples = run.recipe.data, run.instructions("train")
+    texts = [
+        data.Example(
+            instruction=examples[r["index"]].instruction,
+            input=examples[r["index"]].input,
+            outputs=[r["output"]],
+            prompt=examples[r["index"]].prompt,
+            messages=examples[r["index"]].messages,
+            source=r["source"],
+            complete=r["finished"],
+        )
+        for r in records
+    ]
+    rows, stats = data.tokenize_sft(
+        texts,
+        run.tokenizer,
+        template=d.template,
+        max_prompt_length=d.max_prompt_length,
+        max_length=d.max_length,
+        long_prompt=d.long_prompt,
+    )
+    return rows, [texts[i] for i in stats.kept_indices]
+
+
+def cross_tokenizer(cfg) -> tuple[str, str]:
+    """``Stage.cross_tokenizer``: the samples are text, so SeqKD works across tokenizers; its KD term needs a uld kind."""
+    if cfg.kd_ratio == 0:
+        return "text", ""
+    return kd.cross_tokenizer(cfg)
+
+
 def run(run, cfg: Config, student):
     records = teacher_responses(run, cfg)
+    if run.cross_tokenizer or kd.uses_xtok(cfg):
+        rows, examples = rows_from_text(run, records)
+        valid = instruction_rows(run, "valid")
+        valid_examples = instruction_examples(run, "valid") if kd.uses_xtok(cfg) else None
+        return kd.train_on_rows(run, cfg, student, rows, valid, examples, valid_examples)
     prompt_ids, kept = prompts(run)
     rows, truncated = rows_from_responses(
         records, prompt_ids, kept, run.tokenizer.eos_token_id, run.recipe.data.max_length
@@ -289,4 +344,4 @@ def run(run, cfg: Config, student):
     return kd.train_on_rows(run, cfg, student, rows, instruction_rows(run, "valid"))
 
 
-STAGE = Stage("seqkd", Config, run, generates=True, needs_instructions=True)
+STAGE = Stage("seqkd", Config, run, generates=True, needs_instructions=True, cross_tokenizer=cross_tokenizer)

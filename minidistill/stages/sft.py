@@ -46,6 +46,27 @@ def instruction_rows(run, split: str) -> list[dict]:
     return run.cached(f"instructions/sft_rows/{split}", make)
 
 
+def instruction_examples(run, split: str) -> list:
+    """The examples behind ``instruction_rows(run, split)``, row for row."""
+
+    def make():
+        d = run.recipe.data
+        _, stats = data.tokenize_sft(
+            run.instructions(split),
+            run.tokenizer,
+            template=d.template,
+            max_prompt_length=d.max_prompt_length,
+            max_length=d.max_length,
+            long_prompt=d.long_prompt,
+        )
+        examples = run.instructions(split)
+        return [examples[i] for i in stats.kept_indices]
+
+    if split == "valid" and not run.instructions("valid"):
+        return []
+    return run.cached(f"instructions/sft_examples/{split}", make)
+
+
 def collate(rows: list[dict], pad_id: int, device) -> dict:
     batch = data.collate_sft(rows, pad_id)
     batch = {k: v.to(device) for k, v in batch.items()}
