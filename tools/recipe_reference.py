@@ -45,7 +45,26 @@ def render() -> str:
         rows = [r for r in describe(cls) if r[0] not in common or _changed(r, cls)]
         doc = (sys.modules[f"minidistill.stages.{kind}"].__doc__ or "").strip().splitlines()[0]
         parts += [f"## `type: {kind}`", "", doc, "", table(rows), ""]
+    parts += [CROSS_TOKENIZER]
     return "\n".join(parts)
+
+
+CROSS_TOKENIZER = """## Cross-tokenizer settings
+
+A pretrained student whose tokenizer differs from the teacher's (`student.init: pretrained`) is
+accepted when a stage asks for cross-tokenizer distillation and every stage can run that way
+(`minidistill/xtok.py`; README, "Cross-tokenizer distillation"); otherwise one error names the
+first stage that cannot and the setting it needs, exit 2, nothing written.
+
+| stage | across tokenizers |
+|---|---|
+| `kd` | `kind: uld` or `uld_hybrid` (with `uld_top_k`, `uld_matched_weight`, `uld_unmatched_weight`); `kd_ratio: 0` does not use the teacher |
+| `seqkd` | works as is (the teacher writes text, the student trains on it in its own tokens); `kd_ratio` > 0 needs `kind: uld` or `uld_hybrid` |
+| `pd` | `kd_kind: uld` or `uld_hybrid`, `teacher_logits: online` (the KD term per paired position, against the top-p-k target) |
+| `minillm` | `cross_tokenizer: true` with `single_step: false`, `mix_alpha: 0` (its default then) and `kd_ratio: 0` when `lm_coef` > 0 |
+| `generate`, `sft` | work as is |
+| `pd_store`, `evaluate` | refused: they compare the two models over one vocabulary |
+"""
 
 
 def main() -> None:

@@ -415,7 +415,9 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
                 logits = next_token_logits(model, ids, vocab=run.vocab_size)
                 if uses_xtok(cfg):
                     views = pairs_for(i, ids)
-                    lm, _ = lm_loss(logits, ids[:, 1:], torch.ones(logits.shape[:2], dtype=torch.bool))
+                    lm, _ = lm_loss(
+                        logits, ids[:, 1:], torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+                    )
                     kd = xtok_kd_sum(run, cfg, logits, views)
                     kd_units += views["pairs_s"].numel()
                 else:

