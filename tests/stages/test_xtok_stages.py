@@ -116,6 +116,17 @@ def test_seqkd_without_kd_needs_no_cross_tokenizer_kind(recipe_file, bpe_student
     assert main([str(recipe_file([stage])), *across(bpe_student), "data.max_examples=4"]) == 0
 
 
+def test_generate_then_kd_across_tokenizers(recipe_file, bpe_student, tmp_path):
+    """The teacher writes the references from its own prompt rendering; KD learns them in the student's tokens."""
+    stages = [
+        {"type": "generate", "name": "gen", "max_new_tokens": 6, "corpus": False},
+        {"type": "kd", "name": "kd", "kind": "uld", "max_steps": 1, "batch_size": 4},
+    ]
+    assert main([str(recipe_file(stages)), *across(bpe_student), "data.max_examples=4"]) == 0
+    assert (tmp_path / "run" / "gen" / "teacher_responses.jsonl").is_file()
+    assert any("aligned" in r for r in rows(tmp_path / "run" / "metrics.jsonl", "kd"))
+
+
 def test_minillm_across_tokenizers_runs(recipe_file, sharp_dir, sp_student, tmp_path):
     stage = {"type": "minillm", "name": "minillm", "cross_tokenizer": True, "single_step": False}
     stage |= {"max_steps": 2, "num_rollouts": 4, "batch_size": 4, "rollout_batch_size": 4, "ppo_epochs": 1}
