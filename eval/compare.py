@@ -26,8 +26,8 @@ ablations, scored on held-out instruction sets with paired bootstrap differences
             Training generations (seqkd's teacher, minillm's and trl's rollouts) are --gen-tokens long.
 3. eval     right after each model is trained (so finished results exist early): sampled ROUGE-L
             (MiniLLM protocol: T 1, top_p 1, top_k 0, no_repeat_ngram 6, prompts <= 256 tokens) per
-            seed and per item; the teacher and the main methods on every test set, the ablations on
-            --ablation-tests. Analyses against the teacher: per-token reverse KL(q||p) on the model's
+            seed and per item; the teacher and the main methods on every test set, the controls
+            (sft_long and the ablations) on --control-tests, first --control-examples items. Analyses against the teacher: per-token reverse KL(q||p) on the model's
             own samples, forward KL(p||q) on the teacher's samples (first seed), both KLs on the gold
             responses, Dist-4, mean length, EOS rate, and ExAccErr at --exacc-lengths (from the same
             first-seed samples: R(l) along the model's own, l*eps(l) along the teacher's).
@@ -71,6 +71,7 @@ ABLATIONS = {  # minillm.yaml with one part of the method switched off (the pape
     "minillm_nolen": {"length_norm": False},
     "minillm_nosingle": {"single_step": False},
 }
+CONTROLS = ("sft_long", *ABLATIONS)  # scored on --control-tests / --control-examples
 RECIPES = REPO_ROOT / "recipes" / "compare"
 TEST_SETS = {"dolly_test": "instruct/dolly_test.jsonl", "sinst_test": "instruct/sinst_test.jsonl"}
 TRAIN_SET = "instruct/dolly_dev.jsonl"
@@ -137,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=150, help="test items per test set")
     p.add_argument("--max-new-tokens", type=int, default=96, help="evaluation response length limit")
     p.add_argument(
-        "--ablation-tests", default=None, help="test sets the ablations are scored on (default: the first test set)"
+        "--control-tests",
+        default=None,
+        help="test sets sft_long and the ablations are scored on (default: the first test set)",
+    )
+    p.add_argument(
+        "--control-examples",
+        type=int,
+        default=None,
+        help="test items per set for the controls (default --max-examples)",
     )
     p.add_argument("--exacc-lengths", default="48,96", help="generation lengths l of ExAccErr(l), <= --max-new-tokens")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the item-level CIs")
@@ -213,6 +222,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         ("--max-examples", args.max_examples),
         ("--max-new-tokens", args.max_new_tokens),
         ("--eval-batch-size", args.eval_batch_size),
+        ("--control-examples", args.control_examples),
         ("--threads", args.threads),
         ("--train-examples", args.train_examples),
         ("--layer-stride", args.layer_stride),
@@ -249,10 +259,10 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             tests[name] = given(path, "--test")
     else:
         tests = {name: shared(rel, "--test") for name, rel in TEST_SETS.items()}
-    ablation_tests = [t.strip() for t in (args.ablation_tests or next(iter(tests))).split(",") if t.strip()]
-    unknown = [t for t in ablation_tests if t not in tests]
-    if unknown or not ablation_tests:
-        raise UserError(f"--ablation-tests: unknown {unknown or 'empty list'}; choose from {','.join(tests)}")
+    control_tests = [t.strip() for t in (args.control_tests or next(iter(tests))).split(",") if t.strip()]
+    unknown = [t for t in control_tests if t not in tests]
+    if unknown or not control_tests:
+        raise UserError(f"--control-tests: unknown {unknown or 'empty list'}; choose from {','.join(tests)}")
     if args.corpus:
         corpus = [given(c, "--corpus") for c in args.corpus]
         lpt_corpus = corpus
@@ -293,7 +303,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "teacher": args.teacher,
         "train": train,
         "tests": tests,
-        "ablation_tests": ablation_tests,
+        "control_tests": control_tests,
+        "control_examples": args.control_examples or args.max_examples,
         "corpus": corpus,
         "lpt_corpus": lpt_corpus,
         "tiny": args.tiny,
@@ -324,7 +335,8 @@ def describe_plan(plan: dict) -> str:
             f"<= {plan['gen_tokens']} tokens, precision {plan['precision']}",
             "  learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()),
             f"  eval: teacher{', start' if plan['eval_start'] else ''} + main methods on {', '.join(plan['tests'])}, "
-            f"ablations on {', '.join(plan['ablation_tests'])} (<= {plan['max_examples']} items each), "
+            f"(<= {plan['max_examples']} items each), sft_long and ablations on {', '.join(plan['control_tests'])} "
+            f"(<= {plan['control_examples']} items), "
             f"seeds {','.join(map(str, plan['seeds']))}, <= {plan['max_new_tokens']} new tokens, "
             f"batch {plan['eval_batch_size']}, {plan['eval_dtype']}; ExAccErr at {plan['exacc_lengths']}",
             f"  threads {plan['threads']}" + (f"; publishing to {plan['publish']}" if plan["publish"] else ""),
@@ -656,7 +668,9 @@ def _with_eos(gen_ids: list[int], eos: int, limit: int) -> list[int]:
     return list(gen_ids) + ([eos] if len(gen_ids) < limit else [])
 
 
-def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, tests: list[str], teacher_samples) -> dict:
+def evaluate_model(
+    name: str, model, teacher, tokenizer, plan: dict, tests: list[str], teacher_samples, max_examples: int
+) -> dict:
     """ROUGE-L per seed and item, and the analyses, on the test sets ``tests``.
 
     Returns {"datasets": {test set: metrics}, "item_scores": {test set: {index: [ROUGE-L per seed]}},
@@ -675,7 +689,7 @@ def evaluate_model(name: str, model, teacher, tokenizer, plan: dict, tests: list
     first = plan["seeds"][0]
     results, samples, item_scores = {}, {}, {}
     for ds in tests:
-        examples = load_instructions(plan["tests"][ds])[: plan["max_examples"]]
+        examples = load_instructions(plan["tests"][ds])[:max_examples]
         res = evaluate_instructions(
             model,
             tokenizer,
@@ -793,7 +807,7 @@ class Evaluator:
         self.teacher_samples = None
         self.summaries: dict[str, dict] = {}
 
-    def __call__(self, name: str, folder: Path | None, tests: list[str]) -> dict:
+    def __call__(self, name: str, folder: Path | None, tests: list[str], max_examples: int | None = None) -> dict:
         """Evaluate (or reuse the saved evaluation of) a model folder; None = the teacher, which
         must come first. Returns the summary (also saved as <out>/eval/<name>/summary.json)."""
         from minidistill import models
@@ -805,7 +819,9 @@ class Evaluator:
             "model": str(folder) if folder else plan["teacher"],
             "fingerprint": fingerprint(folder) if folder else None,
             "tests": tests,
+            "max_examples": None if max_examples in (None, plan["max_examples"]) else max_examples,  # None: the plan's
         }
+        n_items = key["max_examples"] or plan["max_examples"]
         if not plan["overwrite"] and summary.is_file():
             saved = json.loads(summary.read_text())
             if {k: saved.get(k) for k in key} == key:
@@ -819,13 +835,13 @@ class Evaluator:
         t0 = time.perf_counter()
         print(f"eval {name} on {', '.join(tests)} ...", file=sys.stderr)
         if folder is None:
-            res = evaluate_model(name, self.teacher, None, self.tokenizer, plan, tests, None)
+            res = evaluate_model(name, self.teacher, None, self.tokenizer, plan, tests, None, n_items)
             self.teacher_samples = res["samples"]
         else:
             model, tok = models.load_model(str(folder), dtype=plan["eval_dtype"])
             models.freeze(model)
             models.check_tokenizers_match(self.tokenizer, tok, where=name)
-            res = evaluate_model(name, model, self.teacher, self.tokenizer, plan, tests, self.teacher_samples)
+            res = evaluate_model(name, model, self.teacher, self.tokenizer, plan, tests, self.teacher_samples, n_items)
             del model
         saved = {
             **key,
@@ -953,8 +969,8 @@ def make_table(results: dict) -> str:
     if abl:
         lines += [
             "",
-            "Ablations (each from the SFT student, the same budget as minillm; a paired difference "
-            "below 0 means switching that part off hurts):",
+            f"Ablations (each from the SFT student, the same budget as minillm; first {plan['control_examples']} "
+            "items; the paired difference is over those items; below 0 means switching that part off hurts):",
             "",
             "| ablation | steps | train s | test set | ROUGE-L [95% CI] | ablation - minillm [95% CI] |",
             "|---|---:|---:|---|---:|---:|",
@@ -1116,7 +1132,10 @@ def run(args: argparse.Namespace) -> dict:
         training[method] = {**info, "steps": method_steps(method, plan), "init": init}
         folders[method] = final
         print(f"{method}: {_num(info['seconds'], '.0f')} s -> {final}", file=sys.stderr)
-        evaluator(method, final, plan["ablation_tests"] if method in ABLATIONS else all_tests)
+        if method in CONTROLS:
+            evaluator(method, final, plan["control_tests"], plan["control_examples"])
+        else:
+            evaluator(method, final, all_tests)
         write_report(plan, train_info, training, evaluator, t_all)
     results = write_report(plan, train_info, training, evaluator, t_all)
     print(make_table(results))

@@ -94,6 +94,8 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
         "1",
         "--exacc-lengths",
         "3,6",
+        "--control-examples",
+        "2",
         "--eval-start",
         "--out",
         str(out),
@@ -111,12 +113,13 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert results["train_data"]["n_dropped_test_overlap"] == 12
     train_rows = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
     assert len(train_rows) == 4
+    controls = ["sft_long", *ablations]
     for name in names:
-        # the ablations are scored on the first test set only (--ablation-tests default)
-        assert list(results["models"][name]) == (["a"] if name in ablations else ["a", "b"])
+        # the controls are scored on the first test set only (--control-tests default), 2 items
+        assert list(results["models"][name]) == (["a"] if name in controls else ["a", "b"])
         for ds, m in results["models"][name].items():
             assert set(m["rougeL_per_seed"]) == {"10", "20"}
-            assert m["n_examples"] == 3
+            assert m["n_examples"] == (2 if name in controls else 3)
             assert 0.0 <= m["rougeL"] <= 100.0 and m["rougeL_ci95"] is not None
             assert 0.0 <= m["eos_rate"] <= 1.0
             assert (m["reverse_kl_gold"] is None) == (name == "teacher")
@@ -131,11 +134,17 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     # the paired differences: minillm minus every other model, every ablation minus minillm
     expected = {f"minillm - {n}" for n in main if n != "minillm"} | {f"{n} - minillm" for n in ablations}
     assert set(results["paired"]) == expected
+    items = {n: json.loads((out / "eval" / n / "summary.json").read_text())["item_scores"] for n in names}
     for label, per_ds in results["paired"].items():
         first, second = label.split(" - ")
         for ds, d in per_ds.items():
-            gap = results["models"][first][ds]["rougeL"] - results["models"][second][ds]["rougeL"]
+            common = sorted(set(items[first][ds]) & set(items[second][ds]))
+            assert d["n_items"] == len(common) == (2 if first in controls or second in controls else 3)
+            gap = sum(sum(items[first][ds][i]) - sum(items[second][ds][i]) for i in common) / (2 * len(common))
             assert d["diff"] == pytest.approx(gap) and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+            if len(common) == 3:  # every item: the paired mean is the difference of the two models' means
+                gap = results["models"][first][ds]["rougeL"] - results["models"][second][ds]["rougeL"]
+                assert d["diff"] == pytest.approx(gap)
     # sft, kd, seqkd train --steps from the shared start; minillm, trl and the ablations --minillm-steps from sft
     for name in ("sft", "kd", "seqkd"):
         saved = (out / name / "recipe.yaml").read_text()
