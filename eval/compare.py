@@ -566,6 +566,15 @@ def train_trl(plan: dict, init_final: Path, train_file: Path) -> Path:
     ):
         print(f"trl: reusing {final}", file=sys.stderr)
         return final
+    # A run killed mid-way resumes from its last Trainer checkpoint, if that run had these settings.
+    trainer_dir, started = out / "trainer", out / "settings.started.json"
+    same_run = not plan["overwrite"] and started.is_file() and json.loads(started.read_text()) == settings
+    if not same_run and trainer_dir.exists():
+        shutil.rmtree(trainer_dir)
+    checkpoints = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    resume_from = str(checkpoints[-1]) if same_run and checkpoints else None
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(started, settings)
 
     tokenizer = models.load_tokenizer(str(init_final))
     student = models.load_model(str(init_final), dtype="fp32", with_tokenizer=False)
@@ -576,7 +585,7 @@ def train_trl(plan: dict, init_final: Path, train_file: Path) -> Path:
     )  # as run_recipe: frozen teacher in the run dtype
     dataset = Dataset.from_dict({"prompt": trl_prompts(train_file, tokenizer, plan)})
     args = DistillationConfig(
-        output_dir=str(out / "trainer"),
+        output_dir=str(trainer_dir),
         max_steps=steps,
         per_device_train_batch_size=plan["batch_size"],
         gradient_accumulation_steps=1,
@@ -602,7 +611,9 @@ def train_trl(plan: dict, init_final: Path, train_file: Path) -> Path:
         data_seed=plan["seed"],
         report_to="none",
         push_to_hub=False,
-        save_strategy="no",
+        save_strategy="steps",  # model + optimizer + scheduler + RNG: what resume_from_checkpoint needs
+        save_steps=max(1, steps // 5),
+        save_total_limit=2,
         eval_strategy="no",
         logging_steps=1,
         dataloader_num_workers=0,
@@ -614,7 +625,10 @@ def train_trl(plan: dict, init_final: Path, train_file: Path) -> Path:
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.train()
+    if resume_from:
+        print(f"trl: resuming from {resume_from}", file=sys.stderr)
+    trainer.train(resume_from_checkpoint=resume_from)
+    write_json_atomic(out / "resumed_from.json", {"checkpoint": resume_from})
     if trainer.state.global_step != steps:
         raise UserError(f"trl: trained {trainer.state.global_step} steps, expected {steps}")
     ckpt.export_hf(trainer.model, tokenizer, final)

@@ -224,3 +224,71 @@ def test_paired_diff_closed_forms():
     assert 10.0 < hi - lo < 12.7
     partial = compare.paired_diff(a, {"0": [0.0], "1": [0.0]}, n=100)  # only the common items pair
     assert partial["n_items"] == 2 and partial["diff"] == pytest.approx(1.5)
+
+
+def test_trl_resumes_from_its_last_checkpoint(tmp_path, sharp_dir, tiny_data):
+    pytest.importorskip("trl")
+    out = tmp_path / "cmp"
+    argv = [
+        "--tiny",
+        "--methods",
+        "trl",  # sft is added: trl starts from the SFT student
+        "--teacher",
+        str(sharp_dir),
+        "--train",
+        tiny_data["train"],
+        "--test",
+        f"a={tiny_data['valid']}",
+        "--corpus",
+        tiny_data["corpus"],
+        "--steps",
+        "2",
+        "--minillm-steps",
+        "3",  # a Trainer checkpoint every step, the last two kept
+        "--batch-size",
+        "2",
+        "--start-steps",
+        "2",
+        "--layer-stride",
+        "3",
+        "--seeds",
+        "10",
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--gen-tokens",
+        "4",
+        "--exacc-lengths",
+        "2,4",
+        "--eval-dtype",
+        "fp32",
+        "--precision",
+        "fp32",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert compare.main(argv) == 0
+    trl = out / "trl"
+    assert json.loads((trl / "resumed_from.json").read_text())["checkpoint"] is None
+    assert sorted(p.name for p in (trl / "trainer").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # as if killed after step 2: the last checkpoint and the export are gone
+    import shutil
+
+    shutil.rmtree(trl / "trainer" / "checkpoint-3")
+    shutil.rmtree(trl / "final")
+    (trl / "settings.json").unlink()
+    assert compare.main(argv) == 0
+    assert json.loads((trl / "resumed_from.json").read_text())["checkpoint"].endswith("checkpoint-2")
+    history = json.loads((trl / "log_history.json").read_text())
+    assert max(h.get("step", 0) for h in history) == 3
+    assert (trl / "final" / "model.safetensors").is_file()
+    # other settings: the old checkpoints are not resumed from
+    (trl / "settings.json").unlink()
+    steps = argv.index("--seeds")  # an eval setting only: training settings must stay, so change lr instead
+    changed = argv[:steps] + ["--lr", "1e-3"] + argv[steps:] + ["--overwrite"]
+    assert compare.main(changed) == 0
+    assert json.loads((trl / "resumed_from.json").read_text())["checkpoint"] is None
