@@ -1089,10 +1089,7 @@ def write_report(plan: dict, train_info: dict, training: dict, evaluator: Evalua
     if plan["publish"]:
         for name in summaries:
             src = Path(plan["out"]) / "eval" / name / "summary.json"
-            dst = Path(plan["publish"]) / f"{name}.summary.json"
-            tmp = dst.with_suffix(".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            write_text_atomic(Path(plan["publish"]) / f"{name}.summary.json", src.read_text())
     return results
 
 
@@ -1127,7 +1124,7 @@ def run(args: argparse.Namespace) -> dict:
     evaluator("teacher", None, all_tests)
     if plan["eval_start"]:
         evaluator("start", start_final, all_tests)
-    write_report(plan, train_info, training, evaluator, t_all)
+    results = write_report(plan, train_info, training, evaluator, t_all)
     folders = {"start": start_final}
     for method in plan["methods"]:
         print(f"=== {method} ===", file=sys.stderr)
@@ -1150,8 +1147,7 @@ def run(args: argparse.Namespace) -> dict:
             evaluator(method, final, plan["control_tests"], plan["control_examples"])
         else:
             evaluator(method, final, all_tests)
-        write_report(plan, train_info, training, evaluator, t_all)
-    results = write_report(plan, train_info, training, evaluator, t_all)
+        results = write_report(plan, train_info, training, evaluator, t_all)
     print(make_table(results))
     return results
 
