@@ -180,4 +180,6 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
     moved = dict(batch, advantages=batch["advantages"].clone())
     moved["advantages"][rows, cols] += 1.0
     loss2, _ = minillm.minillm_loss(student, moved, cfg=cfg, teacher=teacher, vocab=len(tok))
-    assert abs(float(loss2 - loss)) > 1e-3
+    # one EOS among all response tokens moves a token-mean loss by about ratio/N, which can be under
+    # 1e-3 when the batch holds few EOS; anything above float32 rounding shows the token is counted
+    assert abs(float(loss2 - loss)) > 1e-6
