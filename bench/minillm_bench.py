@@ -19,7 +19,7 @@ import time
 import torch
 from common import matmul_peak, prompt_texts, smollm2, write
 
-from minidistill import models
+from minidistill import models, objectives
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import sample
@@ -166,7 +166,7 @@ def main() -> None:
     phase["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-    buf.update(minillm.advantages_for(cfg, ro))
+    buf.update(rollouts.advantages_for(cfg, ro))
     phase["advantages"] = time.perf_counter() - t0
     trained = 0
     for _ in range(cfg.ppo_epochs):
@@ -176,12 +176,12 @@ def main() -> None:
             trained += int(mb["prompt_mask"].sum()) + mb["num_tokens"]
             t0 = time.perf_counter()
             with auto:
-                loss, _ = minillm.minillm_loss(student, mb, cfg=cfg, teacher=teacher, vocab=len(tok))
+                loss, _ = objectives.minillm_loss(student, mb, cfg=cfg, teacher=teacher, vocab=len(tok))
             (loss / mb["num_tokens"]).backward()
             phase["policy_loss_and_backward"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             with auto:
-                lm = minillm.pretrain_loss(student, teacher, corpus, cfg.kd_ratio, len(tok))
+                lm = objectives.pretrain_loss(student, teacher, corpus, cfg.kd_ratio, len(tok))
             (cfg.lm_coef * lm).backward()
             phase["lpt_and_backward"] += time.perf_counter() - t0
             t0 = time.perf_counter()

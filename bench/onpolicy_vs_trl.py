@@ -33,7 +33,7 @@ import time
 import torch
 from common import machine, matmul_peak, median, prompt_texts, smollm2, write
 
-from minidistill import models
+from minidistill import models, objectives, rollouts, sampler
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.stages import minillm
@@ -73,7 +73,7 @@ def ours(teacher, student, tok, texts, args) -> list[dict]:
         ids, mask = collate_prompts(rows, tok.pad_token_id)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            ro = minillm.sample(
+            ro = sampler.sample(
                 student,
                 teacher,
                 ids,
@@ -86,10 +86,10 @@ def ours(teacher, student, tok, texts, args) -> list[dict]:
             )
         t1 = time.perf_counter()
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-        batch.update(minillm.advantages_for(cfg, ro))
+        batch.update(rollouts.advantages_for(cfg, ro))
         batch["num_tokens"], batch["stats"] = int(ro.response_mask.sum()), {}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            loss, _ = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
+            loss, _ = objectives.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
         (loss / batch["num_tokens"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

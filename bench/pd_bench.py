@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         load_s = time.perf_counter() - t0
         online_cfg, store_cfg, offline_cfg = recipe.stages
         print(
-            f"teacher {models.n_params(run.teacher) / 1e6:.1f}M, student {models.n_params(student0) / 1e6:.1f}M params, "
+            f"teacher {models.n_params(run.teacher.model) / 1e6:.1f}M, student {models.n_params(student0) / 1e6:.1f}M params, "
             f"{torch.get_num_threads()} threads, load {load_s:.0f}s; corpus {len(run.corpus()[0])} train blocks of {block_len}"
         )
 
@@ -165,14 +165,14 @@ def main(argv=None) -> int:
         offline_s = time.perf_counter() - t
 
         peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
-        n_s, n_t = models.n_params(student0), models.n_params(run.teacher)
+        n_s, n_t = models.n_params(student0), models.n_params(run.teacher.model)
         out = tmp / "run"
         on, off = stage_rows(out, "online")[1:], stage_rows(out, "offline")[1:]
         store_row = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "store"][0]
         header = json.loads((out / "store" / "header.json").read_text())
         results = {
             "model": "toy 4-layer (random)" if args.tiny else "SmolLM2-135M-Instruct teacher, layer_stride 3 student",
-            "teacher_params_M": round(models.n_params(run.teacher) / 1e6, 1),
+            "teacher_params_M": round(models.n_params(run.teacher.model) / 1e6, 1),
             "student_params_M": round(models.n_params(student0) / 1e6, 1),
             "precision": precision,
             "threads": torch.get_num_threads(),

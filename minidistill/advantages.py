@@ -145,7 +145,8 @@ def returns(
     expo = (diff - offset).to(torch.float64)
     powers = torch.full_like(expo, float(gamma)).pow(expo.clamp(min=0))
     disc = torch.where(expo >= 0, powers, torch.zeros_like(expo)).to(dt)  # (T, T)
-    out = r @ disc.T  # (B, T): out[b, t] = sum_t' r[b, t'] D[t, t']
+    with torch.autocast(r.device.type, enabled=False):  # exact in dt whatever the caller's autocast
+        out = r @ disc.T  # (B, T): out[b, t] = sum_t' r[b, t'] D[t, t']
     if length_norm:
         length = valid.sum(-1, keepdim=True)  # (B, 1)
         n_terms = (length - idx[None, :] - offset).clamp(min=0)  # (B, T)

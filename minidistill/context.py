@@ -18,7 +18,7 @@ from .tracking import Metrics, console
 
 
 class Run:
-    """What every stage gets: the recipe, accelerate, the teacher, the tokenizer, data, logging."""
+    """What every stage gets: the recipe, accelerate, the teacher (``teacher.Teacher``), the tokenizer, data, logging."""
 
     def __init__(self, recipe: RecipeConfig):
         from accelerate import Accelerator
@@ -38,20 +38,15 @@ class Run:
         self.out_dir = Path(recipe.output_dir)
         self.metrics = Metrics(self.out_dir, enabled=self.accelerator.is_main_process, tensorboard=recipe.tensorboard)
         console.quiet = not self.accelerator.is_main_process  # one copy of the console lines, not one per process
-        self.teacher = None
+        self.teacher = None  # a ``teacher.Teacher``: everything a stage asks of the teacher goes through it
         self.tokenizer = None  # the student's (and, with one tokenizer, the teacher's)
-        self.vocab_size = None
-        # cross-tokenizer runs only (build.build_student): the teacher's tokenizer and vocabulary
-        # size, and the ``xtok.Aligner`` of the pair; None when teacher and student share one
-        self.teacher_tokenizer = None
-        self.teacher_vocab_size = None
-        self.xtok = None
+        self.vocab_size = None  # the student's usable vocabulary
         self._cache: dict = {}
 
     @property
     def cross_tokenizer(self) -> bool:
-        """Teacher and student have different tokenizers (the teacher's is ``teacher_tokenizer``)."""
-        return self.teacher_tokenizer is not None and self.teacher_tokenizer is not self.tokenizer
+        """Teacher and student have different tokenizers (the teacher's is ``teacher.tokenizer``)."""
+        return self.teacher is not None and self.teacher.cross
 
     @property
     def fsdp(self) -> bool:

@@ -140,10 +140,15 @@ def train(
     best_mode: str = "min",
     on_best: Callable | None = None,
     dropout: bool = True,
+    eval_at_start: bool = False,
 ) -> LoopResult:
     """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model.
 
-    ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM)."""
+    ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM).
+    ``eval_at_start``: evaluate once before the first step of a fresh (not resumed) run, logged at
+    step 0 and no ``best`` candidate. The loop owns the student's precision: batches are drawn
+    (MiniLLM samples its rollouts there), the loss runs and evaluation runs under the run's
+    autocast, so no stage opens one (the teacher's forwards run under it too, ``teacher.Teacher``)."""
     acc = run.accelerator
     if getattr(acc, "distributed_type", None) == DistributedType.DEEPSPEED and cfg.grad_accum != 1:
         raise UserError(
@@ -176,12 +181,12 @@ def train(
             acc, ckpt_root, at_step, model, optimizer, scheduler, source.state_dict(), state, cfg.keep_last
         )
 
-    def run_eval(at_step: int) -> None:
+    def run_eval(at_step: int, candidate: bool = True) -> None:
         nonlocal best
         if evaluate is None:
             return
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), acc.autocast():
             values = evaluate(acc.unwrap_model(model))
         train_mode(model, dropout)
         run.log(cfg.name, at_step, {f"valid/{k}": v for k, v in values.items() if not isinstance(v, (list, dict))})
@@ -189,7 +194,7 @@ def train(
             console.print(
                 f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]"
             )
-        if best_key is not None and best_key in values:
+        if candidate and best_key is not None and best_key in values:
             v = float(values[best_key])
             better = best is None or (v < best["value"] if best_mode == "min" else v > best["value"])
             if better:
@@ -197,13 +202,16 @@ def train(
                 if on_best is not None:
                     on_best(acc.unwrap_model(model))
 
+    if eval_at_start and step == 0:
+        run_eval(0, candidate=False)
     train_mode(model, dropout)
     bar = tqdm(total=total_steps, initial=step, desc=cfg.name, disable=not acc.is_main_process, dynamic_ncols=True)
     stopped, where = False, None
     with GracefulStop() as stop, contextlib.closing(bar):  # the bar ends its line even on an error
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [source.next_batch() for _ in range(cfg.grad_accum)]
+            with acc.autocast():  # MiniLLM samples and scores its rollouts while drawing a batch
+                micro = [source.next_batch() for _ in range(cfg.grad_accum)]
             counts = [_term_counts(b) for b in micro]
             names = list(counts[0])
             if any(list(c) != names for c in counts):

@@ -89,7 +89,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
         prepare_output_dir(recipe, resolved)
     run.accelerator.wait_for_everyone()
     console.print(
-        f"teacher {models.n_params(run.teacher) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
+        f"teacher {models.n_params(run.teacher.model) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
         f"precision {run.precision}{' (auto)' if run.recipe.precision == 'auto' else ''}"
     )
     finals = {}

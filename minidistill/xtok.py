@@ -356,8 +356,13 @@ class Aligner:
         self._shared: SharedVocab | None = None
 
     def shared(self, vs: int | None = None, vt: int | None = None) -> SharedVocab:
+        """The shared-vocabulary map over the first ``vs`` student / ``vt`` teacher ids, built on
+        the first call; a later call may omit the limits but not change them."""
         if self._shared is None:
             self._shared = shared_vocab(self.student, self.teacher, vs, vt)
+            self._limits = (vs, vt)
+        elif (vs, vt) != (None, None) and (vs, vt) != self._limits:
+            raise ValueError(f"shared vocabulary already built for limits {self._limits}, asked for {(vs, vt)}")
         return self._shared
 
     def teacher_view(self, student_ids: list[int]) -> TeacherView:

@@ -147,17 +147,20 @@ def fake_run(
     long_prompt: str = "drop",
 ):
     """A stand-in for ``minidistill.context.Run`` with what the sampling/rollout helpers of the stages
-    read: accelerator, device, teacher, tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
+    read: accelerator, device, teacher (a ``teacher.Teacher`` of the same tokenizer), tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
     and recipe.data.template/max_prompt_length/long_prompt."""
     from types import SimpleNamespace
 
     import torch
 
+    from minidistill.teacher import Teacher
+
     data = SimpleNamespace(template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt)
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
     return SimpleNamespace(
         accelerator=FakeAccelerator(),
         device=torch.device("cpu"),
-        teacher=teacher,
+        teacher=Teacher(teacher, tokenizer, "teacher", vocab_size=vocab),
         precision="fp32",
         tokenizer=tokenizer,
         vocab_size=len(tokenizer) if vocab_size is None else vocab_size,

@@ -43,9 +43,9 @@ def always(cfg: Any) -> bool:
     return True
 
 
-def teacher_free(cfg: Any) -> tuple[bool, str]:
+def teacher_free(cfg: Any) -> tuple[str, str]:
     """``Stage.cross_tokenizer`` of a stage that never compares teacher and student token by token."""
-    return False, ""
+    return "", ""
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,11 @@ class Stage:
     # check_in_recipe(recipe, index, where): checks that need the other stages of the recipe
     check_in_recipe: Callable | None = None
     plots: tuple[Plot, ...] = LOSS_PLOTS  # the report's training-curve figures
-    # cross_tokenizer(cfg) -> (asks, problem): whether the stage, as configured, asks for
-    # cross-tokenizer distillation (a uld kind, MiniLLM cross_tokenizer: true), and why it cannot
-    # run with a teacher of another tokenizer ('' when it can); checked by build.build_student
-    cross_tokenizer: Callable[[Any], tuple[bool, str]] = teacher_free
+    # cross_tokenizer(cfg) -> (mode, problem): what the stage, as configured, asks of a teacher with
+    # another tokenizer ("token": a loss over character spans, a uld kind or MiniLLM
+    # cross_tokenizer: true; "text": teacher-written text; "": nothing), and why it cannot run with
+    # one ('' when it can); ``teacher.check_stages`` asks every stage before anything is written
+    cross_tokenizer: Callable[[Any], tuple[str, str]] = teacher_free
 
 
 TYPES = ("sft", "kd", "seqkd", "pd", "pd_store", "minillm", "generate", "evaluate")

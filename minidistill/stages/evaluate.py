@@ -48,7 +48,7 @@ class Config:
 def _load(run, name: str):
     """The model ``name`` as evaluation runs it, in the run's precision (see the module docstring)."""
     if name == "teacher":
-        return run.teacher
+        return run.teacher.model
     folder = run.stage_dir(name) if "/" in name else run.stage_dir(name) / "final"
     if not ckpt.is_complete(folder)[0]:
         raise UserError(f"evaluate.models: '{name}' has no complete model at {folder} (name an earlier stage)")
@@ -84,7 +84,7 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
         no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         vocab_size=run.vocab_size,
     )
-    teacher = run.teacher
+    teacher = run.teacher.model
     with torch.no_grad():
         t_samples = analysis.sample_and_score(teacher, teacher, teacher, run.tokenizer, prompts, **common)
     t_scored = [

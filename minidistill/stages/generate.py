@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import data
+from .. import data, responses
 from ..config import opt
 from ..tracking import console
-from . import Stage, seqkd
+from . import Stage
 
 
 @dataclass
@@ -49,7 +49,7 @@ def run(run, cfg: Config, student) -> None:
     for split in cfg.splits:
         if not run.instructions(split):
             continue
-        records = seqkd.teacher_responses(run, cfg, split)
+        records = responses.teacher_responses(run, cfg, split)
         # an answer cut at max_new_tokens stays a reference but is no EOS-terminated SFT target
         examples = [
             data.Example(

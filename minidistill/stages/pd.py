@@ -30,23 +30,23 @@ against a target with at most k tokens. Logged: ``aligned`` (pairs per student p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import data, logit_store, xtok
+from .. import data, logit_store, sources, validation, xtok
 from ..batches import ShuffledBatches
 from ..config import TrainConfig, opt
 from ..errors import UserError
-from ..logit_store import LogitStore, truncate_raw
-from ..logits import logits_at, next_token_logits
+from ..logit_store import LogitStore
+from ..logits import next_token_logits
 from ..loop import train
-from ..losses import Truncated, ce_and_divergence, lm_loss
+from ..losses import Truncated, lm_loss
+from ..objectives import ce_and_divergence, kept_mass, mix, pair_divergence
 from ..schedules import alpha_at
+from ..teacher import StoredTeacher, as_teacher
 from ..tracking import console
 from . import Plot, Stage, always
 
@@ -155,34 +155,19 @@ def check_in_recipe(recipe, index: int, where: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-def source_for(run, cfg, blocks: torch.Tensor, store: LogitStore | None = None) -> ShuffledBatches:
-    acc = run.accelerator
+def source_for(run, cfg, blocks: torch.Tensor, teacher_side: bool) -> ShuffledBatches:
+    """Micro-batches of corpus blocks; ``block_idx`` names them (an offline teacher reads its store
+    by block); across tokenizers each carries the teacher's side (``Teacher.side_of_blocks``)."""
 
     def make(idx: list[int]) -> dict:
         ids = blocks[idx].to(run.device)  # (B, T)
-        batch = {"input_ids": ids, "num_tokens": ids.shape[0] * (ids.shape[1] - 1)}
-        if store is not None:
-            batch["teacher"] = store.truncated(idx, run.device)  # (B, T-1, K)
-        if uses_xtok(cfg):
-            batch.update(teacher_blocks(run, ids))
+        batch = {"input_ids": ids, "block_idx": idx, "num_tokens": ids.shape[0] * (ids.shape[1] - 1)}
+        if teacher_side:
+            batch.update(run.teacher.side_of_blocks(ids))
             batch["num_tokens"] = {"lm": batch["num_tokens"], "kd": int(batch["pairs_s"].numel())}
         return batch
 
-    return ShuffledBatches(
-        len(blocks),
-        cfg.batch_size,
-        make,
-        seed=run.recipe.seed,
-        rank=acc.process_index,
-        world=acc.num_processes,
-        accum=cfg.grad_accum,
-    )
-
-
-def total_steps(cfg, source: ShuffledBatches) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * source.steps_per_epoch() / cfg.grad_accum))
+    return sources.shuffled(run, cfg, len(blocks), make)
 
 
 def store_folder(run, cfg) -> Path:
@@ -236,94 +221,18 @@ def uses_xtok(cfg) -> bool:
     return cfg.kd_kind in xtok.ULD_KINDS and not lm_only(cfg)
 
 
-def teacher_blocks(run, ids: torch.Tensor) -> dict:
-    """The teacher's tokenization of student blocks ``ids`` (B, T): right-padded teacher ids and
-    mask, and the pairs as flat indices into the (B * (L-1)) next-token positions of each side
-    (student token i >= 1 is predicted at position i-1; the teacher's BOS prefix in front)."""
-    ttok = run.teacher_tokenizer
-    prefix = data.special_affixes(ttok)[0]
-    views = [run.xtok.teacher_view(row) for row in ids.tolist()]
-    width = max(len(prefix) + len(v.ids) for v in views)
-    pad = ttok.pad_token_id if ttok.pad_token_id is not None else ttok.eos_token_id
-    t_ids = torch.full((len(views), width), pad, dtype=torch.long)
-    t_mask = torch.zeros((len(views), width), dtype=torch.long)
-    ls, lt, n0 = ids.shape[1] - 1, width - 1, len(prefix)
-    s_flat, t_flat = [], []
-    for b, v in enumerate(views):
-        row = prefix + v.ids
-        t_ids[b, : len(row)] = torch.as_tensor(row)
-        t_mask[b, : len(row)] = 1
-        for i, j in zip(v.student_pairs, v.teacher_pairs):
-            if i >= 1 and n0 + j >= 1:
-                s_flat.append(b * ls + i - 1)
-                t_flat.append(b * lt + n0 + j - 1)
-    dev = ids.device
-    return {
-        "teacher_ids": t_ids.to(dev),
-        "teacher_mask": t_mask.to(dev),
-        "pairs_s": torch.tensor(s_flat, dtype=torch.long, device=dev),
-        "pairs_t": torch.tensor(t_flat, dtype=torch.long, device=dev),
-    }
-
-
-def xtok_kd_sum(run, cfg, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Sum over the block pairs of the cross-tokenizer divergence to the (truncated) teacher target."""
-    rows = logits.reshape(-1, logits.shape[-1])[batch["pairs_s"]]  # (M, Vs)
-    raw = logits_at(run.teacher, batch["teacher_ids"], batch["teacher_mask"], batch["pairs_t"], run.teacher_vocab_size)
-
-    def target(a: int, b: int) -> torch.Tensor:  # (n, Vt) raw log-probs, -inf outside the kept set
-        z = raw(a, b)
-        if not cfg.top_k:
-            return z
-        tr = truncate_raw(z, cfg.top_p, cfg.top_k)
-        dense = torch.full(z.shape, float("-inf"), dtype=torch.float32, device=z.device)
-        return dense.scatter_reduce(-1, tr.indices.long(), tr.logprobs.float(), reduce="amax")
-
-    return xtok.divergence_sum(
-        rows,
-        target,
-        cfg.kd_kind,
-        shared=run.xtok.shared(),
-        temperature=cfg.temperature,
-        student_temperature=cfg.student_temperature,
-        top_k=cfg.top_k or 0,
-        matched_weight=cfg.uld_matched_weight,
-        unmatched_weight=cfg.uld_unmatched_weight,
-    )
-
-
-def teacher_target(run, cfg, ids: torch.Tensor) -> torch.Tensor | Truncated:
-    """Online teacher target for blocks ``ids`` (B, T): Truncated (B, T-1, K) raw log-probs, or full logits."""
-    with torch.no_grad():
-        z = next_token_logits(run.teacher, ids, vocab=run.vocab_size)  # (B, T-1, V)
-        return truncate_raw(z, cfg.top_p, cfg.top_k) if cfg.top_k else z
-
-
-def teacher_kept_mass(target: Truncated) -> torch.Tensor:
-    return target.logprobs.float().logsumexp(-1).exp().mean()  # raw (tau = 1) log-probs: the kept mass
-
-
 def pd_losses(cfg, logits: torch.Tensor, labels: torch.Tensor, target, *, chunk_size: int = 1024):
-    """(lm_sum, kd_sum, student_kept_sum) over all positions of ``logits`` (B, T, V).
-
-    One ``losses.ce_and_divergence`` pass: the student's log-softmax per chunk serves the CE, the
-    divergence and the student's mass on the kept set (a no-grad by-product), instead of two
-    full-vocabulary passes and two backward passes through them. ``student_kept_sum`` is None
-    unless the target is ``Truncated`` (and ``student_temperature`` is off).
-    """
-    r = ce_and_divergence(
-        logits,
-        target,
-        labels,
-        None,
-        cfg.kd_kind,
-        temperature=cfg.temperature,
-        student_temperature=cfg.student_temperature,
-        skew=cfg.skew,
-        beta=cfg.beta,
-        chunk_size=chunk_size,
-    )
+    """(lm_sum, kd_sum, student_kept_sum) over all positions of ``logits`` (B, T, V), from one
+    ``objectives.ce_and_divergence`` pass (the student's log-softmax per chunk serves the CE, the
+    divergence and the student's mass on the kept set). ``student_kept_sum`` is None unless the
+    target is ``Truncated`` (and ``student_temperature`` is off)."""
+    r = ce_and_divergence(logits, target, labels, None, cfg.kd_kind, cfg, chunk_size=chunk_size)
     return r.ce, r.divergence, r.student_kept
+
+
+def xtok_kd_sum(run, cfg, logits: torch.Tensor, side: dict) -> torch.Tensor:
+    """Sum over the block pairs of the cross-tokenizer divergence to the (truncated) teacher target."""
+    return pair_divergence(run.teacher, logits, side, cfg.kd_kind, cfg, top_k=cfg.top_k or 0, truncate=bool(cfg.top_k))
 
 
 def lm_only(cfg) -> bool:
@@ -345,7 +254,11 @@ def alpha_for(cfg, step: int, total: int) -> float:
     )
 
 
-def make_loss_fn(run, cfg, total: int):
+def make_loss_fn(run, cfg, total: int, teacher=None):
+    """PD's loss of a block batch: ``mix(LM, KD, alpha)`` per token; across tokenizers two terms,
+    LM per student token and KD per pair. ``teacher``: ``run.teacher`` (default) or a ``StoredTeacher``."""
+    teacher = as_teacher(teacher if teacher is not None else run.teacher)
+
     def pd_loss(model, batch, step: int):
         a = alpha_for(cfg, step, total)
         ids = batch["input_ids"]  # (B, T)
@@ -353,7 +266,6 @@ def make_loss_fn(run, cfg, total: int):
         mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         n = logits.shape[0] * logits.shape[1]
         if lm_only(cfg):
-            mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
             lm, _ = lm_loss(logits, ids[:, 1:], mask)
             return lm, {"alpha": a, "lm_loss": float(lm.detach()) / n}
         if "pairs_s" in batch:  # across tokenizers: LM per student token, KD per pair
@@ -363,14 +275,14 @@ def make_loss_fn(run, cfg, total: int):
             metrics = {"alpha": a, "lm_loss": float(lm.detach()) / n, "kd_loss": float(kd.detach()) / m}
             metrics["aligned"] = m / n
             return {"lm": (1 - a) * lm, "kd": a * kd}, metrics
-        target = batch["teacher"] if "teacher" in batch else teacher_target(run, cfg, ids)
+        target = teacher.target(ids, cfg.top_p, cfg.top_k, run.vocab_size, block_idx=batch.get("block_idx"))
         lm, kd, kept = pd_losses(cfg, logits, ids[:, 1:], target)
         metrics = {"alpha": a, "lm_loss": float(lm.detach()) / n, "kd_loss": float(kd.detach()) / n}
         if isinstance(target, Truncated):
-            metrics["teacher_kept_mass"] = float(teacher_kept_mass(target))
+            metrics["teacher_kept_mass"] = float(kept_mass(target))
             if kept is not None:
                 metrics["student_kept_mass"] = float(kept) / n
-        return (1 - a) * lm + a * kd, metrics
+        return mix(lm, kd, a), metrics
 
     return pd_loss
 
@@ -381,57 +293,45 @@ def make_loss_fn(run, cfg, total: int):
 def make_evaluate(run, cfg, blocks: torch.Tensor):
     """Held-out perplexity (and KD loss against the live teacher) on ``blocks`` (N, T).
 
-    Truncated teacher targets of the held-out blocks are computed once and kept (a few MB);
-    full-distribution targets (top_k 0) are recomputed each time (too big to keep)."""
-    acc = run.accelerator
-    targets: dict[int, Truncated] = {}
+    Truncated teacher targets (and, across tokenizers, the teacher's side) of the held-out blocks
+    are computed once and kept (a few MB); full-distribution targets (top_k 0) are recomputed each
+    time (too big to keep)."""
+    cache: dict[int, object] = {}
 
-    def target_for(i: int, ids: torch.Tensor):
-        if i in targets:
-            return targets[i]
-        t = teacher_target(run, cfg, ids)
+    def batch_of(part: torch.Tensor, start: int) -> dict:
+        ids = part.to(run.device)
+        if uses_xtok(cfg) and start not in cache:
+            cache[start] = run.teacher.side_of_blocks(ids)
+        return {"input_ids": ids, "start": start}
+
+    def target_for(start: int, ids: torch.Tensor):
+        if start in cache:
+            return cache[start]
+        t = run.teacher.target(ids, cfg.top_p, cfg.top_k, run.vocab_size)
         if isinstance(t, Truncated):
-            targets[i] = t
+            cache[start] = t
         return t
 
-    views: dict[int, dict] = {}
+    def sums(model, batch, start):
+        ids = batch["input_ids"]
+        logits = next_token_logits(model, ids, vocab=run.vocab_size)
+        positions = logits.shape[0] * logits.shape[1]
+        if uses_xtok(cfg):
+            side = cache[start]
+            lm, _ = lm_loss(logits, ids[:, 1:], torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device))
+            kd, units = xtok_kd_sum(run, cfg, logits, side), side["pairs_s"].numel()
+        else:
+            lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(start, ids))
+            units = positions
+        return {"lm": lm, "kd": kd, "tokens": positions, "kd_units": units}
 
-    def pairs_for(i: int, ids: torch.Tensor) -> dict:
-        if i not in views:
-            views[i] = teacher_blocks(run, ids)
-        return views[i]
+    def finish(t):
+        return {
+            **validation.loss_and_ppl(validation.per_token(t["lm"], t["tokens"])),
+            "kd_loss": validation.per_token(t["kd"], t["kd_units"]),
+        }
 
-    def evaluate(model) -> dict:
-        mine = blocks[acc.process_index :: acc.num_processes]
-        lm_tot = torch.zeros((), device=run.device)
-        kd_tot = torch.zeros((), device=run.device)
-        tokens = torch.zeros((), device=run.device)
-        kd_units = torch.zeros((), device=run.device)  # pairs across tokenizers, else tokens
-        for n, i in enumerate(range(0, len(mine), cfg.batch_size)):
-            if cfg.eval_batches is not None and n >= cfg.eval_batches:
-                break
-            ids = mine[i : i + cfg.batch_size].to(run.device)
-            with torch.no_grad(), acc.autocast():
-                logits = next_token_logits(model, ids, vocab=run.vocab_size)
-                if uses_xtok(cfg):
-                    views = pairs_for(i, ids)
-                    lm, _ = lm_loss(
-                        logits, ids[:, 1:], torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-                    )
-                    kd = xtok_kd_sum(run, cfg, logits, views)
-                    kd_units += views["pairs_s"].numel()
-                else:
-                    lm, kd, _ = pd_losses(cfg, logits, ids[:, 1:], target_for(i, ids))
-                    kd_units += logits.shape[0] * logits.shape[1]
-            lm_tot += lm.float()
-            kd_tot += kd.float()
-            tokens += logits.shape[0] * logits.shape[1]
-        lm_tot, kd_tot, tokens = acc.reduce(lm_tot, "sum"), acc.reduce(kd_tot, "sum"), acc.reduce(tokens, "sum")
-        kd_units = acc.reduce(kd_units, "sum")
-        loss = float(lm_tot / tokens.clamp(min=1))
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "kd_loss": float(kd_tot / kd_units.clamp(min=1))}
-
-    return evaluate
+    return validation.held_out(run, cfg, blocks, ("lm", "kd", "tokens", "kd_units"), batch_of, sums, finish)
 
 
 # ---------------------------------------------------------------- the stage
@@ -439,40 +339,26 @@ def make_evaluate(run, cfg, blocks: torch.Tensor):
 
 def run(run, cfg: Config, student):
     train_blocks, valid_blocks = run.corpus()
-    store = None
+    teacher = run.teacher
     if cfg.teacher_logits == "offline" and not lm_only(cfg):
         store = open_store(run, cfg, train_blocks)
         console.print(f"PD offline: logit store {store.folder} ({store.bytes_per_token:.0f} bytes/token)")
-    source = source_for(run, cfg, train_blocks, store)
-    steps = total_steps(cfg, source)
-    evaluate = make_evaluate(run, cfg, valid_blocks) if len(valid_blocks) else None
+        teacher = StoredTeacher(store, run.device)
+    source = source_for(run, cfg, train_blocks, uses_xtok(cfg))
+    steps = sources.total_steps(cfg, source)
     best_dir = run.stage_dir(cfg.name) / "best"
-
-    def on_best(model):
-        if cfg.keep_best:
-            run.export(model, best_dir)
-
-    fresh = not (
-        run.recipe.resume == "auto"
-        and ckpt.list_complete(run.stage_dir(cfg.name) / "checkpoints", report=lambda m: None)
-    )
-    if evaluate is not None and cfg.eval_at_start and fresh:
-        student.eval()
-        values = evaluate(student)
-        student.train()
-        run.log(cfg.name, 0, {f"valid/{k}": v for k, v in values.items()})
-        console.print(f"[cyan]{cfg.name} step 0 valid: ppl {values['ppl']:.4g}, kd_loss {values['kd_loss']:.4g}[/]")
     return train(
         run,
         cfg,
         student,
         source,
-        make_loss_fn(run, cfg, steps),
+        make_loss_fn(run, cfg, steps, teacher),
         steps,
-        evaluate=evaluate,
+        evaluate=make_evaluate(run, cfg, valid_blocks) if len(valid_blocks) else None,
         best_key="ppl",
         best_mode="min",
-        on_best=on_best,
+        on_best=lambda model: run.export(model, best_dir) if cfg.keep_best else None,
+        eval_at_start=cfg.eval_at_start,
     )
 
 

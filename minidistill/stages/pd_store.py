@@ -71,9 +71,7 @@ def run(run, cfg: Config, student):
 
     def logits_fn(ids):
         computed[0] += len(ids)
-        with acc.autocast():
-            z = run.teacher(input_ids=ids.to(run.device)).logits  # (b, T, V')
-        return z[..., :V] if z.shape[-1] > V else z
+        return run.teacher.block_logits(ids.to(run.device), V)  # (b, T, V)
 
     bar = tqdm(total=len(blocks), desc=f"{cfg.name} (blocks)", disable=not acc.is_main_process, dynamic_ncols=True)
     t0 = time.perf_counter()

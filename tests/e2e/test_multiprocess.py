@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from minidistill import advantages as adv
+from minidistill import rollouts
 from minidistill.launch import _accelerate_launch_argv, accelerate_cpu_processes, use_cpu
 from minidistill.run import main
 from minidistill.tracking import read_metrics
@@ -266,8 +267,10 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     from accelerate import Accelerator
     from tiny_tokenizer import make_tokenizer, tiny_llama
 
+    from minidistill import rollouts
     from minidistill.config import build
     from minidistill.stages import minillm
+    from minidistill.teacher import Teacher
 
     acc = Accelerator(cpu=True)
     assert acc.num_processes == world
@@ -290,7 +293,7 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     run = SimpleNamespace(
         accelerator=acc,
         device=acc.device,
-        teacher=teacher,
+        teacher=Teacher(teacher, tok, "t", vocab_size=len(tok)),
         tokenizer=tok,
         vocab_size=len(tok),
         precision="fp32",
@@ -309,7 +312,7 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
             "An animal",
         ]
     ]
-    source = minillm.RolloutSource(run, cfg, student, prompts, None)
+    source = rollouts.RolloutSource(run, cfg, student, prompts, None)
     source.collect()
     keep = ("returns", "advantages", "response_mask", "rewards", "student_logp", "teacher_logp", "response_ids")
     torch.save({**{k: source.buffer.tensors()[k] for k in keep}, "stats": source.stats}, Path(out) / f"rank{rank}.pt")
@@ -326,8 +329,6 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
     """Two gloo processes each sample 4 rollouts; their whitened advantages must equal whitening
     the 8 rollouts together in one process (and differ from whitening each half alone)."""
     import torch.multiprocessing as mp
-
-    from minidistill.stages.minillm import rollout_stats
 
     mp.start_processes(_collect_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -348,7 +349,7 @@ def test_minillm_whitening_and_stats_are_global(tmp_path):
     buf["response_ids"] = _pad_cat([p["response_ids"] for p in parts], value=1)
     from tiny_tokenizer import make_tokenizer
 
-    expect = rollout_stats(buf, make_tokenizer().eos_token_id, mix_alpha=0.2)  # the preset a
+    expect = rollouts.rollout_stats(buf, make_tokenizer().eos_token_id, mix_alpha=0.2)  # the preset a
     for p in parts:
         assert p["stats"].keys() == expect.keys()
         for k in expect:
@@ -377,6 +378,7 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
 
     from minidistill import models
     from minidistill.build import shard_teacher
+    from minidistill.teacher import Teacher
 
     acc = Accelerator(cpu=True)
     teacher = models.freeze(tiny_llama(make_tokenizer(), seed=2))
@@ -393,20 +395,27 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
         is_main_process=acc.is_main_process,
         parallelism_config=None,
     )
-    run = SimpleNamespace(accelerator=fake, sharded=True, fsdp=True, teacher=teacher, recipe=SimpleNamespace(stages=[]))
+    run = SimpleNamespace(
+        accelerator=fake,
+        sharded=True,
+        fsdp=True,
+        teacher=Teacher(teacher, None, "t"),
+        recipe=SimpleNamespace(stages=[]),
+    )
     shard_teacher(run)
-    local = sum(p.to_local().numel() for p in run.teacher.parameters())
-    layers = models.decoder_layers(run.teacher)
+    sharded = run.teacher.model
+    local = sum(p.to_local().numel() for p in sharded.parameters())
+    layers = models.decoder_layers(sharded)
     with torch.no_grad():
-        got = run.teacher(input_ids=ids).logits
+        got = sharded(input_ids=ids).logits
     torch.save(
         {
             "full": full,
             "local": local,
             "max_diff": float((got - ref).abs().max()),
-            "training": run.teacher.training,
+            "training": sharded.training,
             "layer_units": all(isinstance(m, FSDPModule) for m in layers),
-            "root_unit": isinstance(run.teacher, FSDPModule),
+            "root_unit": isinstance(sharded, FSDPModule),
         },
         Path(out) / f"fsdp{rank}.pt",
     )

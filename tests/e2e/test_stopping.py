@@ -12,7 +12,7 @@ import yaml
 from tiny_assets import tiny_recipe
 from tiny_tokenizer import make_tokenizer
 
-from minidistill import data, models
+from minidistill import data, models, rollouts
 from minidistill.config import build
 from minidistill.evaluation import generate_ids
 from minidistill.run import main
@@ -137,11 +137,11 @@ def test_rollouts_know_which_responses_were_cut(brief_teacher):
     # the stage bootstraps the last return of exactly the cut rows
     on = build(minillm.Config, {"type": "minillm", "lm_coef": 0.0}, "t:")
     off = build(minillm.Config, {"type": "minillm", "lm_coef": 0.0, "bootstrap_truncated": False}, "t:")
-    R_on, R_off = minillm.advantages_for(on, ro)["returns"], minillm.advantages_for(off, ro)["returns"]
+    R_on, R_off = rollouts.advantages_for(on, ro)["returns"], rollouts.advantages_for(off, ro)["returns"]
     rows = torch.arange(ro.batch_size)
     changed = R_on[rows, lengths - 1] != R_off[rows, lengths - 1]
     assert torch.equal(changed, ~ro.ended)
-    r = minillm.advantages_for(on, ro)["rewards"]
+    r = rollouts.advantages_for(on, ro)["rewards"]
     torch.testing.assert_close(
         R_on[~ro.ended, :][torch.arange(int((~ro.ended).sum())), lengths[~ro.ended] - 1],
         r[~ro.ended].sum(-1) / lengths[~ro.ended],

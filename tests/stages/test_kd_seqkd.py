@@ -9,7 +9,7 @@ import torch
 from conftest import INSTRUCTIONS
 from transformers import AutoModelForCausalLM
 
-from minidistill import data, models
+from minidistill import data, evaluation, models, responses, sources, token_kd
 from minidistill.config import build, load_recipe
 from minidistill.errors import UserError
 from minidistill.evaluation import generate_ids
@@ -28,7 +28,7 @@ def models_and_batch(tiny_dir):
     student = models.prune_layers(teacher, [0, 3])
     examples = [data.Example(instruction=i, input=x, outputs=[o]) for i, x, o in INSTRUCTIONS[:4]]
     rows, _ = data.tokenize_sft(examples, tok, max_prompt_length=224, max_length=288)
-    batch = sft.collate(rows, tok.pad_token_id, torch.device("cpu"))
+    batch = sources.collate(rows, tok.pad_token_id, torch.device("cpu"))
     return teacher, student, tok, batch
 
 
@@ -46,7 +46,7 @@ def direct_divergence(student, teacher, batch, kind="fkl", v=None, **kw):
 
 def test_kd_ratio_0_is_sft_and_never_calls_the_teacher(models_and_batch):
     _, student, _, batch = models_and_batch
-    loss, metrics = kd.kd_loss(student, None, batch, cfg(kd_ratio=0.0))
+    loss, metrics = token_kd.kd_loss(student, None, batch, cfg(kd_ratio=0.0))
     ref, _ = sft.sft_loss(student, batch)
     assert torch.equal(loss, ref)
     assert metrics == {"ce": pytest.approx(float(ref.detach()) / batch["num_tokens"])}
@@ -55,7 +55,7 @@ def test_kd_ratio_0_is_sft_and_never_calls_the_teacher(models_and_batch):
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "ce"])
 def test_kd_ratio_1_is_the_divergence(models_and_batch, kind):
     teacher, student, _, batch = models_and_batch
-    loss, metrics = kd.kd_loss(student, teacher, batch, cfg(kd_ratio=1.0, kind=kind, temperature=2.0))
+    loss, metrics = token_kd.kd_loss(student, teacher, batch, cfg(kd_ratio=1.0, kind=kind, temperature=2.0))
     ref, count = direct_divergence(student, teacher, batch, kind, temperature=2.0)
     assert int(count) == batch["num_tokens"]
     assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-6)
@@ -66,7 +66,7 @@ def test_kd_ratio_1_is_the_divergence(models_and_batch, kind):
 
 def test_kd_mix_and_gradient(models_and_batch):
     teacher, student, _, batch = models_and_batch
-    loss, m = kd.kd_loss(student, teacher, batch, cfg(kd_ratio=0.25))
+    loss, m = token_kd.kd_loss(student, teacher, batch, cfg(kd_ratio=0.25))
     ce, _ = sft.sft_loss(student, batch)
     div, _ = direct_divergence(student, teacher, batch)
     assert torch.allclose(loss, 0.75 * ce + 0.25 * div, rtol=1e-6)
@@ -86,7 +86,7 @@ def test_kd_steps_pull_the_student_to_the_teacher(models_and_batch):
     opt = torch.optim.AdamW(student.parameters(), lr=3e-2)
     values = []
     for _ in range(5):
-        loss, m = kd.kd_loss(student, teacher, batch, c)
+        loss, m = token_kd.kd_loss(student, teacher, batch, c)
         values.append(m["kd"])
         (loss / batch["num_tokens"]).backward()
         opt.step()
@@ -98,7 +98,7 @@ def test_padded_heads_compare_the_first_vocab_size_logits(models_and_batch):
     teacher, student, tok, batch = models_and_batch
     padded = models.prune_layers(teacher, [0, 1])
     padded.resize_token_embeddings(len(tok) + 13)  # a student head padded beyond the tokenizer
-    loss, _ = kd.kd_loss(padded, teacher, batch, cfg(kd_ratio=1.0), vocab_size=len(tok))
+    loss, _ = token_kd.kd_loss(padded, teacher, batch, cfg(kd_ratio=1.0), vocab_size=len(tok))
     ref, _ = direct_divergence(padded, teacher, batch, v=len(tok))
     assert torch.allclose(loss, ref, rtol=1e-6)
 
@@ -123,25 +123,25 @@ def test_rows_from_responses_eos_only_when_finished():
         {"index": 5, "output_ids": [7, 8], "finished": True},
         {"index": 2, "output_ids": [9, 9, 9, 9], "finished": False},
     ]
-    rows, cut = seqkd.rows_from_responses(records, [[1, 2], [3, 4, 5]], kept=[2, 5], eos=0, max_length=6)
+    rows, cut = responses.rows_from_responses(records, [[1, 2], [3, 4, 5]], kept=[2, 5], eos=0, max_length=6)
     assert rows[0] == {"input_ids": [3, 4, 5, 7, 8, 0], "labels": [-100] * 3 + [7, 8, 0], "prompt_length": 3}
     assert rows[1]["input_ids"] == [1, 2, 9, 9, 9, 9] and cut == 0  # no EOS: the teacher was cut off
-    rows, cut = seqkd.rows_from_responses(records, [[1, 2], [3, 4, 5]], kept=[2, 5], eos=0, max_length=5)
+    rows, cut = responses.rows_from_responses(records, [[1, 2], [3, 4, 5]], kept=[2, 5], eos=0, max_length=5)
     assert [len(r["input_ids"]) for r in rows] == [5, 5] and cut == 2
 
 
 def test_saved_responses_reused_only_with_same_settings_and_checksum(tmp_path):
     settings = {"format": 1, "seed": 3, "n_prompts": 2, "temperature": 1.0}
     records = [{"index": 0, "output_ids": [1]}, {"index": 1, "output_ids": [2, 3]}]
-    seqkd.save_responses(tmp_path, settings, records, {"sample_seconds": 0.1})
-    assert seqkd.load_responses(tmp_path, dict(settings))[0] == records
-    got, why = seqkd.load_responses(tmp_path, {**settings, "seed": 4})
+    responses.save_responses(tmp_path, settings, records, {"sample_seconds": 0.1})
+    assert responses.load_responses(tmp_path, dict(settings))[0] == records
+    got, why = responses.load_responses(tmp_path, {**settings, "seed": 4})
     assert got is None and "seed" in why
-    (tmp_path / seqkd.RESPONSES).write_text(json.dumps(records[0]) + "\n")
-    got, why = seqkd.load_responses(tmp_path, settings)
+    (tmp_path / responses.RESPONSES).write_text(json.dumps(records[0]) + "\n")
+    got, why = responses.load_responses(tmp_path, settings)
     assert got is None and "checksum" in why
-    (tmp_path / seqkd.SIDECAR).unlink()
-    assert seqkd.load_responses(tmp_path, settings)[0] is None
+    (tmp_path / responses.SIDECAR).unlink()
+    assert responses.load_responses(tmp_path, settings)[0] is None
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -186,8 +186,8 @@ def test_seqkd_samples_teacher_trains_and_reuses_on_resume(recipe_file, tiny_dir
     )
     assert main([str(path)]) == 0
     out = path.parent / "run"
-    responses, side = out / "seqkd" / seqkd.RESPONSES, out / "seqkd" / seqkd.SIDECAR
-    records = [json.loads(line) for line in responses.read_text().splitlines()]
+    path_r, side = out / "seqkd" / responses.RESPONSES, out / "seqkd" / responses.SIDECAR
+    records = [json.loads(line) for line in path_r.read_text().splitlines()]
     meta = json.loads(side.read_text())
     s = meta["settings"]
     assert (s["temperature"], s["top_p"], s["top_k"], s["max_new_tokens"], s["seed"], s["batch_size"]) == (
@@ -218,14 +218,14 @@ def test_seqkd_samples_teacher_trains_and_reuses_on_resume(recipe_file, tiny_dir
     assert records[0]["reference"] == INSTRUCTIONS[0][2] and records[0]["prompt"].endswith("### Response:\n")
 
     # the records are the teacher's: regenerate the first batch with the same prompts and seed
-    first = seqkd.sample_batches(prompt_ids, 8)[0]
+    first = responses.sample_batches(prompt_ids, 8)[0]
     again = generate_ids(
         models.freeze(teacher),
         tok,
         [prompt_ids[i] for i in first],
         max_new_tokens=12,
         batch_size=8,
-        seed=seqkd.batch_seed(7, 0),
+        seed=responses.batch_seed(7, 0),
         progress=False,
     )
     assert again == [records[i]["output_ids"] for i in first]
@@ -240,12 +240,12 @@ def test_seqkd_samples_teacher_trains_and_reuses_on_resume(recipe_file, tiny_dir
     import shutil
 
     shutil.rmtree(out / "seqkd" / "final")
-    before = (responses.read_text(), side.read_text(), responses.stat().st_mtime_ns)
+    before = (path_r.read_text(), side.read_text(), path_r.stat().st_mtime_ns)
 
     def no_sampling(*a, **k):
         raise AssertionError("teacher resampled on resume")
 
-    monkeypatch.setattr(seqkd, "generate_ids", no_sampling)
+    monkeypatch.setattr(evaluation, "generate_ids", no_sampling)  # what Teacher.generate samples with
     assert main([str(path), "resume=auto"]) == 0
-    assert (responses.read_text(), side.read_text(), responses.stat().st_mtime_ns) == before
+    assert (path_r.read_text(), side.read_text(), path_r.stat().st_mtime_ns) == before
     assert (out / "seqkd" / "final" / "config.json").is_file()

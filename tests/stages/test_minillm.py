@@ -9,6 +9,7 @@ from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from minidistill import advantages as adv
+from minidistill import objectives, rollouts, sampler
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.run import main
@@ -53,7 +54,7 @@ def _rollout_batch(seed=0, pad_extra=0):
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
     if pad_extra:
         assert batch["teacher_hidden"] is not None  # the tiny Llama splits into backbone + head
-        for k in minillm.RESPONSE_FIELDS:
+        for k in sampler.RESPONSE_FIELDS:
             fill = tok.pad_token_id if k == "response_ids" else 0
             x = batch[k]
             batch[k] = torch.cat([x, torch.full((x.shape[0], pad_extra, *x.shape[2:]), fill, dtype=x.dtype)], 1)
@@ -66,11 +67,13 @@ def test_update_is_invariant_to_right_padding(preset):
     results = []
     for extra in (0, 5):
         student, teacher, batch = _rollout_batch(pad_extra=extra)
-        ro = minillm.Rollout(**{k: batch[k] for k in minillm.Rollout.__dataclass_fields__})
-        batch.update(minillm.advantages_for(cfg, ro))
+        ro = sampler.Rollout(**{k: batch[k] for k in sampler.Rollout.__dataclass_fields__})
+        batch.update(rollouts.advantages_for(cfg, ro))
         batch["num_tokens"] = int(batch["response_mask"].sum())
         batch["stats"] = {}
-        loss, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
+        loss, metrics = objectives.minillm_loss(
+            student, batch, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size
+        )
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in student.parameters()])
         results.append((loss.detach(), grads, batch["advantages"][batch["response_mask"].bool()]))
@@ -99,8 +102,8 @@ def _mean_reverse_kl(student, teacher, tok, prompts, seed=0) -> float:
         )
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
         with torch.no_grad():
-            s = minillm.response_logits(student, batch, student.config.vocab_size)
-            t = minillm.response_logits(teacher, batch, student.config.vocab_size)
+            s = objectives.response_logits(student, batch, student.config.vocab_size)
+            t = objectives.response_logits(teacher, batch, student.config.vocab_size)
             kl, cnt = adv.single_step_kl(s, t, ro.response_mask)
         total, n = total + float(kl), n + int(cnt)
     return total / n
@@ -211,7 +214,7 @@ def test_iteration_order_and_resume_at_every_micro_batch():
     corpus = torch.randint(3, len(tok), (6, 9), generator=torch.Generator().manual_seed(0))
 
     def source():
-        return minillm.RolloutSource(run, cfg, student, prompts, corpus)
+        return rollouts.RolloutSource(run, cfg, student, prompts, corpus)
 
     def walk(src, n):
         return [src.next_batch() for _ in range(n)]

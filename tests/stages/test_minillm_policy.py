@@ -8,7 +8,7 @@ import torch
 from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minidistill import models
+from minidistill import models, objectives, rollouts
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import sample
@@ -67,7 +67,7 @@ def first_epoch_batch(student, teacher, tok, cfg):
         generator=torch.Generator().manual_seed(0),
     )
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-    batch.update(minillm.advantages_for(cfg, ro))
+    batch.update(rollouts.advantages_for(cfg, ro))
     batch["num_tokens"] = int(batch["response_mask"].sum())
     batch["stats"] = {}
     return batch
@@ -84,7 +84,7 @@ def test_no_dropout_in_policy_loss_rho_is_one(make_student, checkpointing):
     cfg = cfg_of(clip_eps=0.2, single_step=True)
     models.train_mode(student, dropout=False)  # as the loop holds the MiniLLM student, through backward
     batch = first_epoch_batch(student, teacher, tok, cfg)  # sampling keeps that state
-    loss, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
+    loss, metrics = objectives.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
     # rho = q_theta / p~ = q_theta / q_old at a = 0: exactly 1 up to float rounding, nothing clipped
     assert abs(metrics["ratio_new_old"] - 1.0) < 1e-5, metrics
     assert metrics["clip_frac"] == 0.0
@@ -101,7 +101,7 @@ def test_dropout_would_break_rho():
     cfg = cfg_of()
     batch = first_epoch_batch(student, teacher, tok, cfg)
     student.train()
-    logits = minillm.response_logits(student, batch, len(tok))
+    logits = objectives.response_logits(student, batch, len(tok))
     logq = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])[..., 0]
     m = batch["response_mask"].bool()
     assert (logq - batch["student_logp"])[m].abs().max() > 1e-2
@@ -196,17 +196,18 @@ def test_rescored_behaviour_logp_makes_rho_exact_in_bf16():
                 generator=torch.Generator().manual_seed(0),
                 vocab=len(tok),
             )
-        if minillm.recompute_logp(cfg, "bf16"):
-            ro = minillm.rescore_behaviour(student, ro, cfg, acc, len(tok))
+        if rollouts.recompute_logp(cfg, "bf16"):
+            with acc.autocast():  # the loop draws batches (and so rescores) under the run's autocast
+                ro = rollouts.rescore_behaviour(student, ro, cfg, len(tok))
         batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-        batch.update(minillm.advantages_for(cfg, ro))
+        batch.update(rollouts.advantages_for(cfg, ro))
         batch["num_tokens"], batch["stats"] = int(batch["response_mask"].sum()), {}
         with acc.autocast():
-            _, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
+            _, metrics = objectives.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
         ratios[recompute] = metrics["ratio_new_old"]
     assert abs(ratios["always"] - 1.0) < 1e-7, ratios
     assert abs(ratios["never"] - 1.0) > 1e-6, (
         ratios
     )  # the check has something to catch (a mean: deviations partly cancel)
-    assert minillm.recompute_logp(cfg_of(), "bf16") and not minillm.recompute_logp(cfg_of(), "fp32")
+    assert rollouts.recompute_logp(cfg_of(), "bf16") and not rollouts.recompute_logp(cfg_of(), "fp32")
     AcceleratorState._reset_state()

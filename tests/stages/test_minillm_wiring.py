@@ -15,6 +15,7 @@ from tiny_tokenizer import make_tokenizer, tiny_llama
 
 from minidistill import advantages as adv
 from minidistill import logits as fwd
+from minidistill import objectives, rollouts
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import Rollout, sample
@@ -64,7 +65,7 @@ def _rollouts(models, temperature=1.0, seed=0) -> Rollout:
 
 def _batch(cfg, ro: Rollout) -> dict:
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-    batch.update(minillm.advantages_for(cfg, ro))
+    batch.update(rollouts.advantages_for(cfg, ro))
     batch["num_tokens"], batch["stats"] = int(batch["response_mask"].sum()), {}
     return batch
 
@@ -73,7 +74,7 @@ def _stage_loss(models, cfg, batch):
     """(loss, metrics, grads of every student parameter) of the stage's minillm_loss."""
     _, student, teacher = models
     student.zero_grad(set_to_none=True)
-    loss, metrics = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
+    loss, metrics = objectives.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
     grads = torch.autograd.grad(loss, list(student.parameters()))
     return loss.detach(), metrics, torch.cat([g.flatten() for g in grads])
 
@@ -203,7 +204,7 @@ def test_whitened_advantages_have_zero_mean_unit_variance(models):
     cfg = cfg_of()
     assert cfg.whiten is True and cfg.importance == "step"
     ro = _rollouts(models)
-    out = minillm.advantages_for(cfg, ro)
+    out = rollouts.advantages_for(cfg, ro)
     valid = ro.response_mask.bool()
     A, R = out["advantages"][valid].to(F64), out["returns"][valid].to(F64)
     assert valid.sum() > 4
@@ -219,7 +220,7 @@ def test_rewards_are_teacher_minus_student(models):
     valid = ro.response_mask.bool()
     for preset, scale in (("paper", 1.0), ("official", 2.0)):
         cfg = cfg_of(preset=preset, length_norm=False, whiten=False, gamma=1.0, include_current=False)
-        out = minillm.advantages_for(cfg, ro)
+        out = rollouts.advantages_for(cfg, ro)
         expected = scale * (ro.teacher_logp - ro.student_logp)
         torch.testing.assert_close(out["rewards"][valid], expected[valid].to(out["rewards"].dtype))
         # R_t = sum_{t' > t} r_t'  (suffix sums of the rewards, without the current token)

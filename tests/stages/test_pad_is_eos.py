@@ -15,7 +15,7 @@ from tiny_assets import INSTRUCTIONS, fake_run
 from tiny_tokenizer import make_tokenizer, tiny_llama
 
 from minidistill import advantages as adv
-from minidistill import data
+from minidistill import data, objectives, responses, rollouts, sources
 from minidistill.config import build
 from minidistill.stages import kd, minillm, seqkd, sft
 
@@ -83,7 +83,7 @@ def check_rows_train_on_eos(rows, batch, eos, student, teacher):
     loss, _ = sft.sft_loss(student, batch)
     torch.testing.assert_close(loss, ce[want].sum(), rtol=1e-5, atol=1e-4)
     cfg = build(kd.Config, {"type": "kd", "kd_ratio": 0.5}, "test")
-    ce_kd, div = kd.kd_terms(student, teacher, batch, cfg, len(student.get_output_embeddings().weight))
+    ce_kd, div = objectives.kd_terms(student, teacher, batch, cfg, len(student.get_output_embeddings().weight))
     torch.testing.assert_close(ce_kd, ce[want].sum(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(div, kl[want].sum(), rtol=1e-4, atol=1e-4)
     last = torch.tensor([len(r["input_ids"]) - 2 for r in rows])
@@ -93,7 +93,7 @@ def check_rows_train_on_eos(rows, batch, eos, student, teacher):
 def test_sft_and_kd_batches_train_on_the_final_eos(tok, examples):
     rows, _ = data.tokenize_sft(examples, tok, max_prompt_length=224, max_length=288)
     assert len({len(r["input_ids"]) for r in rows}) > 1  # shorter rows carry pad (= EOS) columns
-    batch = sft.collate(rows, tok.pad_token_id, torch.device("cpu"))
+    batch = sources.collate(rows, tok.pad_token_id, torch.device("cpu"))
     check_rows_train_on_eos(rows, batch, tok.eos_token_id, tiny_llama(tok, seed=1), tiny_llama(tok, seed=2))
 
 
@@ -107,16 +107,16 @@ def test_seqkd_responses_keep_their_eos_and_train_on_it(tok, examples, tmp_path)
     run.cached = lambda key, make: make()
     run.log = lambda *a, **k: None
     cfg = build(seqkd.Config, {"type": "seqkd", "name": "seqkd", "max_new_tokens": 10, "gen_batch_size": 4}, "test")
-    records = seqkd.teacher_responses(run, cfg)
+    records = responses.teacher_responses(run, cfg)
     finished = [r for r in records if r["finished"]]
     assert finished and any(r["output_ids"] for r in finished)
     assert all(tok.eos_token_id not in r["output_ids"] for r in records)  # cut at the EOS, marked finished
-    prompt_ids, kept = seqkd.prompts(run)
-    rows, _ = seqkd.rows_from_responses(records, prompt_ids, kept, tok.eos_token_id, 288)
+    prompt_ids, kept = sources.prompts(run)
+    rows, _ = responses.rows_from_responses(records, prompt_ids, kept, tok.eos_token_id, 288)
     for rec, row in zip(records, rows):
         assert row["labels"][-1] == tok.eos_token_id if rec["finished"] else row["labels"][-1] != tok.eos_token_id
     rows = [row for rec, row in zip(records, rows) if rec["finished"]]
-    batch = sft.collate(rows, tok.pad_token_id, torch.device("cpu"))
+    batch = sources.collate(rows, tok.pad_token_id, torch.device("cpu"))
     check_rows_train_on_eos(rows, batch, tok.eos_token_id, tiny_llama(tok, seed=1), teacher)
 
 
@@ -140,7 +140,7 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
         },
         "test:",
     )
-    source = minillm.RolloutSource(run, cfg, student, prompts * 2, None)
+    source = rollouts.RolloutSource(run, cfg, student, prompts * 2, None)
     batch = source.next_batch()
     eos = tok.eos_token_id
     ids, mask = batch["response_ids"], batch["response_mask"]
@@ -176,10 +176,10 @@ def test_minillm_rollouts_count_the_eos_in_mask_loss_and_rewards(tok, examples, 
     first = torch.zeros_like(cols) if not cfg.include_current else cols
     assert ((batch["returns"] - R0)[rows, first].abs() > 0).all()
     # and the EOS token is in the loss: its advantage changes the loss
-    loss, _ = minillm.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
+    loss, _ = objectives.minillm_loss(student, batch, cfg=cfg, teacher=teacher, vocab=len(tok))
     moved = dict(batch, advantages=batch["advantages"].clone())
     moved["advantages"][rows, cols] += 1.0
-    loss2, _ = minillm.minillm_loss(student, moved, cfg=cfg, teacher=teacher, vocab=len(tok))
+    loss2, _ = objectives.minillm_loss(student, moved, cfg=cfg, teacher=teacher, vocab=len(tok))
     # one EOS among all response tokens moves a token-mean loss by about ratio/N, which can be under
     # 1e-3 when the batch holds few EOS; anything above float32 rounding shows the token is counted
     assert abs(float(loss2 - loss)) > 1e-6

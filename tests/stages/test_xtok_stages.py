@@ -16,6 +16,7 @@ from minidistill.config import build
 from minidistill.run import main
 from minidistill.sampler import sample
 from minidistill.stages import minillm
+from minidistill.teacher import Teacher
 from minidistill.tracking import read_metrics
 
 
@@ -141,14 +142,17 @@ def test_minillm_across_tokenizers_runs(recipe_file, sharp_dir, sp_student, tmp_
 # ---------------------------------------------------------------- the reward estimator
 
 
+SETTINGS = (1.0, 0, 1.0)  # temperature, top_k, top_p of the minillm defaults
+
+
 def reward_setup(teacher_dir, student_tok):
     from tiny_assets import INSTRUCTIONS, fake_run
 
     teacher, t_tok = models.load_model(str(teacher_dir))
     teacher = models.freeze(teacher)
     run = fake_run(teacher, student_tok)
-    run.teacher_tokenizer, run.teacher_vocab_size = t_tok, len(t_tok)
-    run.xtok = xtok.Aligner(t_tok, student_tok, "t", "s")
+    run.teacher = Teacher(teacher, t_tok, "t", vocab_size=len(t_tok), student_tokenizer=student_tok)
+    run.teacher.aligner = xtok.Aligner(t_tok, student_tok, "t", "s")
     cfg = build(
         minillm.Config, {"type": "minillm", "cross_tokenizer": True, "single_step": False, "kd_ratio": 0.0}, "t"
     )
@@ -193,7 +197,7 @@ def test_minillm_cross_tokenizer_reward_sums_to_the_teachers_log_prob_of_the_tex
     given = text_rollout(s_tok, s_prompts, RESPONSES, [True, False, True, True])
     tt = xtok.TokenText(s_tok, "s")
     for ro in (given, sampled):
-        spread = minillm.cross_tokenizer_logp(run, cfg, ro, t_prompts)
+        spread, _ = run.teacher.response_logp(ro, SETTINGS, chunk=cfg.chunk_rows, teacher_prompts=t_prompts)
         assert spread.shape == ro.response_ids.shape and torch.all(spread[ro.response_mask == 0] == 0)
         for b in range(ro.batch_size):
             n = int(ro.response_mask[b].sum())
@@ -219,7 +223,7 @@ def test_minillm_cross_tokenizer_reward_with_one_tokenizer_is_the_token_reward(t
     run, cfg, teacher, _, prompts, _ = reward_setup(tiny_dir, tok)
     ro = text_rollout(tok, prompts, RESPONSES, [True, False, True, True])
     token_level, _ = score(teacher, ro, keep_hidden=False, vocab=len(tok))
-    spread = minillm.cross_tokenizer_logp(run, cfg, ro, prompts)
+    spread, _ = run.teacher.response_logp(ro, SETTINGS, chunk=cfg.chunk_rows, teacher_prompts=prompts)
     ascii_rows = [0, 2, 3]
     assert torch.allclose(spread[ascii_rows], token_level[ascii_rows], atol=1e-5)
     # "é🙂": the bytes that only start a character get nothing, the byte completing it their sum
@@ -305,8 +309,8 @@ def test_one_tokenizer_keeps_todays_paths(recipe_file, tmp_path):
     run = Run(load_recipe(recipe_file([{"type": "kd", "name": "kd", "max_steps": 1}])))
     load_teacher(run)
     build_student(run)
-    assert run.xtok is None and run.teacher_tokenizer is None and not run.cross_tokenizer
+    assert run.teacher.aligner is None and run.teacher.tokenizer is run.tokenizer and not run.cross_tokenizer
     run = Run(load_recipe(recipe_file([{"type": "kd", "name": "kd", "kind": "uld", "max_steps": 1}], name="r2.yaml")))
     load_teacher(run)
     build_student(run)
-    assert run.xtok is not None and run.teacher_tokenizer is run.tokenizer and not run.cross_tokenizer
+    assert run.teacher.aligner is not None and run.teacher.tokenizer is run.tokenizer and not run.cross_tokenizer

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from minidistill import objectives, rollouts
 from minidistill.advantages import (
     masked_moments,
     mixed_logp,
@@ -683,7 +684,7 @@ def test_reverse_kl_and_logp_match_autograd_reference(temperature):
 
 
 # ---------------------------------------------------------------------------------------------
-# The same enumeration through the STAGE: minillm.advantages_for + minillm.minillm_loss
+# The same enumeration through the STAGE: rollouts.advantages_for + objectives.minillm_loss
 # ---------------------------------------------------------------------------------------------
 
 
@@ -747,7 +748,6 @@ def _stage_expected_grad(tabular, cfg):
     """sum_y p~(y) * grad(stage loss of response y), every response enumerated: the exact
     expectation of the gradient the stage computes from one sampled response."""
     from minidistill.sampler import Rollout
-    from minidistill.stages import minillm
 
     theta, teacher, resp, _, _, _ = tabular
     tokens, mask, rows = resp
@@ -771,13 +771,13 @@ def _stage_expected_grad(tabular, cfg):
         teacher_logp=lp,
     )
     buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
-    buf.update(minillm.advantages_for(cfg, ro))  # per-row quantities (no whitening): slice below
+    buf.update(rollouts.advantages_for(cfg, ro))  # per-row quantities (no whitening): slice below
     student, teacher_lm = _TabularLM(theta, 1), _TabularLM(teacher, 1)
     total = torch.zeros((), dtype=F64)
     for i in range(M):
         row = {k: v[i : i + 1] for k, v in buf.items()}
         row["num_tokens"], row["stats"] = int(row["response_mask"].sum()), {}
-        loss, _ = minillm.minillm_loss(student, row, cfg=cfg, teacher=teacher_lm, vocab=V)
+        loss, _ = objectives.minillm_loss(student, row, cfg=cfg, teacher=teacher_lm, vocab=V)
         total = total + p_mix[i] * loss
     (g,) = torch.autograd.grad(total, theta)
     return g

@@ -14,6 +14,7 @@ from test_sampler import PAD, left_padded_prompts, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minidistill import logits as fwd
+from minidistill import objectives, rollouts
 from minidistill.config import build
 from minidistill.sampler import sample
 from minidistill.stages import minillm
@@ -97,10 +98,10 @@ def test_minillm_loss_same_with_cached_teacher_hidden(models, alpha):
         b = _batch(ro)
         if not keep:
             b.pop("teacher_hidden")
-        b.update(minillm.advantages_for(cfg, ro))
+        b.update(rollouts.advantages_for(cfg, ro))
         b["num_tokens"], b["stats"] = int(b["response_mask"].sum()), {}
         student.zero_grad()
-        loss, m = minillm.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
+        loss, m = objectives.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
         loss.backward()
         results.append(
             (loss.detach(), m["single_step_kl"], torch.cat([p.grad.flatten() for p in student.parameters()]))
@@ -146,10 +147,10 @@ def test_minillm_loss_same_for_any_chunking(models):
     for chunk in (1, 3, 64):
         cfg = build(minillm.Config, {"type": "minillm", "chunk_rows": chunk}, "test:")
         b = _batch(ro)
-        b.update(minillm.advantages_for(cfg, ro))
+        b.update(rollouts.advantages_for(cfg, ro))
         b["num_tokens"], b["stats"] = int(b["response_mask"].sum()), {}
         student.zero_grad()
-        loss, m = minillm.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
+        loss, m = objectives.minillm_loss(student, b, cfg=cfg, teacher=teacher, vocab=student.config.vocab_size)
         loss.backward()
         results.append((loss.detach(), m, torch.cat([p.grad.flatten() for p in student.parameters()])))
     for loss, m, g in results[:2]:

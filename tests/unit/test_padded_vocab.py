@@ -16,14 +16,15 @@ from tiny_assets import INSTRUCTIONS, fake_run, tiny_recipe
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minidistill import analysis, evaluation
+from minidistill import analysis, evaluation, objectives, responses, rollouts, validation
+from minidistill import logits as fwd
 from minidistill import models as mmodels
 from minidistill.config import build
 from minidistill.data import Example, collate_prompts
 from minidistill.errors import UserError
 from minidistill.run import main
 from minidistill.sampler import process_logits, sample
-from minidistill.stages import minillm, seqkd
+from minidistill.stages import minillm
 
 N_TOK, T_ROWS, S_ROWS = 48, 64, 56
 EOS, PAD = 0, 1
@@ -145,7 +146,7 @@ def test_sampler_draws_and_scores_over_the_tokenizer_vocab(student, teacher, alp
         mix = torch.log(alpha * lp.exp() + (1 - alpha) * lq.exp())
         torch.testing.assert_close(ro.mix_logp[valid], mix[valid], atol=2e-5, rtol=0)
     # the teacher hidden states rebuild the teacher's logits over the tokenizer's ids
-    head = minillm.fwd.head_logits(teacher, ro.teacher_hidden, N_TOK)  # (B, T, N_TOK)
+    head = fwd.head_logits(teacher, ro.teacher_hidden, N_TOK)  # (B, T, N_TOK)
     lp_h = torch.log_softmax(process_logits(head, **proc), -1).gather(-1, y)[..., 0]
     assert_close_with_inf(lp_h[valid], lp[valid])
 
@@ -166,12 +167,12 @@ def test_minillm_loss_on_a_padded_head_rollout(student, teacher, alpha, top_k):
         "test:",
     )
     batch = {f: getattr(ro, f) for f in ro.__dataclass_fields__}
-    batch.update(minillm.advantages_for(cfg, ro))
+    batch.update(rollouts.advantages_for(cfg, ro))
     batch["num_tokens"] = int(ro.response_mask.sum())
     batch["stats"] = {}
     model = padded_llama(S_ROWS, seed=2)
     model.requires_grad_(True)
-    loss, metrics = minillm.minillm_loss(model, batch, cfg=cfg, teacher=teacher, vocab=N_TOK)
+    loss, metrics = objectives.minillm_loss(model, batch, cfg=cfg, teacher=teacher, vocab=N_TOK)
     assert torch.isfinite(loss)
     assert metrics["ratio_new_old"] == pytest.approx(1.0, abs=1e-5)
     loss.backward()
@@ -228,7 +229,7 @@ def test_stage_samplers_pass_the_run_vocab(teacher, student, tok, monkeypatch):
     assert run.vocab_size == N_TOK
     ids = prompts(6)
     settings = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 3, "batch_size": 4}
-    pieces = seqkd.sample(run, settings, ids)  # what the seqkd and generate stages sample with
+    pieces = responses.sample(run, settings, ids)  # what the seqkd and generate stages sample with
     assert sorted(i for i, _ in pieces) == list(range(6))
     assert sum(len(r) for _, r in pieces) > 10 and max(t for _, r in pieces for t in r) < N_TOK
 
@@ -245,7 +246,7 @@ def test_stage_samplers_pass_the_run_vocab(teacher, student, tok, monkeypatch):
         },
         "test:",
     )
-    source = minillm.RolloutSource(run, cfg, student, ids, None)
+    source = rollouts.RolloutSource(run, cfg, student, ids, None)
     batch = source.next_batch()
     assert int(source.buffer.rollout.response_ids.max()) < N_TOK and batch["num_tokens"]["response"] > 0
 
@@ -259,7 +260,7 @@ def test_stage_samplers_pass_the_run_vocab(teacher, student, tok, monkeypatch):
 
     monkeypatch.setattr(evaluation, "generate_ids", spy)
     examples = [Example(instruction=i, input=x, outputs=[o]) for i, x, o in INSTRUCTIONS[:2]]
-    minillm.make_evaluate(run, cfg, examples)(student)  # the MiniLLM validation
+    validation.sampled_rouge(run, examples, max_new_tokens=cfg.max_new_tokens, batch_size=2)(student)  # MiniLLM's
     assert len(seen) > 5 and max(seen) < N_TOK
 
 
@@ -317,7 +318,7 @@ def test_pipeline_with_heads_of_64_and_56_rows(tmp_path, tiny_data, tok):
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert main([str(path)]) == 0
     out = tmp_path / "run"
-    records = [json.loads(line) for line in (out / "seqkd" / seqkd.RESPONSES).read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "seqkd" / responses.RESPONSES).read_text().splitlines()]
     ids = [t for r in records for t in r["output_ids"]]
     assert len(ids) > 20 and max(ids) < N_TOK
     final = LlamaForCausalLM.from_pretrained(out / "minillm" / "final")
