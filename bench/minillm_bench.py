@@ -19,7 +19,7 @@ import time
 import torch
 from common import matmul_peak, prompt_texts, smollm2, write
 
-from minidistill import models, objectives
+from minidistill import models, objectives, rollouts
 from minidistill.config import build
 from minidistill.data import collate_prompts
 from minidistill.sampler import sample
@@ -77,7 +77,7 @@ def main() -> None:
         ids, mask = collate_prompts([ids_all[i % len(ids_all)] for i in range(b)], tok.pad_token_id)
         prompt_tokens = int(mask.sum())
 
-        def rollouts(a=args.alpha, ids=ids, mask=mask):
+        def draw(a=args.alpha, ids=ids, mask=mask):
             with auto:
                 return sample(
                     student,
@@ -91,7 +91,7 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(0),
                 )
 
-        t, ro = timed(rollouts, args.repeats)
+        t, ro = timed(draw, args.repeats)
         n = int(ro.response_mask.sum())
         add(
             f"sampler a={args.alpha}, batch {b}",
