@@ -6,7 +6,8 @@ responses, scores ROUGE-L against the split's references (the teacher's response
 ``generate`` stage), the share of responses that stop with EOS before ``max_new_tokens`` (set
 it well above a training stage's limit to see whether the student still stops), and measures
 per-token KL to the teacher: reverse KL(q||p) on the model's
-own samples and forward KL(p||q) on the teacher's samples. Models are scored in the recipe's
+own samples and forward KL(p||q) on the teacher's samples, through :func:`minidistill.scoring.score_model`
+(as eval/analyze.py and eval/compare.py are). Models are scored in the recipe's
 precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
 bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
 ``<output_dir>/eval_table.json`` (which the run report turns into a table and a bar chart) and
