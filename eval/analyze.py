@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from minidistill import analysis as A
-    from minidistill import models
-    from minidistill.data import load_instructions, render_prompt, tokenize_prompts, tokenize_sft
+    from minidistill import models, scoring
+    from minidistill.data import load_instructions, render_prompt, tokenize_prompts
+    from minidistill.evaluation import Sampling
 
     seeds, lengths = _check_args(args)
     examples = load_instructions(args.data)
@@ -115,62 +116,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models.freeze(teacher)
     models.check_tokenizers_match(t_tok, tok, where="--model")
     vocab = models.check_vocab(teacher, model, tok, where="--model")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     prompts, _, stats = tokenize_prompts(
         examples, tok, template=args.template, max_prompt_length=args.max_prompt_length, long_prompt=args.long_prompt
     )
     kept = [examples[i] for i in stats.kept_indices]
     max_new = args.max_new_tokens if args.no_exposure_bias else max(args.max_new_tokens, max(lengths))
-    common = dict(
-        seeds=seeds,
+    sampling = Sampling(
         max_new_tokens=max_new,
         batch_size=args.batch_size,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         no_repeat_ngram_size=args.no_repeat_ngram,
-        vocab_size=vocab,
         progress=not args.no_progress,
     )
     out.mkdir(parents=True, exist_ok=True)
 
     with torch.inference_mode():
-        if args.no_exposure_bias:
-            student = A.sample_and_score(model, model, teacher, tok, prompts, **common)
-            eb, teacher_samples = None, None
-        else:
-            eb, student, teacher_s = A.exposure_bias(
-                model, teacher, tok, prompts, lengths, return_samples=True, **common
-            )
-            teacher_samples = A.summarize_samples(teacher_s)
+        # the teacher's own samples (KL 0 to itself), then the model scored on its own and on those
+        t_samples = None
+        if not args.no_exposure_bias:
+            t_samples = scoring.score_model(
+                teacher, teacher, vocab, tok, prompts, sampling=sampling, seeds=seeds
+            ).samples
+        scored = scoring.score_model(
+            model, teacher, vocab, tok, prompts, sampling=sampling, seeds=seeds, teacher_samples=t_samples
+        )
+        student, texts = scored.samples, scored.texts
+        eb, teacher_samples = None, None
+        if scored.teacher_samples is not None:
+            eb = A.exposure_bias_from(student, scored.teacher_samples, lengths, seeds=seeds, max_new_tokens=max_new)
+            teacher_samples = A.summarize_samples(scored.teacher_samples)
             for key in ("student_samples", "teacher_samples"):
                 eb.pop(key)
-        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in student.responses]
         samples = A.summarize_samples(student)
         samples["distinct_4"] = A.distinct_n(texts, 4)
         samples["distinct_4_per_response"] = A.distinct_n(texts, 4, average="per_text")
         samples["distinct_4_token_ids"] = A.distinct_n(student.responses, 4)
 
-        rows, _ = tokenize_sft(
-            kept,
+        reference, ref_prompts, ref_resps = scoring.gold_kl(
+            model,
+            teacher,
+            vocab,
             tok,
+            kept,
             template=args.template,
             max_prompt_length=args.max_prompt_length,
             max_length=args.max_length,
             long_prompt=args.long_prompt,
+            batch_size=args.batch_size,
         )
-        ref_prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
-        ref_resps = [r["input_ids"][r["prompt_length"] :] for r in rows]
-        reference = A.response_kl(
-            model, teacher, ref_prompts, ref_resps, pad_id=pad_id, batch_size=args.batch_size, vocab_size=vocab
-        )
-        reference.pop("per_sequence")
         calibration = A.calibration_ece(
             model,
             ref_prompts,
             ref_resps,
-            pad_id=pad_id,
+            pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             n_bins=args.n_bins,
             batch_size=args.batch_size,
             vocab_size=vocab,
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n_examples": stats.n_kept,
         "n_loaded": len(examples),
         "n_dropped_long_prompt": stats.n_dropped_long_prompt,
-        "n_reference": len(rows),
+        "n_reference": len(ref_prompts),
         "settings": {
             "seeds": seeds,
             "lengths": lengths,

@@ -10,7 +10,8 @@ tests/unit/test_analysis.py): :func:`distinct_n`, :func:`ece_from_confidences`,
 :func:`reliability_bins`, :func:`exaccerr_curve`, :func:`kl_per_position`.
 Model-level wrappers (batched, masked, ``torch.no_grad``): :func:`token_kl` (one padded batch),
 :func:`response_kl` (lists of prompts / responses), :func:`calibration_ece`,
-:func:`sample_and_score`, :func:`exposure_bias`.
+:func:`sample_and_score` (:func:`draw_samples` then :func:`score_steps`), :func:`exposure_bias`.
+The scorer that puts these together for a model against its teacher is :mod:`minidistill.scoring`.
 
 Padding convention (as in the MiniLLM stage): prompts LEFT-padded, responses RIGHT-padded, one
 forward pass over [prompt | response] with position ids from the attention mask, so a row's
@@ -42,11 +43,15 @@ __all__ = [
     "exposure_bias",
     "kl_per_position",
     "reliability_bins",
+    "draw_samples",
+    "exposure_bias_from",
     "response_kl",
     "sample_and_score",
+    "score_steps",
     "summarize_samples",
     "token_kl",
     "token_kl_per_position",
+    "with_eos",
 ]
 
 
@@ -414,6 +419,79 @@ class Samples:
     fkl: list[list[float]] = field(default_factory=list)
 
 
+def with_eos(responses: Sequence[Sequence[int]], ended: Sequence[bool], eos: int) -> list[list[int]]:
+    """Sampled responses as they are scored: EOS appended to those that stopped before the limit (the
+    EOS prediction counts; the token there is irrelevant to the KL at that step, so EOS stands in for
+    whichever stop token was drawn)."""
+    return [list(r) + [eos] if e else list(r) for r, e in zip(responses, ended)]
+
+
+def _sampling(settings: dict[str, Any]):
+    """The :class:`minidistill.evaluation.Sampling` of the keyword settings, with this module's defaults."""
+    from minidistill.evaluation import Sampling
+
+    return Sampling(**{"max_new_tokens": 256, "batch_size": 4, "progress": False, **settings})
+
+
+def draw_samples(
+    generator: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], sampling: Any, seeds: Sequence[int]
+) -> Samples:
+    """One response per prompt and seed from ``generator`` (seed-major), KLs not yet scored
+    (``rkl``/``fkl`` empty lists): see :func:`score_steps`. ``sampling``: an
+    :class:`minidistill.evaluation.Sampling`."""
+    from minidistill.evaluation import sample_ids
+
+    out = Samples()
+    for seed in seeds:
+        new = sample_ids(generator, tokenizer, [list(p) for p in prompts], sampling, seed, desc=f"sample seed {seed}")
+        for i, r in enumerate(new):
+            out.prompt_index.append(i)
+            out.seed.append(int(seed))
+            out.responses.append(list(r))
+            out.ended.append(len(r) < sampling.max_new_tokens)
+            out.rkl.append([])
+            out.fkl.append([])
+    return out
+
+
+def score_steps(
+    model: Any,
+    teacher: Any,
+    prompts: Sequence[Sequence[int]],
+    samples: Samples,
+    *,
+    eos: int,
+    pad_id: int,
+    batch_size: int,
+    vocab_size: int | None = None,
+    seeds: Sequence[int] | None = None,
+) -> Samples:
+    """Fill ``samples.rkl``/``fkl`` (in place; returned) with KL(q||p) and KL(p||q) at every step of
+    the samples of ``seeds`` (default: all), teacher-forced with :func:`response_kl`, one batched pass
+    per seed; ``prompts[samples.prompt_index[k]]`` is sample k's prompt. The EOS prediction of a
+    sample that stopped counts (:func:`with_eos`). ``model is teacher``: 0 at every step, no passes."""
+    scored = with_eos(samples.responses, samples.ended, eos)
+    wanted = list(dict.fromkeys(samples.seed)) if seeds is None else [int(s) for s in seeds]
+    for seed in wanted:
+        group = [k for k, s in enumerate(samples.seed) if s == seed]
+        per_seq: list[tuple[list[float], list[float]]] = []
+        if model is teacher:  # KL of the teacher to itself: 0 at every step, no forward passes
+            per_seq = [([0.0] * len(scored[k]), [0.0] * len(scored[k])) for k in group]
+        elif group:
+            per_seq = response_kl(
+                model,
+                teacher,
+                [prompts[samples.prompt_index[k]] for k in group],
+                [scored[k] for k in group],
+                pad_id=pad_id,
+                batch_size=batch_size,
+                vocab_size=vocab_size,
+            )["per_sequence"]
+        for k, (rk, fk) in zip(group, per_seq):
+            samples.rkl[k], samples.fkl[k] = rk, fk
+    return samples
+
+
 def sample_and_score(
     generator: Any,
     model: Any,
@@ -422,60 +500,31 @@ def sample_and_score(
     prompts: Sequence[Sequence[int]],
     *,
     seeds: Sequence[int] = (0,),
-    max_new_tokens: int = 256,
-    batch_size: int = 4,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    no_repeat_ngram_size: int = 0,
-    vocab_size: int | None = None,
-    progress: bool = False,
+    sampling: Any = None,
+    **settings: Any,
 ) -> Samples:
     """Sample one response per prompt and seed from ``generator`` (the model or the teacher) with
-    :func:`minidistill.evaluation.generate_ids`, then score every step with :func:`token_kl_per_position`.
-    ``vocab_size`` (``len(tokenizer)``) bounds both: no id >= it is sampled, and the KLs are over the
-    first ``vocab_size`` logits.
+    :func:`minidistill.evaluation.sample_ids`, then score every step with :func:`score_steps`.
+    ``sampling``: an :class:`minidistill.evaluation.Sampling`, or its fields as keywords (defaults
+    here: max_new_tokens 256, batch_size 4, no progress bar). ``vocab_size`` (``len(tokenizer)``)
+    bounds both: no id >= it is sampled, and the KLs are over the first ``vocab_size`` logits.
     """
     from minidistill.data import eos_id
-    from minidistill.evaluation import generate_ids
 
+    sampling = sampling if sampling is not None else _sampling(settings)
     eos = eos_id(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out = Samples()
-    for seed in seeds:
-        new = generate_ids(
-            generator,
-            tokenizer,
-            [list(p) for p in prompts],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            seed=int(seed),
-            progress=progress,
-            desc=f"sample seed {seed}",
-            vocab_size=vocab_size,
-        )
-        ended = [len(r) < max_new_tokens for r in new]
-        # Score the EOS prediction too when the sample stopped (the token there is irrelevant to the
-        # KL at that step; EOS stands in for whichever stop token was drawn).
-        scored = [r + [eos] if e else list(r) for r, e in zip(new, ended)]
-        if model is teacher:  # KL of the teacher to itself: 0 at every step, no forward passes
-            per_seq = [([0.0] * len(r), [0.0] * len(r)) for r in scored]
-        else:
-            per_seq = response_kl(
-                model, teacher, prompts, scored, pad_id=pad_id, batch_size=batch_size, vocab_size=vocab_size
-            )["per_sequence"]
-        for i, (r, e, (rk, fk)) in enumerate(zip(new, ended, per_seq)):
-            out.prompt_index.append(i)
-            out.seed.append(int(seed))
-            out.responses.append(list(r))
-            out.ended.append(bool(e))
-            out.rkl.append(rk)
-            out.fkl.append(fk)
-    return out
+    out = draw_samples(generator, tokenizer, prompts, sampling, seeds)
+    return score_steps(
+        model,
+        teacher,
+        prompts,
+        out,
+        eos=eos,
+        pad_id=pad_id,
+        batch_size=sampling.batch_size,
+        vocab_size=sampling.vocab_size,
+    )
 
 
 def summarize_samples(samples: Samples) -> dict[str, Any]:
@@ -501,14 +550,8 @@ def exposure_bias(
     *,
     seeds: Sequence[int] = (0,),
     max_new_tokens: int | None = None,
-    batch_size: int = 4,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    no_repeat_ngram_size: int = 0,
-    vocab_size: int | None = None,
-    progress: bool = False,
     return_samples: bool = False,
+    **settings: Any,
 ):
     """ExAccErr(l) of ``model`` against ``teacher`` for each generation length l in ``lengths``.
 
@@ -539,32 +582,37 @@ def exposure_bias(
     the :func:`exaccerr_curve` dict plus ``curve`` (the same quantities at every l = 1..max) and
     summaries of both sample sets; with ``return_samples`` also the (student, teacher) Samples.
     """
-    lengths = sorted({int(x) for x in lengths})
-    if not lengths or lengths[0] < 1:
-        raise ValueError(f"exposure_bias: lengths must be positive integers, got {lengths}")
+    lengths = _lengths(lengths)
     max_new = max(lengths) if max_new_tokens is None else max(int(max_new_tokens), max(lengths))
-    kw = dict(
-        seeds=seeds,
-        max_new_tokens=max_new,
-        batch_size=batch_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        vocab_size=vocab_size,
-        progress=progress,
-    )
-    student = sample_and_score(model, model, teacher, tokenizer, prompts, **kw)
-    teacher_s = sample_and_score(teacher, model, teacher, tokenizer, prompts, **kw)
+    sampling = _sampling({**settings, "max_new_tokens": max_new})
+    student = sample_and_score(model, model, teacher, tokenizer, prompts, seeds=seeds, sampling=sampling)
+    teacher_s = sample_and_score(teacher, model, teacher, tokenizer, prompts, seeds=seeds, sampling=sampling)
+    result = exposure_bias_from(student, teacher_s, lengths, seeds=seeds, max_new_tokens=max_new)
+    if return_samples:
+        return result, student, teacher_s
+    return result
+
+
+def _lengths(lengths: Sequence[int]) -> list[int]:
+    out = sorted({int(x) for x in lengths})
+    if not out or out[0] < 1:
+        raise ValueError(f"exposure_bias: lengths must be positive integers, got {out}")
+    return out
+
+
+def exposure_bias_from(
+    student: Samples, teacher_s: Samples, lengths: Sequence[int], *, seeds: Sequence[int], max_new_tokens: int
+) -> dict[str, Any]:
+    """:func:`exposure_bias`'s result from already scored samples: the model's own (``student``) and
+    the teacher's (``teacher_s``), both with the model's forward KL at every step."""
+    lengths = _lengths(lengths)
     result = exaccerr_curve(student.fkl, teacher_s.fkl, lengths)
     curve = exaccerr_curve(student.fkl, teacher_s.fkl, list(range(1, max(lengths) + 1)))
     result["curve"] = {k: curve[k] for k in ("lengths", "R", "l_eps", "exaccerr")}
     result["student_samples"] = summarize_samples(student)
     result["teacher_samples"] = summarize_samples(teacher_s)
-    result["max_new_tokens"] = max_new
+    result["max_new_tokens"] = max_new_tokens
     result["seeds"] = [int(s) for s in seeds]
-    if return_samples:
-        return result, student, teacher_s
     return result
 
 

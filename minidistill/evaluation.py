@@ -5,16 +5,19 @@ no_repeat_ngram_size 6, 5 seeds (10..50) averaged; ROUGE-L F-measure (rouge-scor
 use_stemmer=True), max over references, x100.
 
 :func:`generate_ids` is the one sampler for a single model (evaluation, SeqKD teacher data,
-``analysis.sample_and_score``); the MiniLLM rollout sampler (``sampler.sample``) stays separate
+``analysis.sample_and_score``), called through :class:`Sampling` and :func:`sample_ids` wherever the
+settings travel together; the MiniLLM rollout sampler (``sampler.sample``) stays separate
 because it mixes teacher and student at every step and records per-token log-probs, which HF
 ``generate`` cannot. Both apply temperature/top-k/top-p through ``sampler.process_logits``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -177,37 +180,49 @@ def generate_ids(
     return results
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How :func:`generate_ids` samples: every setting but the prompts, the seed and the progress label."""
+
+    max_new_tokens: int
+    batch_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 0
+    progress: bool = True
+    vocab_size: int | None = None
+
+
+def sample_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    sampling: Sampling,
+    seed: int,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """:func:`generate_ids` with the settings of ``sampling``: the new ids per prompt, EOS excluded."""
+    return generate_ids(model, tokenizer, prompts, seed=int(seed), desc=desc, **dataclasses.asdict(sampling))
+
+
+def decode(tokenizer: Any, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Generated ids as stripped text, special tokens skipped."""
+    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     *,
-    max_new_tokens: int,
-    batch_size: int = 8,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    no_repeat_ngram_size: int = 0,
     seed: int = 0,
-    progress: bool = True,
-    vocab_size: int | None = None,
+    **settings: Any,
 ) -> list[str]:
-    """Sample continuations and return them as stripped text (special tokens skipped), in input order."""
-    new_ids = generate_ids(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        seed=seed,
-        progress=progress,
-        vocab_size=vocab_size,
-    )
-    return [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
+    """Sample continuations and return them as stripped text (special tokens skipped), in input order.
+
+    ``settings``: the fields of :class:`Sampling` (``max_new_tokens`` required)."""
+    return decode(tokenizer, sample_ids(model, tokenizer, prompts, Sampling(**settings), seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,45 +294,31 @@ def evaluate_instructions(
         examples, tokenizer, template=template, max_prompt_length=max_prompt_length, long_prompt=long_prompt
     )
     prompt_texts = [render_prompt(examples[i], template, tokenizer) for i in stats.kept_indices]
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        progress=progress,
+        vocab_size=vocab_size,
+    )
     per_seed: dict[int, float] = {}
     length_per_seed: dict[int, float] = {}
     generations: list[dict[str, Any]] = []
     for seed in seeds:
-        new_ids = generate_ids(
-            model,
-            tokenizer,
-            ids,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            seed=int(seed),
-            progress=progress,
-            desc=f"seed {seed}",
-            vocab_size=vocab_size,
-        )
-        texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new_ids]
+        new_ids = sample_ids(model, tokenizer, ids, sampling, seed, desc=f"seed {seed}")
+        texts = decode(tokenizer, new_ids)
         scores = [rouge_l(t, r) for t, r in zip(texts, refs)]
         per_seed[int(seed)] = sum(scores) / len(scores)
         length_per_seed[int(seed)] = sum(len(x) for x in new_ids) / len(new_ids)
         for k, (text, score, toks) in enumerate(zip(texts, scores, new_ids)):
             i = stats.kept_indices[k]
+            prompt_ids = ids[k] if keep_ids else None
             generations.append(
-                {
-                    "seed": int(seed),
-                    "index": i,
-                    "source": examples[i].source,
-                    "prompt": prompt_texts[k],
-                    "references": refs[k],
-                    "generation": text,
-                    "rougeL": score,
-                    "length": len(toks),
-                }
+                generation_record(examples[i], i, prompt_texts[k], refs[k], seed, text, score, toks, prompt_ids)
             )
-            if keep_ids:
-                generations[-1].update(prompt_ids=list(ids[k]), generation_ids=list(toks))
     rouge = sum(per_seed.values()) / len(per_seed)
     return {
         "rougeL": rouge,
@@ -330,6 +331,35 @@ def evaluate_instructions(
         "n_truncated_prompt": stats.n_truncated_prompt,
         "generations": generations,
     }
+
+
+def generation_record(
+    example: Example,
+    index: int,
+    prompt: str,
+    references: Any,
+    seed: int,
+    generation: str,
+    score: float,
+    ids: Sequence[int],
+    prompt_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """One line of a generations file: the example's index, source, prompt and references, the seed, the
+    generated text, its ROUGE-L and length in tokens; ``prompt_ids`` given: also the prompt and
+    generated ids (EOS excluded), for analyses that score the samples token by token."""
+    record = {
+        "seed": int(seed),
+        "index": index,
+        "source": example.source,
+        "prompt": prompt,
+        "references": references,
+        "generation": generation,
+        "rougeL": score,
+        "length": len(ids),
+    }
+    if prompt_ids is not None:
+        record.update(prompt_ids=list(prompt_ids), generation_ids=list(ids))
+    return record
 
 
 def _std(values: list[float]) -> float:

@@ -6,7 +6,8 @@ responses, scores ROUGE-L against the split's references (the teacher's response
 ``generate`` stage), the share of responses that stop with EOS before ``max_new_tokens`` (set
 it well above a training stage's limit to see whether the student still stops), and measures
 per-token KL to the teacher: reverse KL(q||p) on the model's
-own samples and forward KL(p||q) on the teacher's samples. Models are scored in the recipe's
+own samples and forward KL(p||q) on the teacher's samples, through :func:`minidistill.scoring.score_model`
+(as eval/analyze.py and eval/compare.py are). Models are scored in the recipe's
 precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
 bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
 ``<output_dir>/eval_table.json`` (which the run report turns into a table and a bar chart) and
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .. import analysis, data, models
 from .. import checkpoint as ckpt
+from .. import data, models, scoring
 from ..config import opt
 from ..errors import UserError
-from ..evaluation import mean_rouge_l
+from ..evaluation import Sampling
 from ..tracking import console
 from . import Stage
 
@@ -76,56 +77,41 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
     prompts, refs, _ = data.tokenize_prompts(
         examples, run.tokenizer, template=d.template, max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt
     )
-    common = dict(
-        seeds=cfg.seeds,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        progress=True,
-        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        vocab_size=run.vocab_size,
+    sampling = Sampling(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, no_repeat_ngram_size=cfg.no_repeat_ngram_size
     )
     teacher = run.teacher.model
-    with torch.no_grad():
-        t_samples = analysis.sample_and_score(teacher, teacher, teacher, run.tokenizer, prompts, **common)
-    t_scored = [
-        r + [run.tokenizer.eos_token_id] if e else list(r) for r, e in zip(t_samples.responses, t_samples.ended)
-    ]
-    t_prompts = [prompts[i] for i in t_samples.prompt_index]
+
+    def score(model, teacher_samples=None):
+        with torch.no_grad():
+            return scoring.score_model(
+                model,
+                teacher,
+                run.vocab_size,
+                run.tokenizer,
+                prompts,
+                sampling=sampling,
+                seeds=cfg.seeds,
+                references=refs,
+                teacher_samples=teacher_samples,
+            )
+
+    t_score = score(teacher)
     rows = []
     for name in cfg.models:
         model = _eval_copy(run, student) if name == "student" else _load(run, name)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            own = (
-                t_samples
-                if model is teacher
-                else analysis.sample_and_score(model, model, teacher, run.tokenizer, prompts, **common)
-            )
-            fkl = (
-                0.0
-                if model is teacher
-                else analysis.response_kl(
-                    model,
-                    teacher,
-                    t_prompts,
-                    t_scored,
-                    pad_id=run.tokenizer.pad_token_id,
-                    batch_size=cfg.batch_size,
-                    vocab_size=run.vocab_size,
-                )["forward_kl"]
-            )
+        sc = t_score if model is teacher else score(model, t_score.samples)
         model.train(was_training)
-        texts = [run.tokenizer.decode(r, skip_special_tokens=True).strip() for r in own.responses]
-        summary = analysis.summarize_samples(own)
         rows.append(
             {
                 "model": name,
-                "rougeL": mean_rouge_l(texts, [refs[i] for i in own.prompt_index]),
-                "reverse_kl": 0.0 if model is teacher else summary["reverse_kl"],
-                "forward_kl": fkl,
-                "mean_length": summary["mean_length"],
-                "eos_rate": summary["eos_rate"],
+                "rougeL": sc.rouge_l,
+                "reverse_kl": 0.0 if model is teacher else sc.reverse_kl,
+                "forward_kl": 0.0 if model is teacher else sc.forward_kl,
+                "mean_length": sc.mean_length,
+                "eos_rate": sc.eos_rate,
                 "max_new_tokens": cfg.max_new_tokens,
                 "n_prompts": len(prompts),
                 "seeds": list(cfg.seeds),

@@ -190,6 +190,10 @@ def test_exposure_bias_models(student, teacher, tok):
     assert res["R"] == pytest.approx(again["R"]) and res["exaccerr"] == pytest.approx(again["exaccerr"])
     assert all(a <= b + 1e-9 for a, b in zip(res["R"], res["R"][1:])) and res["R"][0] > 0
     assert len(res["curve"]["R"]) == 8 and res["curve"]["R"][1] == pytest.approx(res["R"][0])
+    # the same result from the already scored samples (what eval/analyze.py calls), lengths sorted and deduplicated
+    from_samples = A.exposure_bias_from(s, t, [8, 2, 4, 2], seeds=[1, 2], max_new_tokens=8)
+    assert from_samples["lengths"] == [2, 4, 8] and from_samples["R"] == res["R"]
+    assert from_samples["curve"] == res["curve"] and from_samples["teacher_samples"] == res["teacher_samples"]
     # one scored step per generated token, plus the EOS prediction when the sample ended
     for resp, ended, f in zip(s.responses, s.ended, s.fkl):
         assert len(f) == len(resp) + int(ended) and len(resp) <= 8
