@@ -99,6 +99,8 @@ TINY = {  # --tiny stand-ins for the three sizes the GPU run uses
 FULL_PAIR = ("smollm2-360m", "smollm2-1.7b")  # (student, teacher), full fine-tune
 LORA_PAIR = ("smollm2-1.7b", "llama-7b-shape")  # LoRA student
 PARTS = ("peak", "minillm_full", "decode", "pd", "minillm_lora", "trl")
+DECODE_ROWS = ("sampler_dynamic", "sampler_static", "sampler_compiled", "hf_generate_dynamic", "hf_generate_static",
+               "hf_generate_static_compiled")  # fmt: skip
 EOS_ID, PAD_ID = 0, 1  # the byte-level test tokenizer's ids (tests/tiny_tokenizer.py)
 
 
@@ -539,6 +541,7 @@ def part_decode(ctx) -> dict:
                 fn()
             best = min(best, c.s)
         rows[name] = {"seconds": round(best, 3), "tokens_per_s": round(n_tok / best, 1)}
+        print(f"  decode {name}: {best:.3f} s, {n_tok / best:.1f} tok/s", flush=True)
 
     def ours(mode, n=z.new, eos=-1):
         with autocast(dev, ctx.amp):
@@ -547,6 +550,9 @@ def part_decode(ctx) -> dict:
 
     compile_ok = dev.type == "cuda" or ctx.compile
     for mode in ("dynamic", "static", "compiled"):
+        if f"sampler_{mode}" not in ctx.decode_rows:
+            skipped[f"sampler_{mode}"] = "not selected (--decode-rows)"
+            continue
         if mode == "compiled" and not compile_ok:
             skipped[f"sampler_{mode}"] = "compilation skipped on CPU (pass --compile to include it)"
             continue
@@ -571,12 +577,17 @@ def part_decode(ctx) -> dict:
             out = student.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(**gc_kw))
         assert out.shape[1] - ids.shape[1] == z.new, "HF generate stopped early"
 
-    timed("hf_generate_dynamic", lambda: hf(False, False), lambda: hf(False, False))
-    timed("hf_generate_static", lambda: hf(True, False), lambda: hf(True, False))
-    if compile_ok:
-        timed("hf_generate_static_compiled", lambda: hf(True, True), lambda: hf(True, True))
-    else:
-        skipped["hf_generate_static_compiled"] = "compilation skipped on CPU (pass --compile to include it)"
+    for row, static, compiled in (
+        ("hf_generate_dynamic", False, False),
+        ("hf_generate_static", True, False),
+        ("hf_generate_static_compiled", True, True),
+    ):
+        if row not in ctx.decode_rows:
+            skipped[row] = "not selected (--decode-rows)"
+        elif compiled and not compile_ok:
+            skipped[row] = "compilation skipped on CPU (pass --compile to include it)"
+        else:
+            timed(row, lambda s=static, c=compiled: hf(s, c), lambda s=static, c=compiled: hf(s, c))
     out = {"model": name, "batch": z.rollouts, "new_tokens": z.new, "bf16_autocast": ctx.amp, "repeats": ctx.repeats,
            "rows": rows, "skipped": skipped}  # fmt: skip
     best_ours = min((r["seconds"] for k, r in rows.items() if k.startswith("sampler")), default=None)
@@ -839,6 +850,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="override the rollout/decode batch")
     ap.add_argument("--new-tokens", type=int, default=None, help="override the new tokens per response")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in --tiny too (full size always uses it)")
+    ap.add_argument(
+        "--decode-rows", nargs="+", choices=DECODE_ROWS, default=list(DECODE_ROWS), help="decode part: rows"
+    )
     ap.add_argument("--repeats", type=int, default=None, help="decode part: best of this many runs (default 2; tiny 1)")
     args = ap.parse_args(argv)
     if args.memory_plan:
@@ -857,7 +871,7 @@ def main(argv=None) -> int:
     out_path = Path(args.out or ROOT / "bench" / "results" / ("gpu_check_tiny.json" if args.tiny else "gpu_check.json"))
     if args.tiny:
         print(plan_text(True))
-        print("--tiny: tiny configs on", device, "- the numbers below check the script, they measure nothing")
+        print("--tiny: tiny configs on", device, "(the numbers check the script; --decode-arch measures that shape)")
     archs = TINY if args.tiny else ARCHS
     vocab = archs[FULL_PAIR[0]]["vocab_size"]
     sizes = sizes_for(args.tiny)
@@ -867,7 +881,7 @@ def main(argv=None) -> int:
         tiny=args.tiny, device=device, sizes=sizes, arch=lambda name: archs[name],
         amp=args.bf16 or not args.tiny, teacher_dtype=torch.float32 if args.tiny else torch.bfloat16,
         tok=tokenizer(vocab), decode=args.decode, compile=args.compile, peak=None, keep=None,
-        decode_arch=args.decode_arch, repeats=args.repeats or (1 if args.tiny else 2),
+        decode_arch=args.decode_arch, decode_rows=args.decode_rows, repeats=args.repeats or (1 if args.tiny else 2),
     )  # fmt: skip
     t0 = time.perf_counter()
     result = {"tiny": args.tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -198,8 +198,9 @@ DECODE_MODES = ("auto", "dynamic", "static", "compiled")
 # the compiled step that closes over it are reused by every later call with the same key (batch,
 # cache length bucket, head split, compile, autocast dtype), as HF ``generate`` reuses its static
 # cache: a new cache object per call would make torch.compile recompile (and re-record its CUDA
-# graphs) at every rollout batch. The caches stay allocated between calls;
-# :func:`release_static_caches` frees them.
+# graphs) at every rollout batch. The caches stay allocated between calls, and since each entry's
+# step closes over its model, an entry also keeps its model alive (the weak keys do not free it):
+# :func:`release_static_caches` frees them (the stages' student and teacher live for the run anyway).
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
