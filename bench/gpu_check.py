@@ -883,6 +883,7 @@ def main(argv=None) -> int:
         tok=tokenizer(vocab), decode=args.decode, compile=args.compile, peak=None, keep=None,
         decode_arch=args.decode_arch, decode_rows=args.decode_rows, repeats=args.repeats or (1 if args.tiny else 2),
     )  # fmt: skip
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = {"tiny": args.tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -908,6 +909,8 @@ def main(argv=None) -> int:
             r = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
         r["part_s"] = round(time.perf_counter() - t, 1)
         result["parts"][name] = r
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        write_json_atomic(out_path, {**result, "complete": False})  # a run killed later keeps what it measured
     ctx.keep = None
     free(device)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -916,7 +919,7 @@ def main(argv=None) -> int:
             "full": memory_plan(ARCHS[FULL_PAIR[0]], ARCHS[FULL_PAIR[1]], False),
             "lora": memory_plan(ARCHS[LORA_PAIR[0]], ARCHS[LORA_PAIR[1]], True),
         }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    result["complete"] = True
     write_json_atomic(out_path, result)
     print(f"wrote {out_path}")
     print(table(result))

@@ -40,7 +40,7 @@ def positive(x) -> bool:
 def test_tiny_run_has_every_part(tmp_path):
     proc, res = run_script(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert res["tiny"] is True and res["device"] == "cpu"
+    assert res["tiny"] is True and res["device"] == "cpu" and res["complete"] is True
     parts = res["parts"]
     assert set(parts) == set(PARTS)
     for name, r in parts.items():
