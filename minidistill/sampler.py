@@ -36,6 +36,7 @@ share :func:`process_logits` for temperature/top-k/top-p.
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -193,6 +194,9 @@ class _Stepper:
 # --- the static decode path (a fixed-shape KV cache, optionally a compiled decode step) ----------
 
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+# Errors of the static/compiled path under decode "auto" (which then falls back to the dynamic
+# path for the rest of the process); an explicit "static"/"compiled" raises instead.
+_AUTO_FAILED: list[str] = []
 
 # Persistent per-model state of the static path: {model: {key: _StaticState}}. A StaticCache and
 # the compiled step that closes over it are reused by every later call with the same key (batch,
@@ -385,8 +389,10 @@ def sample(
     up to a power of two), keeping finished rows in the batch (masked) so every step has the same
     shapes; ``compiled`` is ``static`` with the decode step under ``torch.compile`` (mode
     ``reduce-overhead``, i.e. CUDA graphs, on CUDA). ``auto``: ``compiled`` on CUDA, ``dynamic``
-    elsewhere (:func:`resolve_decode`). The static caches are kept for the next call with the same
-    shapes (:func:`release_static_caches` frees them).
+    elsewhere (:func:`resolve_decode`); should the static/compiled path fail under ``auto`` (a
+    compiler error, say), the call warns once and redraws on the dynamic path with the generator's
+    state restored, and later calls go straight to it. The static caches are kept for the next
+    call with the same shapes (:func:`release_static_caches` frees them).
     """
     if teacher is None and mix_alpha > 0:
         raise ValueError("sample() needs a teacher for mix_alpha > 0 (teacher-mixed sampling)")
@@ -424,11 +430,34 @@ def sample(
         with torch.no_grad():
             teacher_steps = not (a == 0.0 and _teacher_after)
             mode = resolve_decode(decode, student, teacher if teacher_steps else None)
-            ro = _sample_loop(
-                student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
-                settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden, vocab,
-                mode,
-            )  # fmt: skip
+            fallback = decode == "auto" and mode != "dynamic"
+            if fallback and _AUTO_FAILED:
+                mode, fallback = "dynamic", False
+            rng = generator.get_state() if fallback and generator is not None else None
+
+            def loop(mode):
+                return _sample_loop(
+                    student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
+                    settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden,
+                    vocab, mode,
+                )  # fmt: skip
+
+            try:
+                ro = loop(mode)
+            except Exception as e:  # noqa: BLE001 - auto only: today's path instead, said once
+                if not fallback:
+                    raise
+                _AUTO_FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(
+                    f"sampler decode 'auto': the {mode} decode path failed ({type(e).__name__}: {str(e)[:300]}); "
+                    "using the dynamic path from now on (set decode: dynamic to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                release_static_caches()
+                if rng is not None:
+                    generator.set_state(rng)  # the same draws as if the dynamic path had run first
+                ro = loop("dynamic")
             if not teacher_steps and teacher is not None:
                 ro.teacher_logp, ro.teacher_hidden = score(
                     teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab

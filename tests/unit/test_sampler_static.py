@@ -9,9 +9,12 @@ suite; the compiled one (torch.compile on CPU: ~20-30 s of compilation) is marke
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_sampler import PAD, V, left_padded_prompts, tiny_llama
+from transformers import StaticCache
 
 from minidistill import sampler as sampler_mod
 from minidistill.sampler import Rollout, release_static_caches, resolve_decode, sample
@@ -154,6 +157,40 @@ def test_resolve_decode(models):
     ids, mask = left_padded_prompts([0, 1])
     with pytest.raises(ValueError, match="decode"):
         draw(models, ids, mask, "fast")
+
+
+def test_auto_falls_back_to_dynamic_when_the_static_path_fails(models, monkeypatch):
+    """decode auto: a failure of the static/compiled path (here raised on the third decode call,
+    after two draws) warns and redraws on the dynamic path from the generator's saved state, so the
+    rollout is the dynamic path's; later calls go straight to it. An explicit mode raises."""
+    ids, mask = left_padded_prompts(PADS)
+    ref = draw(models, ids, mask, "dynamic", mix_alpha=0.2)
+    monkeypatch.setattr(sampler_mod, "resolve_decode", lambda d, s, t: "dynamic" if d == "dynamic" else "compiled")
+    monkeypatch.setattr(sampler_mod, "_AUTO_FAILED", [])
+    original, calls = sampler_mod._StaticStepper.__call__, []
+
+    def flaky(self, ids, mask, pos):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("compiler exploded")
+        return original(self, ids, mask, pos)
+
+    monkeypatch.setattr(sampler_mod._StaticStepper, "__call__", flaky)
+    monkeypatch.setattr(sampler_mod, "_static_state", lambda *a: sampler_mod._StaticState(
+        StaticCache(config=a[0].config, max_cache_len=a[2]), None, False))  # eager, never compiled  # fmt: skip
+    with pytest.raises(RuntimeError, match="exploded"):
+        draw(models, ids, mask, "compiled", mix_alpha=0.2)
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="compiler exploded"):
+        got = draw(models, ids, mask, "auto", mix_alpha=0.2)
+    assert len(calls) == 3 and sampler_mod._AUTO_FAILED
+    assert_same(ref, got)  # the two draws made before the failure were undone
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = draw(models, ids, mask, "auto", mix_alpha=0.2)
+    assert not calls  # straight to the dynamic path
+    assert_same(ref, again)
 
 
 @pytest.mark.slow
