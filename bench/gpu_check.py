@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, device_matmul_peak, machine, peak_rss_mb, sync  # noqa: E402
 
 from minidistill import models  # noqa: E402
+from minidistill import sampler as sampler_mod  # noqa: E402
 from minidistill.checkpoint import write_json_atomic  # noqa: E402
 from minidistill.config import LoraConfig, build  # noqa: E402
 from minidistill.data import collate_prompts  # noqa: E402
@@ -427,6 +428,9 @@ def minillm_iteration(ctx, student, teacher, V: int, lora: bool) -> dict:
             out["decode_error"] = f"{cfg.decode} ({decode}) failed, fell back to dynamic: {type(e).__name__}: {e}"
             cfg.decode, decode = "dynamic", "dynamic"
             out["decode"] = decode
+    if decode != "dynamic" and sampler_mod._AUTO_FAILED and cfg.decode == "auto":  # auto fell back, with a warning
+        out["decode_error"] = f"auto ({decode}) fell back to dynamic: {sampler_mod._AUTO_FAILED[0][:300]}"
+        decode = out["decode"] = "dynamic"
     out["warmup_s"] = round(warm.s, 2)
     peaks = {}
     with Clock(dev) as c:
