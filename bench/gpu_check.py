@@ -22,7 +22,7 @@ the way bench/minillm_bench.py, bench/pd_bench.py and bench/onpolicy_vs_trl.py d
                   bench/onpolicy_vs_trl.py matches them; needs trl and datasets (imported lazily:
                   the part is skipped, with the reason, where they are missing).
 
-    PYTHONPATH=. python bench/gpu_check.py                 # one GPU, < 8 min on an H100
+    PYTHONPATH=. python bench/gpu_check.py                 # one GPU; planned < 8 min on an H100 (unmeasured)
     PYTHONPATH=. python bench/gpu_check.py --tiny          # CPU, tiny configs, seconds
     PYTHONPATH=. python bench/gpu_check.py --plan          # what it would measure, then exit
     PYTHONPATH=. python bench/gpu_check.py --memory-plan   # the computed memory table, then exit
