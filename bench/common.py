@@ -42,6 +42,34 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int
     return best
 
 
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock times cover it; no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_matmul_peak(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, n: int | None = None) -> float:
+    """Best-of-3 GFLOP/s of an (n x n) @ (n x n) matmul in ``dtype`` on ``device`` (synchronised on
+    CUDA). n: 8192 on CUDA, 2048 on CPU by default; CPU is :func:`matmul_peak`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return matmul_peak(dtype, n or 2048)
+    n = n or 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best, repeats = 0.0, 20
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -172,6 +172,7 @@ def collect_buffer(
                 pad_token_id=run.tokenizer.pad_token_id,
                 vocab=run.vocab_size,
                 generator=generator,
+                decode=cfg.decode,
             )
         )
     ro = concat_rollouts(parts, run.tokenizer.pad_token_id)

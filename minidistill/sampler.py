@@ -35,11 +35,14 @@ share :func:`process_logits` for temperature/top-k/top-p.
 
 from __future__ import annotations
 
+import inspect
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -48,6 +51,7 @@ from transformers.generation.logits_process import (
 
 from .logits import (
     accepts_logits_to_keep,
+    hf_model,
     length_chunks,
     model_device,
     response_hidden,
@@ -57,7 +61,7 @@ from .logits import (
 )
 from .losses import log_mix
 
-__all__ = ["Rollout", "process_logits", "sample", "score"]
+__all__ = ["DECODE_MODES", "Rollout", "process_logits", "release_static_caches", "resolve_decode", "sample", "score"]
 
 
 @dataclass
@@ -139,6 +143,13 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return x.reshape(shape)
 
 
+def _cache_kw(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache argument: ``cache`` (transformers >= 5.2x), else the
+    older ``past_key_values``."""
+    params = inspect.signature(hf_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _head_rows(model: torch.nn.Module) -> int | None:
     """Rows of the model's output head (its vocabulary width), None when it has no plain head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -160,15 +171,16 @@ class _Stepper:
         self.split = split_head(model) if keep_hidden else None
         self.kw = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(model) else {}
         self.dev = model_device(model)
+        self.cache_kw = _cache_kw(model)
 
     def __call__(self, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor | None]:
         args = dict(
             input_ids=ids.to(self.dev),
             attention_mask=mask.to(self.dev),
             position_ids=pos.to(self.dev),
-            past_key_values=self.cache,
             use_cache=True,
         )
+        args[self.cache_kw] = self.cache
         if self.split is not None:
             backbone, head = self.split
             h = backbone(**args).last_hidden_state[:, -1, :]  # (Ba, H)
@@ -177,6 +189,155 @@ class _Stepper:
 
     def keep_rows(self, idx: torch.Tensor) -> None:
         self.cache.batch_select_indices(idx.to(self.dev))
+
+
+# --- the static decode path (a fixed-shape KV cache, optionally a compiled decode step) ----------
+
+DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+# Errors of the static/compiled path under decode "auto" (which then falls back to the dynamic
+# path for the rest of the process); an explicit "static"/"compiled" raises instead.
+_AUTO_FAILED: list[str] = []
+
+# Persistent per-model state of the static path: {model: {key: _StaticState}}. A StaticCache and
+# the compiled step that closes over it are reused by every later call with the same key (batch,
+# cache length bucket, head split, compile, autocast dtype), as HF ``generate`` reuses its static
+# cache: a new cache object per call would make torch.compile recompile (and re-record its CUDA
+# graphs) at every rollout batch. The caches stay allocated between calls, and since each entry's
+# step closes over its model, an entry also keeps its model alive (the weak keys do not free it):
+# :func:`release_static_caches` frees them (the stages' student and teacher live for the run anyway).
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _StaticState:
+    cache: StaticCache
+    step: object  # (ids (B, 1), mask (B, L), pos (B, 1)) -> (logits (B, V), hidden (B, H) or None)
+    compiled: bool
+
+
+def release_static_caches(model: torch.nn.Module | None = None) -> None:
+    """Free the static KV caches (and compiled decode steps) kept for ``model`` (None: all models)."""
+    if model is None:
+        _STATIC.clear()
+    else:
+        _STATIC.pop(unwrap(model), None)
+
+
+def _cache_len(prompt_len: int, max_new_tokens: int) -> int:
+    """Static cache length for a prompt width and a response limit, rounded up to a power of two
+    (at least 64), so prompt batches of different widths share one cache and one compiled step."""
+    n = prompt_len + max_new_tokens
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def _can_go_static(model: torch.nn.Module | None) -> bool:
+    """A plain (or peft-wrapped) transformers model whose forward takes a StaticCache and compiles."""
+    if model is None:
+        return True
+    if not hasattr(model, "config") or type(model).__name__.startswith("FSDP"):
+        return False
+    base = hf_model(model)
+    return bool(getattr(base, "_can_compile_fullgraph", False)) and hasattr(base, "config")
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:  # noqa: BLE001 - any import problem means no triton
+        return False
+
+
+def resolve_decode(decode: str, student: torch.nn.Module, teacher: torch.nn.Module | None) -> str:
+    """The decode path ``decode`` stands for with these models: ``auto`` is ``compiled`` when the
+    student is on a CUDA device, triton is there and both models take a static cache, else
+    ``dynamic`` (today's path: on CPU the static cache measured no faster, see README "One GPU").
+    ``static``/``compiled`` on a model that cannot take a static cache is an error."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    student, teacher = unwrap(student), unwrap(teacher) if teacher is not None else None
+    ok = _can_go_static(student) and _can_go_static(teacher)
+    if decode == "auto":
+        cuda = model_device(student).type == "cuda"
+        return "compiled" if cuda and ok and _has_triton() else "dynamic"
+    if decode != "dynamic" and not ok:
+        raise ValueError(
+            f"decode={decode!r} needs transformers models that support a static KV cache "
+            "(_can_compile_fullgraph); use decode='dynamic'"
+        )
+    return decode
+
+
+def _static_state(model, batch: int, length: int, split, kw: dict, compile_step: bool) -> _StaticState:
+    amp = (
+        torch.get_autocast_dtype(model_device(model).type)
+        if torch.is_autocast_enabled(model_device(model).type)
+        else None
+    )
+    key = (batch, length, split is not None, compile_step, amp)
+    per_model = _STATIC.setdefault(model, {})
+    state = per_model.get(key)
+    if state is None:
+        cache = StaticCache(config=hf_model(model).config, max_cache_len=length)
+        cache_kw = _cache_kw(model)
+
+        def step(ids, mask, pos):
+            args = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            args[cache_kw] = cache
+            if split is not None:
+                backbone, head = split
+                h = backbone(**args).last_hidden_state[:, -1, :]  # (B, H)
+                return head(h), h
+            return model(**args, **kw).logits[:, -1, :], None  # (B, V)
+
+        if compile_step:
+            cuda = model_device(model).type == "cuda"
+            # reduce-overhead = CUDA graphs on CUDA; shapes are static by construction (dynamic=False)
+            step = torch.compile(step, mode="reduce-overhead" if cuda else "default", dynamic=False)
+        state = per_model[key] = _StaticState(cache, step, compile_step)
+    state.cache.reset()  # zero keys/values in place (addresses stay: compiled graphs keep them)
+    return state
+
+
+class _StaticStepper:
+    """One model's decode over a :class:`transformers.StaticCache` of fixed shape (B, L): the
+    prompt prefill runs eagerly and fills slots 0..P-1; every decode step then has the same input
+    shapes ((B, 1) ids and positions, the constant (B, L) mask prompt_mask + ones, where causality
+    hides the slots not yet written), so it can be compiled once and replayed (CUDA graphs).
+    Finished rows are not dropped: they keep decoding (their tokens are masked by the loop)."""
+
+    def __init__(self, model, last_only: bool, keep_hidden: bool, batch: int, length: int, compile_step: bool):
+        self.model = model
+        self.split = split_head(model) if keep_hidden else None
+        self.kw = {"logits_to_keep": 1} if last_only and accepts_logits_to_keep(model) else {}
+        self.dev = model_device(model)
+        self.length = length
+        self.state = _static_state(model, batch, length, self.split, self.kw, compile_step)
+        self.cache = self.state.cache
+        self.mask = None  # (B, L) after the prefill
+
+    def __call__(self, ids, mask, pos) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids, pos = ids.to(self.dev), pos.to(self.dev)
+        if self.mask is None:  # prefill (eager; the padding mask is padded to L with zeros by transformers)
+            mask = mask.to(self.dev)
+            self.mask = torch.cat([mask, mask.new_ones((mask.shape[0], self.length - mask.shape[1]))], dim=1)
+            args = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            args[_cache_kw(self.model)] = self.cache
+            if self.split is not None:
+                backbone, head = self.split
+                h = backbone(**args).last_hidden_state[:, -1, :]  # (B, H)
+                return head(h), h
+            return self.model(**args, **self.kw).logits[:, -1, :], None
+        if self.state.compiled and self.dev.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs were consumed
+        logits, h = self.state.step(ids, self.mask, pos)
+        if self.state.compiled:  # CUDA-graph outputs are overwritten by the next replay
+            logits, h = logits.clone(), (h.clone() if h is not None else None)
+        return logits, h
+
+    def keep_rows(self, idx: torch.Tensor) -> None:  # pragma: no cover - the static loop never drops rows
+        raise RuntimeError("the static decode path keeps its batch shape")
 
 
 def sample(
@@ -196,6 +357,7 @@ def sample(
     generator: torch.Generator | None = None,
     keep_teacher_hidden: bool = True,
     score_chunk: int = 8,
+    decode: str = "auto",
     _skip_finished: bool = True,
     _last_logits_only: bool = True,
     _teacher_after: bool = True,
@@ -220,6 +382,17 @@ def sample(
     head(hidden), see :mod:`minidistill.logits`). ``teacher=None`` (a = 0 only) leaves
     ``teacher_logp`` at 0 for the caller to fill (MiniLLM across tokenizers scores the text). The private flags turn the optimisations off
     for testing (finished-row skipping, last-position-only logits, the a = 0 teacher pass).
+
+    ``decode`` picks the decode loop (same tokens for the same generator, log-probs equal to float
+    rounding): ``dynamic`` grows a DynamicCache per model and drops finished rows from the batch;
+    ``static`` decodes over a fixed-shape StaticCache per model (length: prompt width + limit rounded
+    up to a power of two), keeping finished rows in the batch (masked) so every step has the same
+    shapes; ``compiled`` is ``static`` with the decode step under ``torch.compile`` (mode
+    ``reduce-overhead``, i.e. CUDA graphs, on CUDA). ``auto``: ``compiled`` on CUDA, ``dynamic``
+    elsewhere (:func:`resolve_decode`); should the static/compiled path fail under ``auto`` (a
+    compiler error, say), the call warns once and redraws on the dynamic path with the generator's
+    state restored, and later calls go straight to it. The static caches are kept for the next
+    call with the same shapes (:func:`release_static_caches` frees them).
     """
     if teacher is None and mix_alpha > 0:
         raise ValueError("sample() needs a teacher for mix_alpha > 0 (teacher-mixed sampling)")
@@ -234,6 +407,8 @@ def sample(
     if vocab is not None and vocab < 1:
         raise ValueError(f"vocab must be >= 1, got {vocab}")
     process_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # validate settings early
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
 
     student, teacher = unwrap(student), unwrap(teacher)
     widths = {w for w in (_head_rows(student), _head_rows(teacher)) if w is not None}
@@ -254,10 +429,35 @@ def sample(
     try:
         with torch.no_grad():
             teacher_steps = not (a == 0.0 and _teacher_after)
-            ro = _sample_loop(
-                student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
-                settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden, vocab,
-            )  # fmt: skip
+            mode = resolve_decode(decode, student, teacher if teacher_steps else None)
+            fallback = decode == "auto" and mode != "dynamic"
+            if fallback and _AUTO_FAILED:
+                mode, fallback = "dynamic", False
+            rng = generator.get_state() if fallback and generator is not None else None
+
+            def loop(mode):
+                return _sample_loop(
+                    student, teacher if teacher_steps else None, prompt_ids, prompt_mask, max_new_tokens, a,
+                    settings, eos, pad_token_id, generator, _skip_finished, _last_logits_only, keep_teacher_hidden,
+                    vocab, mode,
+                )  # fmt: skip
+
+            try:
+                ro = loop(mode)
+            except Exception as e:  # noqa: BLE001 - auto only: today's path instead, said once
+                if not fallback:
+                    raise
+                _AUTO_FAILED.append(f"{type(e).__name__}: {e}")
+                warnings.warn(
+                    f"sampler decode 'auto': the {mode} decode path failed ({type(e).__name__}: {str(e)[:300]}); "
+                    "using the dynamic path from now on (set decode: dynamic to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                release_static_caches()
+                if rng is not None:
+                    generator.set_state(rng)  # the same draws as if the dynamic path had run first
+                ro = loop("dynamic")
             if not teacher_steps and teacher is not None:
                 ro.teacher_logp, ro.teacher_hidden = score(
                     teacher, ro, settings, keep_teacher_hidden, score_chunk, vocab
@@ -323,16 +523,25 @@ def _sample_loop(
     last_only: bool,
     keep_hidden: bool,
     vocab: int | None = None,
+    decode: str = "dynamic",
 ) -> Rollout:
     """The token-by-token loop behind :func:`sample` (called under no_grad). Without a teacher
     (a = 0, scored afterwards) ``teacher_logp`` is left at 0. Both models' logits are cut to
-    ``[..., :vocab]`` before :func:`process_logits` (None: the whole head)."""
+    ``[..., :vocab]`` before :func:`process_logits` (None: the whole head). ``decode``: ``dynamic``,
+    or ``static``/``compiled`` (fixed batch shape: finished rows are masked, never dropped)."""
     dev = prompt_ids.device
     B = prompt_ids.shape[0]
     N = max_new_tokens
-    steppers = [_Stepper(student, last_only, keep_hidden=False)]
+    static = decode in ("static", "compiled")
+    if static:
+        L = _cache_len(prompt_ids.shape[1], N)
+        make = lambda m, hid: _StaticStepper(m, last_only, hid, B, L, decode == "compiled")  # noqa: E731
+        skip_finished = False
+    else:
+        make = lambda m, hid: _Stepper(m, last_only, hid)  # noqa: E731
+    steppers = [make(student, False)]
     if teacher is not None:
-        steppers.append(_Stepper(teacher, last_only, keep_hidden))
+        steppers.append(make(teacher, keep_hidden))
 
     resp = torch.full((B, N), pad_token_id, dtype=prompt_ids.dtype, device=dev)  # (B, N)
     rmask = torch.zeros((B, N), dtype=prompt_mask.dtype, device=dev)  # (B, N)
@@ -400,7 +609,8 @@ def _sample_loop(
                     st.keep_rows(idx)
                 rows, y, mask, next_pos = rows[idx], y[idx], mask[idx], next_pos[idx]
         ids = y[:, None].to(prompt_ids.dtype)  # (Ba, 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (Ba, L + 1)
+        if not static:  # the static steppers hold their own (B, L) mask
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (Ba, L + 1)
         pos = next_pos
         next_pos = next_pos + 1
 

@@ -98,6 +98,13 @@ class Config(TrainConfig):
     temperature: float = opt(1.0, "Sampling temperature (paper: 1).", gt=0.0)
     top_k: int = opt(0, "Top-k for sampling and log q (0 = off; paper: off).", min=0)
     top_p: float = opt(1.0, "Top-p for sampling and log q (1 = off; paper: off).", gt=0.0, max=1.0)
+    decode: str = opt(
+        "auto",
+        "Sampler decode loop: dynamic (growing KV caches, finished rows dropped), static (fixed-shape "
+        "StaticCache, finished rows masked), compiled (static + torch.compile of the decode step; CUDA "
+        "graphs on CUDA); auto = compiled on CUDA, dynamic elsewhere. Same tokens for the same seed.",
+        choices=["auto", "dynamic", "static", "compiled"],
+    )
     # --- returns and advantages ----------------------------------------------------------------
     include_current: bool | None = opt(None, "Return includes r_t (official) instead of starting at r_{t+1} (paper).")
     gamma: float | None = opt(None, "Discount, applied as gamma^(t'-t) (paper 1.0, official 0.95).", min=0.0, max=1.0)
