@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from common import machine, prompt_texts, smollm2, write
 
 from minidistill import data, models
-from minidistill.sampler import sample, score
+from minidistill.generation.sampler import sample, score
 
 
 def measure(student, teacher, tok, precision: str, alpha: float, n: int, new_tokens: int) -> dict:

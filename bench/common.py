@@ -25,7 +25,7 @@ RESULTS = ROOT / "bench" / "results"
 DOLLY_DEV = ROOT.parent / "shared" / "data" / "instruct" / "dolly_dev.jsonl"
 
 from minidistill import models  # noqa: E402
-from minidistill.checkpoint import write_json_atomic  # noqa: E402
+from minidistill.training.checkpoint import write_json_atomic  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:

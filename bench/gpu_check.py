@@ -52,13 +52,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, device_matmul_peak, machine, peak_rss_mb, sync  # noqa: E402
 
-from minidistill import models, objectives, rollouts  # noqa: E402
-from minidistill import sampler as sampler_mod  # noqa: E402
-from minidistill.checkpoint import write_json_atomic  # noqa: E402
+from minidistill import models
 from minidistill.config import LoraConfig, build  # noqa: E402
 from minidistill.data import collate_prompts  # noqa: E402
-from minidistill.sampler import release_static_caches, resolve_decode, sample, score  # noqa: E402
+from minidistill.generation import sampler as sampler_mod  # noqa: E402
+from minidistill.generation.sampler import release_static_caches, resolve_decode, sample, score  # noqa: E402
+from minidistill.parts import (
+    objectives,
+    rollouts,  # noqa: E402
+)
 from minidistill.stages import minillm, pd  # noqa: E402
+from minidistill.training.checkpoint import write_json_atomic  # noqa: E402
 
 GB = 1024**3
 
@@ -154,8 +158,8 @@ def act_bytes_per_token(a: dict, lora: bool, checkpointing: bool) -> int:
 
 
 def cache_len(prompt: int, new: int) -> int:
-    """The static decode path's cache length (``minidistill.sampler._cache_len``)."""
-    from minidistill.sampler import _cache_len
+    """The static decode path's cache length (``minidistill.generation.sampler._cache_len``)."""
+    from minidistill.generation.sampler import _cache_len
 
     return _cache_len(prompt, new)
 

@@ -19,10 +19,11 @@ import time
 import torch
 from common import matmul_peak, prompt_texts, smollm2, write
 
-from minidistill import models, objectives, rollouts
+from minidistill import models
 from minidistill.config import build
 from minidistill.data import collate_prompts
-from minidistill.sampler import sample
+from minidistill.generation.sampler import sample
+from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 
 

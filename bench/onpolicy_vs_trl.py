@@ -33,9 +33,11 @@ import time
 import torch
 from common import machine, matmul_peak, median, prompt_texts, smollm2, write
 
-from minidistill import models, objectives, rollouts, sampler
+from minidistill import models
 from minidistill.config import build
 from minidistill.data import collate_prompts
+from minidistill.generation import sampler
+from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 
 

@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 from common import matmul_peak  # noqa: E402
 
 from minidistill import models  # noqa: E402
-from minidistill.build import build_student, load_teacher  # noqa: E402
-from minidistill.checkpoint import write_json_atomic  # noqa: E402
 from minidistill.config import parse_recipe  # noqa: E402
-from minidistill.context import Run  # noqa: E402
+from minidistill.pipeline.build import build_student, load_teacher  # noqa: E402
+from minidistill.pipeline.context import Run  # noqa: E402
+from minidistill.reporting.tracking import read_metrics  # noqa: E402
 from minidistill.stages import pd, pd_store  # noqa: E402
-from minidistill.tracking import read_metrics  # noqa: E402
+from minidistill.training.checkpoint import write_json_atomic  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "corpus"
 

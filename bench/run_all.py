@@ -19,7 +19,7 @@ import time
 
 from common import RESULTS, ROOT, load
 
-from minidistill.checkpoint import write_text_atomic
+from minidistill.training.checkpoint import write_text_atomic
 
 BENCHES = [
     ("onpolicy_vs_trl", ["bench/onpolicy_vs_trl.py"], ["--batch", "4", "--steps", "1", "--rounds", "1"]),

@@ -1,4 +1,4 @@
-"""Measure the options of minidistill.sampler on random-init Llama models (no downloads).
+"""Measure the options of minidistill.generation.sampler on random-init Llama models (no downloads).
 
 Options compared (each row = one variant, median wall time over --repeats runs):
   plain       : no finished-row skipping, full prefill logits (logits_to_keep off)
@@ -25,8 +25,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minidistill import sampler
-from minidistill.sampler import process_logits, sample
+from minidistill.generation import sampler
+from minidistill.generation.sampler import process_logits, sample
 
 CONFIGS = {
     # name: (student kwargs, teacher kwargs); shared vocab

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny_assets import save_tiny_teacher, write_jsonl  # noqa: E402
 
 from minidistill import data, models  # noqa: E402
-from minidistill.evaluation import generate_ids  # noqa: E402
+from minidistill.generation.evaluation import generate_ids  # noqa: E402
 from minidistill.run import main as run_main  # noqa: E402
 
 TASK = {

@@ -5,7 +5,7 @@
 
 For every prompt (Alpaca template, prompts <= 256 tokens, longer ones dropped) and seed, the model
 and the teacher each sample one response (temperature 1, top_p 1, top_k 0, no n-gram blocking:
-the models' own distributions). Measured (see minidistill/analysis.py for the definitions):
+the models' own distributions). Measured (see minidistill/reporting/analysis.py for the definitions):
 
 * samples: per-token reverse KL(q||p) on the model's samples and forward KL(p||q) on the
   teacher's samples (exact over the vocabulary; the per-token versions of the two
@@ -30,9 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from minidistill.checkpoint import write_text_atomic  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
-from minidistill.evaluation import parse_int_list  # noqa: E402
+from minidistill.generation.evaluation import parse_int_list  # noqa: E402
+from minidistill.training.checkpoint import write_text_atomic  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,10 +94,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every analysis and write the output files; returns the analysis dict."""
     import torch
 
-    from minidistill import analysis as A
-    from minidistill import models, scoring
+    from minidistill import models
     from minidistill.data import load_instructions, render_prompt, tokenize_prompts
-    from minidistill.evaluation import Sampling
+    from minidistill.generation.evaluation import Sampling
+    from minidistill.parts import scoring
+    from minidistill.reporting import analysis as A
 
     seeds, lengths = _check_args(args)
     examples = load_instructions(args.data)

@@ -21,9 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from minidistill.checkpoint import write_text_atomic  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
-from minidistill.evaluation import parse_int_list  # noqa: E402
+from minidistill.generation.evaluation import parse_int_list  # noqa: E402
+from minidistill.training.checkpoint import write_text_atomic  # noqa: E402
 
 
 def _fallback_load_model(path: str, *, gguf_file: str | None = None, dtype: str = "fp32", device: str = "cpu"):
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation and write the two output files; returns the summary."""
     from minidistill.data import load_instructions
-    from minidistill.evaluation import evaluate_instructions
+    from minidistill.generation.evaluation import evaluate_instructions
 
     seeds = parse_int_list(args.seeds, "--seeds", "10,20,30")
     if args.max_examples is not None and args.max_examples < 1:

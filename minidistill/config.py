@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from minidistill.errors import UserError
 
 
 def opt(default: Any, help: str, **checks: Any) -> Any:
@@ -349,7 +349,7 @@ def _stage_by_name_or_index(stages: list, part: str, key: str) -> dict:
 
 def parse_recipe(data: dict, source: str = "recipe") -> RecipeConfig:
     """Raw mapping -> validated RecipeConfig with typed stage configs."""
-    from .stages import TYPES, stage  # the stage modules import this module: only here, never at import
+    from minidistill.stages import TYPES, stage  # the stage modules import this module: only here, never at import
 
     data = dict(data)
     raw_stages = data.pop("stages", [])

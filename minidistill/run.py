@@ -31,16 +31,16 @@ import argparse
 import sys
 import time
 
-from . import checkpoint as ckpt
-from . import models
-from .build import build_student, load_teacher, prepare_for_stage, shard_teacher
-from .config import RecipeConfig, dump_yaml, load_recipe
-from .context import Run
-from .errors import UserError
-from .launch import accelerate_cpu_processes, relaunch_cpu_workers
-from .outputs import check_output_dir, prepare_output_dir
-from .stages import stage
-from .tracking import console
+from minidistill import models
+from minidistill.config import RecipeConfig, dump_yaml, load_recipe
+from minidistill.errors import UserError
+from minidistill.pipeline.build import build_student, load_teacher, prepare_for_stage, shard_teacher
+from minidistill.pipeline.context import Run
+from minidistill.pipeline.launch import accelerate_cpu_processes, relaunch_cpu_workers
+from minidistill.pipeline.outputs import check_output_dir, prepare_output_dir
+from minidistill.reporting.tracking import console
+from minidistill.stages import stage
+from minidistill.training import checkpoint as ckpt
 
 
 def preflight(run: Run, student) -> None:
@@ -48,7 +48,7 @@ def preflight(run: Run, student) -> None:
     instruction data (parsed, and its prompts fit max_prompt_length), the corpus (packs into blocks)
     and each stage's own inputs (``Stage.preflight``, e.g. logit stores given by path). Data a stage
     produces (generate) is checked when it exists."""
-    from . import data
+    from minidistill import data
 
     r, d = run.recipe, run.recipe.data
     if r.student.lora.enabled:
@@ -127,7 +127,7 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     run.metrics.close()
     if run.accelerator.is_main_process:
         try:
-            from .report import write_report
+            from minidistill.reporting.report import write_report
 
             console.print(f"report: {write_report(run.out_dir)}")
         except Exception as e:  # a plotting problem must not fail a finished run

@@ -33,10 +33,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import data, models, xtok
-from . import logits as fwd
-from .errors import UserError, named
-from .losses import Truncated
+from minidistill import data, models
+from minidistill.errors import UserError, named
+from minidistill.functional import xtok
+from minidistill.functional.losses import Truncated
+from minidistill.models import logits as fwd
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Teacher:
     def target(self, input_ids, top_p: float, top_k: int | None, vocab: int, block_idx=None):
         """PD's target for text blocks (B, T): the top-p-k truncation (B, T-1, K) of the raw
         log-probs, or the full logits (``top_k`` 0/None). ``block_idx`` is for stores."""
-        from .logit_store import truncate_raw
+        from minidistill.models.logit_store import truncate_raw
 
         z = self.logits(input_ids, vocab=vocab)
         return truncate_raw(z, top_p, top_k) if top_k else z
@@ -213,7 +214,7 @@ class Teacher:
         (``teacher_prompts``), and each teacher token's log-prob is credited to the student token
         that completes its last character (``xtok.spread``); each row then sums to the teacher's
         log-prob of the row's text (EOS included when the student ended with one)."""
-        from .sampler import Rollout, score
+        from minidistill.generation.sampler import Rollout, score
 
         if teacher_prompts is None:
             with self.autocast():
@@ -240,7 +241,7 @@ class Teacher:
     # ---- (c) generated text ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], settings: dict, seed: int) -> list[list[int]]:
         """Sampled continuations of prompts in the teacher's tokens (new ids up to, not including, EOS)."""
-        from .evaluation import generate_ids
+        from minidistill.generation.evaluation import generate_ids
 
         return generate_ids(
             self.model,

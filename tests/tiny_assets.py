@@ -31,7 +31,7 @@ def crash_after_first_save(run) -> None:
     after the first checkpoint is written (a crash at that moment); the writer is restored."""
     import pytest
 
-    import minidistill.loop as loop
+    import minidistill.training.loop as loop
 
     original = loop.ckpt.save_checkpoint
 
@@ -146,7 +146,7 @@ def fake_run(
     max_prompt_length: int = 224,
     long_prompt: str = "drop",
 ):
-    """A stand-in for ``minidistill.context.Run`` with what the sampling/rollout helpers of the stages
+    """A stand-in for ``minidistill.pipeline.context.Run`` with what the sampling/rollout helpers of the stages
     read: accelerator, device, teacher (a ``teacher.Teacher`` of the same tokenizer), tokenizer, vocab_size (default ``len(tokenizer)``), recipe.seed
     and recipe.data.template/max_prompt_length/long_prompt."""
     from types import SimpleNamespace

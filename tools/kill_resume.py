@@ -285,7 +285,7 @@ def final_weights_equal(a: Path, b: Path) -> tuple[bool, str]:
 
 def last_rows(out: Path, stage: str, steps: int) -> dict:
     """The last logged training row and the last validation row of ``stage`` at ``steps``."""
-    from minidistill.tracking import read_metrics
+    from minidistill.reporting.tracking import read_metrics
 
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == stage and r["step"] == steps]
     train = [r for r in rows if "loss" in r]

@@ -12,9 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minidistill.checkpoint import write_text_atomic  # noqa: E402
 from minidistill.config import RecipeConfig, TrainConfig, describe  # noqa: E402
 from minidistill.stages import TYPES, stage  # noqa: E402
+from minidistill.training.checkpoint import write_text_atomic  # noqa: E402
 
 
 def table(rows) -> str:
@@ -53,7 +53,7 @@ CROSS_TOKENIZER = """## Cross-tokenizer settings
 
 A pretrained student whose tokenizer differs from the teacher's (`student.init: pretrained`) is
 accepted when a stage asks for cross-tokenizer distillation and every stage can run that way
-(`minidistill/xtok.py`; README, "Cross-tokenizer distillation"); otherwise one error names the
+(`minidistill/functional/xtok.py`; README, "Cross-tokenizer distillation"); otherwise one error names the
 first stage that cannot and the setting it needs, exit 2, nothing written.
 
 | stage | across tokenizers |

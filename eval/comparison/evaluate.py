@@ -1,4 +1,4 @@
-"""Scoring each model of the comparison (through minidistill.scoring), saved and reused per model."""
+"""Scoring each model of the comparison (through minidistill.parts.scoring), saved and reused per model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from minidistill.checkpoint import write_json_atomic, write_text_atomic
+from minidistill.training.checkpoint import write_json_atomic, write_text_atomic
 
 from .methods import fingerprint
 from .plan import Plan
@@ -36,7 +36,7 @@ def evaluate_model(
     name: str, model, teacher, tokenizer, plan: Plan, tests: list[str], teacher_samples, max_examples: int
 ) -> dict:
     """ROUGE-L per seed and item, and the analyses, on the test sets ``tests``, through
-    :func:`minidistill.scoring.score_model` (the KLs and ExAccErr on the first seed's samples).
+    :func:`minidistill.parts.scoring.score_model` (the KLs and ExAccErr on the first seed's samples).
 
     Returns {"datasets": {test set: metrics}, "item_scores": {test set: {index: [ROUGE-L per seed]}},
     "samples": {test set: {index: (prompt ids, first-seed generation ids)}}}. With a teacher, the
@@ -44,10 +44,10 @@ def evaluate_model(
     """
     import torch
 
-    from minidistill import analysis as A
-    from minidistill import scoring
     from minidistill.data import load_instructions, render_prompt, tokenize_prompts
-    from minidistill.evaluation import Sampling, generation_record
+    from minidistill.generation.evaluation import Sampling, generation_record
+    from minidistill.parts import scoring
+    from minidistill.reporting import analysis as A
 
     out_dir = Path(plan.out) / "eval" / name
     vocab, limit = len(tokenizer), plan.max_new_tokens

@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from minidistill.checkpoint import write_json_atomic, write_text_atomic
 from minidistill.errors import UserError
+from minidistill.training.checkpoint import write_json_atomic, write_text_atomic
 
 from .plan import ABLATIONS, DEVICE, RECIPE_OF, RECIPES, Plan, method_steps, warmup
 
@@ -145,7 +145,7 @@ def fingerprint(folder: Path) -> str:
 
 def timed(final: Path, train, overwrite: bool) -> tuple[Path, dict]:
     """Run ``train()``; the wall time is saved beside ``final`` so a rerun that reuses it reports it too."""
-    from minidistill.checkpoint import is_complete
+    from minidistill.training.checkpoint import is_complete
 
     record = final.parent / "compare_seconds.json"
     existed = not overwrite and is_complete(final)[0]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minidistill.checkpoint import write_json_atomic
 from minidistill.errors import UserError
-from minidistill.evaluation import parse_int_list
-from minidistill.launch import device_type, use_cpu
+from minidistill.generation.evaluation import parse_int_list
+from minidistill.pipeline.launch import device_type, use_cpu
+from minidistill.training.checkpoint import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cpu"  # every model of the comparison trains and is scored here (TRL too: use_cpu)

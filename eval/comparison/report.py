@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from minidistill.checkpoint import write_json_atomic, write_text_atomic
+from minidistill.training.checkpoint import write_json_atomic, write_text_atomic
 
 from .plan import ABLATIONS, Plan
 from .stats import statistics

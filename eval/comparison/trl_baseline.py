@@ -9,8 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from minidistill.checkpoint import write_json_atomic
 from minidistill.errors import UserError
+from minidistill.training.checkpoint import write_json_atomic
 
 from .methods import fingerprint
 from .plan import Plan, method_lr, method_steps, warmup
@@ -44,8 +44,8 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
-    from minidistill import checkpoint as ckpt
     from minidistill import models
+    from minidistill.training import checkpoint as ckpt
 
     out = Path(plan.out) / "trl"
     final = out / "final"

@@ -22,7 +22,7 @@ every non-empty line is one document. (``wiki_demo.txt``: one article per line -
 
 from __future__ import annotations
 
-from .corpus import (  # noqa: F401
+from minidistill.data.corpus import (  # noqa: F401
     TextList,
     corpus_fingerprint,
     load_texts,
@@ -30,13 +30,13 @@ from .corpus import (  # noqa: F401
     split_blocks,
     split_documents,
 )
-from .files import (  # noqa: F401
+from minidistill.data.files import (  # noqa: F401
     json_type,
     read_json_list,
     read_jsonl,
     read_lines,
 )
-from .instructions import (  # noqa: F401
+from minidistill.data.instructions import (  # noqa: F401
     ALPACA_PREAMBLE,
     ALPACA_PREAMBLE_INPUT,
     IGNORE_INDEX,
@@ -53,7 +53,7 @@ from .instructions import (  # noqa: F401
     tokenize_prompts,
     tokenize_sft,
 )
-from .tokens import (  # noqa: F401
+from minidistill.data.tokens import (  # noqa: F401
     encode_prompt,
     eos_id,
     special_affixes,

@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidistill.data.files import json_type, read_json_list, read_jsonl
+from minidistill.data.tokens import eos_id, special_affixes, tokenize_quiet, with_prefix
 from minidistill.errors import UserError
-
-from .files import json_type, read_json_list, read_jsonl
-from .tokens import eos_id, special_affixes, tokenize_quiet, with_prefix
 
 _DIR_SUFFIXES = (".txt", ".jsonl")  # files picked up when a corpus path is a directory
 

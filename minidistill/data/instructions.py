@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
+from minidistill.data.files import json_type, read_json_list, read_jsonl
+from minidistill.data.tokens import eos_id, special_affixes, with_prefix
 from minidistill.errors import UserError
-
-from .files import json_type, read_json_list, read_jsonl
-from .tokens import eos_id, special_affixes, with_prefix
 
 IGNORE_INDEX = -100
 

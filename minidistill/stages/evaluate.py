@@ -6,7 +6,7 @@ responses, scores ROUGE-L against the split's references (the teacher's response
 ``generate`` stage), the share of responses that stop with EOS before ``max_new_tokens`` (set
 it well above a training stage's limit to see whether the student still stops), and measures
 per-token KL to the teacher: reverse KL(q||p) on the model's
-own samples and forward KL(p||q) on the teacher's samples, through :func:`minidistill.scoring.score_model`
+own samples and forward KL(p||q) on the teacher's samples, through :func:`minidistill.parts.scoring.score_model`
 (as eval/analyze.py and eval/compare.py are). Models are scored in the recipe's
 precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
 bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
@@ -22,13 +22,14 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from .. import checkpoint as ckpt
-from .. import data, models, scoring
-from ..config import opt
-from ..errors import UserError
-from ..evaluation import Sampling
-from ..tracking import console
-from . import Stage
+from minidistill import data, models
+from minidistill.config import opt
+from minidistill.errors import UserError
+from minidistill.generation.evaluation import Sampling
+from minidistill.parts import scoring
+from minidistill.reporting.tracking import console
+from minidistill.stages import Stage
+from minidistill.training import checkpoint as ckpt
 
 
 @dataclass

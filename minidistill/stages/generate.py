@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import data, responses
-from ..config import opt
-from ..tracking import console
-from . import Stage
+from minidistill import data
+from minidistill.config import opt
+from minidistill.parts import responses
+from minidistill.reporting.tracking import console
+from minidistill.stages import Stage
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Config:
     def validate(self, where: str) -> None:
         bad = [s for s in self.splits if s not in ("train", "valid")]
         if bad or not self.splits:
-            from ..errors import UserError
+            from minidistill.errors import UserError
 
             raise UserError(f"{where}.splits: expected a non-empty list of 'train'/'valid', got {self.splits}")
 

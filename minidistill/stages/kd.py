@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import sources
-from ..token_kd import KDConfig, cross_tokenizer, train_on_rows, uses_xtok
-from . import Stage
+from minidistill.parts import sources
+from minidistill.parts.token_kd import KDConfig, cross_tokenizer, train_on_rows, uses_xtok
+from minidistill.stages import Stage
 
 
 @dataclass

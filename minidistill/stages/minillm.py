@@ -1,7 +1,7 @@
 """MiniLLM: minimise the reverse KL, KL(q_student || p_teacher), over whole responses.
 
 This file holds the stage's settings and wiring; the update itself is two short modules,
-``minidistill/rollouts.py`` (steps 1-2) and ``objectives.minillm_objective`` (step 3):
+``minidistill/parts/rollouts.py`` (steps 1-2) and ``objectives.minillm_objective`` (step 3):
 
 0. Settings: ``Config``; the named ``preset`` (``PRESETS``, below it) fills the fields left null
    (``Config.apply_preset``, called by validation); any field set in the recipe wins.
@@ -60,13 +60,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .. import sources, validation
-from ..config import TrainConfig, opt
-from ..errors import UserError
-from ..loop import train
-from ..objectives import minillm_objective
-from ..rollouts import RolloutSource
-from . import Plot, Stage
+from minidistill.config import TrainConfig, opt
+from minidistill.errors import UserError
+from minidistill.parts import sources, validation
+from minidistill.parts.objectives import minillm_objective
+from minidistill.parts.rollouts import RolloutSource
+from minidistill.stages import Plot, Stage
+from minidistill.training.loop import train
 
 # ----------------------------------------------------------------------------------------------
 # 0. settings
@@ -163,7 +163,7 @@ class Config(TrainConfig):
     cross_tokenizer: bool = opt(
         False,
         "Teacher with another tokenizer: it scores the text of each response in its own tokenization and "
-        "its token log-probs are spread over the student's tokens by character spans (minidistill.xtok); "
+        "its token log-probs are spread over the student's tokens by character spans (minidistill.functional.xtok); "
         "needs single_step: false, mix_alpha 0 (the default here), kd_ratio 0 when lm_coef > 0.",
     )
     # --- validation ----------------------------------------------------------------------------

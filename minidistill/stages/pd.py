@@ -36,19 +36,22 @@ from typing import Literal
 
 import torch
 
-from .. import data, logit_store, sources, validation, xtok
-from ..batches import ShuffledBatches
-from ..config import TrainConfig, opt
-from ..errors import UserError
-from ..logit_store import LogitStore
-from ..logits import next_token_logits
-from ..loop import train
-from ..losses import Truncated, lm_loss
-from ..objectives import ce_and_divergence, kept_mass, mix, pair_divergence
-from ..schedules import alpha_at
-from ..teacher import StoredTeacher, as_teacher
-from ..tracking import console
-from . import Plot, Stage, always
+from minidistill import data
+from minidistill.config import TrainConfig, opt
+from minidistill.errors import UserError
+from minidistill.functional import xtok
+from minidistill.functional.losses import Truncated, lm_loss
+from minidistill.models import logit_store
+from minidistill.models.logit_store import LogitStore
+from minidistill.models.logits import next_token_logits
+from minidistill.parts import sources, validation
+from minidistill.parts.objectives import ce_and_divergence, kept_mass, mix, pair_divergence
+from minidistill.reporting.tracking import console
+from minidistill.stages import Plot, Stage, always
+from minidistill.teacher import StoredTeacher, as_teacher
+from minidistill.training.batches import ShuffledBatches
+from minidistill.training.loop import train
+from minidistill.training.schedules import alpha_at
 
 
 @dataclass

@@ -25,11 +25,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .. import data, logit_store
-from ..config import opt
-from ..loop import LoopResult
-from ..tracking import console
-from . import Stage, always
+from minidistill import data
+from minidistill.config import opt
+from minidistill.models import logit_store
+from minidistill.reporting.tracking import console
+from minidistill.stages import Stage, always
+from minidistill.training.loop import LoopResult
 
 
 @dataclass

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import responses, sources, token_kd
-from ..config import opt
-from ..token_kd import KDConfig
-from ..tracking import console
-from . import Stage
+from minidistill.config import opt
+from minidistill.parts import responses, sources, token_kd
+from minidistill.parts.token_kd import KDConfig
+from minidistill.reporting.tracking import console
+from minidistill.stages import Stage
 
 
 @dataclass

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import sources, validation
-from ..config import TrainConfig, opt
-from ..loop import train
-from ..objectives import ce_sum, next_logits
-from . import Stage
+from minidistill.config import TrainConfig, opt
+from minidistill.parts import sources, validation
+from minidistill.parts.objectives import ce_sum, next_logits
+from minidistill.stages import Stage
+from minidistill.training.loop import train
 
 
 @dataclass

@@ -813,7 +813,7 @@ def test_output_dir_not_writable(recipe_file, tmp_path, capsys):
 
 def test_output_dir_not_writable_message(recipe_file, tmp_path, capsys, monkeypatch):
     """The same refusal where permissions cannot be tested for real (root): the access check says no."""
-    import minidistill.outputs as outputs_mod
+    import minidistill.pipeline.outputs as outputs_mod
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -880,7 +880,7 @@ def test_bad_data_does_not_clear_an_overwrite_target(recipe_file, tmp_path, caps
 
 def test_resume_auto_without_checkpoint_starts_fresh(recipe_file, tmp_path, capsys):
     """Not an error: resume=auto on an empty output_dir starts from scratch and says so."""
-    from minidistill.tracking import read_metrics
+    from minidistill.reporting.tracking import read_metrics
 
     path = recipe_file(SFT1, resume="auto")
     assert main([str(path)]) == 0
@@ -918,7 +918,7 @@ def test_error_mid_pipeline_keeps_finished_stages_only(recipe_file, tmp_path, ca
         "stage 'gen' generated text: corpus has",
         "fewer than one block of block_len=100000",
     )
-    from minidistill import checkpoint as ckpt
+    from minidistill.training import checkpoint as ckpt
 
     assert ckpt.is_complete(out / "sft" / "final")[0]
     assert not (out / "pd").exists()
@@ -942,7 +942,7 @@ def test_checkpoint_pickle_is_refused(tmp_path, tiny_dir):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from minidistill import checkpoint as ckpt
+    from minidistill.training import checkpoint as ckpt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     acc = Accelerator(cpu=True)

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minidistill import checkpoint as ckpt
 from minidistill.config import load_recipe
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main, run_recipe
-from minidistill.tracking import read_metrics
+from minidistill.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'
 def _no_report(monkeypatch):
     """The end-of-run report (matplotlib) is most of a tiny run's time and not what is tested here;
     forked attempts inherit the patch."""
-    from minidistill import report
+    from minidistill.reporting import report
 
     monkeypatch.setattr(report, "write_report", lambda out_dir: "(not written in tests)")
 
@@ -142,7 +142,7 @@ def test_signal_checkpoints_and_resumes_exactly(sig, recipe_file, tmp_path):
 
 def _crash_after(step: int, monkeypatch):
     """Make the loop raise KeyboardInterrupt right after checkpoint ``step`` is written."""
-    import minidistill.loop as loop
+    import minidistill.training.loop as loop
 
     original = ckpt.save_checkpoint
 

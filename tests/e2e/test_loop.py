@@ -9,8 +9,8 @@ import torch
 from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM
 
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main
-from minidistill.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 

@@ -25,8 +25,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from minidistill import data as mdata
-from minidistill.logits import response_logits
 from minidistill.models import fresh_from_config
+from minidistill.models.logits import response_logits
 from minidistill.run import main
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it

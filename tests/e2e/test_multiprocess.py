@@ -21,11 +21,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minidistill import advantages as adv
-from minidistill import rollouts
-from minidistill.launch import _accelerate_launch_argv, accelerate_cpu_processes, use_cpu
+from minidistill.functional import advantages as adv
+from minidistill.parts import rollouts
+from minidistill.pipeline.launch import _accelerate_launch_argv, accelerate_cpu_processes, use_cpu
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main
-from minidistill.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 
@@ -267,8 +267,8 @@ def _collect_worker(rank: int, world: int, port: int, out: str) -> None:
     from accelerate import Accelerator
     from tiny_tokenizer import make_tokenizer, tiny_llama
 
-    from minidistill import rollouts
     from minidistill.config import build
+    from minidistill.parts import rollouts
     from minidistill.stages import minillm
     from minidistill.teacher import Teacher
 
@@ -377,7 +377,7 @@ def _fsdp_teacher_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     from minidistill import models
-    from minidistill.build import shard_teacher
+    from minidistill.pipeline.build import shard_teacher
     from minidistill.teacher import Teacher
 
     acc = Accelerator(cpu=True)
@@ -439,8 +439,8 @@ def test_fsdp_shards_the_teacher_per_layer_and_keeps_its_outputs(tmp_path):
 
 
 def test_fsdp_refuses_stages_that_generate():
-    from minidistill.build import shard_teacher
     from minidistill.errors import UserError
+    from minidistill.pipeline.build import shard_teacher
 
     run = SimpleNamespace(
         sharded=True,

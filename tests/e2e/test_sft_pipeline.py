@@ -11,8 +11,8 @@ from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM
 
 from minidistill.config import load_recipe
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main, run_recipe
-from minidistill.tracking import read_metrics
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it
 

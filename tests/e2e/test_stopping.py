@@ -12,11 +12,12 @@ import yaml
 from tiny_assets import tiny_recipe
 from tiny_tokenizer import make_tokenizer
 
-from minidistill import data, models, rollouts
+from minidistill import data, models
 from minidistill.config import build
-from minidistill.evaluation import generate_ids
+from minidistill.generation.evaluation import generate_ids
+from minidistill.generation.sampler import sample
+from minidistill.parts import rollouts
 from minidistill.run import main
-from minidistill.sampler import sample
 from minidistill.stages import minillm
 
 pytestmark = pytest.mark.e2e  # end to end: `./test.sh -m 'not slow and not e2e'` skips it

@@ -9,14 +9,16 @@ import torch
 from conftest import INSTRUCTIONS
 from transformers import AutoModelForCausalLM
 
-from minidistill import data, evaluation, models, responses, sources, token_kd
+from minidistill import data, models
 from minidistill.config import build, load_recipe
 from minidistill.errors import UserError
-from minidistill.evaluation import generate_ids
-from minidistill.losses import token_divergence
+from minidistill.functional.losses import token_divergence
+from minidistill.generation import evaluation
+from minidistill.generation.evaluation import generate_ids
+from minidistill.parts import responses, sources, token_kd
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main
 from minidistill.stages import kd, seqkd, sft
-from minidistill.tracking import read_metrics
 
 # ---- one batch ---------------------------------------------------------------------------------
 

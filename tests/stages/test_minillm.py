@@ -8,14 +8,15 @@ import torch
 from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import AutoModelForCausalLM
 
-from minidistill import advantages as adv
-from minidistill import objectives, rollouts, sampler
 from minidistill.config import build
 from minidistill.data import collate_prompts
+from minidistill.functional import advantages as adv
+from minidistill.generation import sampler
+from minidistill.generation.sampler import sample
+from minidistill.parts import objectives, rollouts
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main
-from minidistill.sampler import sample
 from minidistill.stages import minillm
-from minidistill.tracking import read_metrics
 
 
 def cfg_of(**kw) -> minillm.Config:

@@ -8,10 +8,11 @@ import torch
 from tiny_tokenizer import make_tokenizer, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minidistill import models, objectives, rollouts
+from minidistill import models
 from minidistill.config import build
 from minidistill.data import collate_prompts
-from minidistill.sampler import sample
+from minidistill.generation.sampler import sample
+from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 
 
@@ -122,8 +123,8 @@ def test_train_mode_without_dropout_keeps_checkpointing_layers_training():
 def test_stage_trains_without_dropout(recipe_file, tmp_path, student_kind):
     """Through the pipeline and the loop: every step starts a fresh buffer (one minibatch, one PPO
     epoch, a = 0), so rho must be 1 at every step and nothing may be clipped."""
+    from minidistill.reporting.tracking import read_metrics
     from minidistill.run import main
-    from minidistill.tracking import read_metrics
 
     tok = make_tokenizer()
     top = {}

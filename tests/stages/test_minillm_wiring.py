@@ -13,12 +13,12 @@ import pytest
 import torch
 from tiny_tokenizer import make_tokenizer, tiny_llama
 
-from minidistill import advantages as adv
-from minidistill import logits as fwd
-from minidistill import objectives, rollouts
 from minidistill.config import build
 from minidistill.data import collate_prompts
-from minidistill.sampler import Rollout, sample
+from minidistill.functional import advantages as adv
+from minidistill.generation.sampler import Rollout, sample
+from minidistill.models import logits as fwd
+from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 
 F64 = torch.float64

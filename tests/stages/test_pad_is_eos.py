@@ -14,9 +14,10 @@ import torch
 from tiny_assets import INSTRUCTIONS, fake_run
 from tiny_tokenizer import make_tokenizer, tiny_llama
 
-from minidistill import advantages as adv
-from minidistill import data, objectives, responses, rollouts, sources
+from minidistill import data
 from minidistill.config import build
+from minidistill.functional import advantages as adv
+from minidistill.parts import objectives, responses, rollouts, sources
 from minidistill.stages import kd, minillm, seqkd, sft
 
 

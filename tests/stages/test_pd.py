@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from tiny_assets import crash_after_first_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minidistill import data, losses
+from minidistill import data
 from minidistill.config import load_recipe
 from minidistill.errors import UserError
+from minidistill.functional import losses
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main, run_recipe
 from minidistill.stages import pd
-from minidistill.tracking import read_metrics
 
 
 def pd_stage(**kw) -> dict:
@@ -123,7 +124,7 @@ def test_pd_loss_matches_reference_and_only_the_student_gets_gradients(top_k):
     ],
 )
 def test_fused_losses_equal_the_library_calls(kind, top_k, tau):
-    from minidistill.logit_store import truncate_raw
+    from minidistill.models.logit_store import truncate_raw
 
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(3, 7, 50, generator=g) * 2).requires_grad_(True)
@@ -195,7 +196,7 @@ def test_alpha_and_lr_come_from_the_loop_step_under_grad_accum(recipe_file, tmp_
 def test_pd_source_resumes_from_old_checkpoints():
     """PD's batch source is a plain ShuffledBatches; a checkpoint written by the former step-counting
     wrapper ({"inner": ..., "drawn": ...}) still restores its position."""
-    from minidistill.batches import ShuffledBatches
+    from minidistill.training.batches import ShuffledBatches
 
     def src():
         return ShuffledBatches(10, 2, lambda idx: {"idx": idx}, seed=0)

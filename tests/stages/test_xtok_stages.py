@@ -11,13 +11,14 @@ import pytest
 import torch
 from tiny_tokenizer import make_bpe_tokenizer, make_sp_tokenizer, tiny_llama
 
-from minidistill import data, models, xtok
+from minidistill import data, models
 from minidistill.config import build
+from minidistill.functional import xtok
+from minidistill.generation.sampler import sample
+from minidistill.reporting.tracking import read_metrics
 from minidistill.run import main
-from minidistill.sampler import sample
 from minidistill.stages import minillm
 from minidistill.teacher import Teacher
-from minidistill.tracking import read_metrics
 
 
 def save_student(folder, tokenizer, seed: int = 1):
@@ -165,7 +166,7 @@ def reward_setup(teacher_dir, student_tok):
 
 def text_rollout(tok, prompts, responses: list[str], ended: list[bool]):
     """A Rollout whose responses are the given texts in ``tok``'s tokens (EOS where ``ended``)."""
-    from minidistill.sampler import Rollout
+    from minidistill.generation.sampler import Rollout
 
     ids, mask = data.collate_prompts(prompts, tok.pad_token_id)
     resp = [
@@ -217,7 +218,7 @@ def test_minillm_cross_tokenizer_reward_sums_to_the_teachers_log_prob_of_the_tex
 def test_minillm_cross_tokenizer_reward_with_one_tokenizer_is_the_token_reward(tiny_dir):
     """With one tokenizer and responses in its canonical tokenization the spread reward is the
     per-token teacher log-prob the same-tokenizer path records."""
-    from minidistill.sampler import score
+    from minidistill.generation.sampler import score
 
     tok = models.load_tokenizer(str(tiny_dir))
     run, cfg, teacher, _, prompts, _ = reward_setup(tiny_dir, tok)
@@ -302,9 +303,9 @@ def test_a_student_tokenizer_without_byte_fallback_is_refused_naming_the_model(r
 
 def test_one_tokenizer_keeps_todays_paths(recipe_file, tmp_path):
     """A same-tokenizer run builds no aligner unless a stage asks for a cross-tokenizer kind."""
-    from minidistill.build import build_student, load_teacher
     from minidistill.config import load_recipe
-    from minidistill.context import Run
+    from minidistill.pipeline.build import build_student, load_teacher
+    from minidistill.pipeline.context import Run
 
     run = Run(load_recipe(recipe_file([{"type": "kd", "name": "kd", "max_steps": 1}])))
     load_teacher(run)

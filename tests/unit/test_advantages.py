@@ -1,4 +1,4 @@
-"""Tests for minidistill.advantages.
+"""Tests for minidistill.functional.advantages.
 
 Unit tests compare with hand-computed values or straightforward reference formulas. The core
 check enumerates every response of a tiny tabular autoregressive model, computes the exact
@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from minidistill import objectives, rollouts
-from minidistill.advantages import (
+from minidistill.errors import UserError
+from minidistill.functional.advantages import (
     masked_moments,
     mixed_logp,
     pg_loss,
@@ -28,7 +28,7 @@ from minidistill.advantages import (
     token_rewards,
     whiten,
 )
-from minidistill.errors import UserError
+from minidistill.parts import objectives, rollouts
 from minidistill.stages.minillm import PRESETS, get_preset
 
 F64 = torch.float64
@@ -747,7 +747,7 @@ def _stage_cfg(importance: str, alpha: float):
 def _stage_expected_grad(tabular, cfg):
     """sum_y p~(y) * grad(stage loss of response y), every response enumerated: the exact
     expectation of the gradient the stage computes from one sampled response."""
-    from minidistill.sampler import Rollout
+    from minidistill.generation.sampler import Rollout
 
     theta, teacher, resp, _, _, _ = tabular
     tokens, mask, rows = resp

@@ -1,4 +1,4 @@
-"""Tests for minidistill.analysis (metrics pinned to hand-computed values) and eval/analyze.py."""
+"""Tests for minidistill.reporting.analysis (metrics pinned to hand-computed values) and eval/analyze.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_tokenizer import make_tokenizer, tiny_llama  # noqa: E402
 
-from minidistill import analysis as A  # noqa: E402
+from minidistill.reporting import analysis as A  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

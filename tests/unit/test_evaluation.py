@@ -1,4 +1,4 @@
-"""Tests for minidistill.evaluation and eval/instruct_eval.py."""
+"""Tests for minidistill.generation.evaluation and eval/instruct_eval.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tiny_tokenizer import make_tokenizer, tiny_llama  # noqa: E402
 
 from minidistill.data import Example  # noqa: E402
 from minidistill.errors import UserError  # noqa: E402
-from minidistill.evaluation import evaluate_instructions, generate, mean_rouge_l, rouge_l  # noqa: E402
+from minidistill.generation.evaluation import evaluate_instructions, generate, mean_rouge_l, rouge_l  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Hello there", "A", "The quick brown fox jumps", "Once upon a time"]

@@ -13,10 +13,10 @@ import torch
 from test_sampler import PAD, left_padded_prompts, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minidistill import logits as fwd
-from minidistill import objectives, rollouts
 from minidistill.config import build
-from minidistill.sampler import sample
+from minidistill.generation.sampler import sample
+from minidistill.models import logits as fwd
+from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from minidistill import logit_store as LS
 from minidistill.errors import UserError
-from minidistill.losses import NEG_INF, kept_mass, token_divergence, truncate_top_p_k
+from minidistill.functional.losses import NEG_INF, kept_mass, token_divergence, truncate_top_p_k
+from minidistill.models import logit_store as LS
 
 
 class TableTeacher:

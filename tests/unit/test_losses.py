@@ -1,4 +1,4 @@
-"""Tests for minidistill.losses against naive from-the-definition float64 references."""
+"""Tests for minidistill.functional.losses against naive from-the-definition float64 references."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidistill import losses as L
-from minidistill.losses import Truncated, token_divergence
+from minidistill.functional import losses as L
+from minidistill.functional.losses import Truncated, token_divergence
 
 D = torch.float64
 FULL_KINDS = ["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse"]

@@ -125,7 +125,7 @@ def test_precision_auto_follows_native_bf16(monkeypatch):
 
 def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
     from minidistill.config import RecipeConfig
-    from minidistill.context import Run
+    from minidistill.pipeline.context import Run
 
     for native, want_mp in ((False, "no"), (True, "bf16")):
         monkeypatch.setattr(models, "native_bf16", lambda device_type, native=native: native)
@@ -136,7 +136,7 @@ def test_run_resolves_precision_auto_before_accelerate(monkeypatch, tmp_path):
 
 
 def test_precision_auto_judges_the_device_accelerate_will_pick(monkeypatch):
-    from minidistill import launch
+    from minidistill.pipeline import launch
 
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(launch, "has_device_backend", lambda: False)

@@ -16,14 +16,16 @@ from tiny_assets import INSTRUCTIONS, fake_run, tiny_recipe
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minidistill import analysis, evaluation, objectives, responses, rollouts, validation
-from minidistill import logits as fwd
 from minidistill import models as mmodels
 from minidistill.config import build
 from minidistill.data import Example, collate_prompts
 from minidistill.errors import UserError
+from minidistill.generation import evaluation
+from minidistill.generation.sampler import process_logits, sample
+from minidistill.models import logits as fwd
+from minidistill.parts import objectives, responses, rollouts, validation
+from minidistill.reporting import analysis
 from minidistill.run import main
-from minidistill.sampler import process_logits, sample
 from minidistill.stages import minillm
 
 N_TOK, T_ROWS, S_ROWS = 48, 64, 56

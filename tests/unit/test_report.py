@@ -1,4 +1,4 @@
-"""Tests for minidistill.report: report.md + PNG plots from a synthetic run folder."""
+"""Tests for minidistill.reporting.report: report.md + PNG plots from a synthetic run folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minidistill import report as R
+from minidistill.reporting import report as R
 
 
 def make_run(run: Path, n_minillm: int = 120, n_pd: int = 150, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for minidistill.sampler (tiny random Llama models built in-process)."""
+"""Tests for minidistill.generation.sampler (tiny random Llama models built in-process)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minidistill.sampler import Rollout, process_logits, sample
+from minidistill.generation.sampler import Rollout, process_logits, sample
 
 V = 64
 PAD = 0

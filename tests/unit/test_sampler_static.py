@@ -16,8 +16,8 @@ import torch
 from test_sampler import PAD, V, left_padded_prompts, tiny_llama
 from transformers import StaticCache
 
-from minidistill import sampler as sampler_mod
-from minidistill.sampler import Rollout, release_static_caches, resolve_decode, sample
+from minidistill.generation import sampler as sampler_mod
+from minidistill.generation.sampler import Rollout, release_static_caches, resolve_decode, sample
 
 ATOL = 1e-5
 EOS = list(range(40, 50))  # ~16% of the vocabulary: rows stop at varied steps

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minidistill.loop import make_scheduler
-from minidistill.schedules import alpha_at, wsd_phases
+from minidistill.training.loop import make_scheduler
+from minidistill.training.schedules import alpha_at, wsd_phases
 
 
 def test_constant():

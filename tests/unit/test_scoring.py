@@ -1,4 +1,4 @@
-"""minidistill.scoring (the one scorer of a model against its teacher) and evaluation.Sampling /
+"""minidistill.parts.scoring (the one scorer of a model against its teacher) and evaluation.Sampling /
 sample_ids (the one generate_ids call): pure helpers against hand-computed values, the scorer
 against the analysis primitives it is built from."""
 
@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_tokenizer import make_tokenizer, tiny_llama  # noqa: E402
 
-from minidistill import analysis as A  # noqa: E402
-from minidistill import scoring  # noqa: E402
 from minidistill.data import Example  # noqa: E402
-from minidistill.evaluation import Sampling, decode, generate_ids, rouge_l, sample_ids  # noqa: E402
+from minidistill.generation.evaluation import Sampling, decode, generate_ids, rouge_l, sample_ids  # noqa: E402
+from minidistill.parts import scoring  # noqa: E402
+from minidistill.reporting import analysis as A  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny_tokenizer import make_bpe_tokenizer, make_tokenizer, tiny_llama
 
-from minidistill import logits as fwd
-from minidistill import xtok
 from minidistill.errors import UserError
+from minidistill.functional import xtok
+from minidistill.models import logits as fwd
 from minidistill.stages import stage
 from minidistill.teacher import StoredTeacher, Teacher, as_teacher, check_stages
 

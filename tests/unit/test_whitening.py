@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from test_advantages import F64, P, V, _enumerate, _exact_kl
 
-from minidistill.advantages import pg_loss, returns, single_step_kl, token_rewards
+from minidistill.functional.advantages import pg_loss, returns, single_step_kl, token_rewards
 
 
 def _expected_update(theta, teacher, resp, whiten: bool) -> torch.Tensor:

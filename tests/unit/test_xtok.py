@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation (minidistill.xtok) against brute-force references on toy tokenizers:
+"""Cross-tokenizer distillation (minidistill.functional.xtok) against brute-force references on toy tokenizers:
 character spans, the span alignment, the credit map and the spread reward, the shared vocabulary,
 ULD (sorted W1) and the hybrid loss, and the refusals."""
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from tiny_tokenizer import make_bpe_tokenizer, make_sp_tokenizer, make_tokenizer
 
-from minidistill import xtok
 from minidistill.errors import UserError
-from minidistill.losses import forward_kl
+from minidistill.functional import xtok
+from minidistill.functional.losses import forward_kl
 
 TOKENIZERS = {"bytes": make_tokenizer, "bpe": make_bpe_tokenizer, "sp": make_sp_tokenizer}
 ALPHABET = ["t", "h", "e", " ", "a", "c", "o", "n", "s", "é", "数", "🙂", "\n", ",", "r", "l"]

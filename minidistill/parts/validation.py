@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from . import evaluation
+from minidistill.generation import evaluation
 
 
 def held_out(

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from . import sources, validation, xtok
-from .config import TrainConfig, opt
-from .loop import train
-from .objectives import ce_sum, kd_terms, mix, next_logits, pair_divergence
+from minidistill.config import TrainConfig, opt
+from minidistill.functional import xtok
+from minidistill.parts import sources, validation
+from minidistill.parts.objectives import ce_sum, kd_terms, mix, next_logits, pair_divergence
+from minidistill.training.loop import train
 
 
 @dataclass
@@ -30,7 +31,7 @@ class KDConfig(TrainConfig):
         "fkl",
         "Token-level divergence (losses.token_divergence): fkl = KL(teacher||student) as the "
         "paper's KD; ce = soft cross-entropy (same gradient, the official code's logged value); "
-        "uld / uld_hybrid: cross-tokenizer (minidistill.xtok): sorted-probability W1 at span-aligned "
+        "uld / uld_hybrid: cross-tokenizer (minidistill.functional.xtok): sorted-probability W1 at span-aligned "
         "positions / exact KL over the shared tokens + ULD over the rest (any teacher tokenizer).",
     )
     temperature: float = opt(1.0, "Teacher softmax temperature (paper: 1).", gt=0.0)

@@ -43,11 +43,11 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import checkpoint as ckpt
-from . import schedules
-from .errors import UserError
-from .models import train_mode
-from .tracking import console, fmt
+from minidistill.errors import UserError
+from minidistill.models import train_mode
+from minidistill.reporting.tracking import console, fmt
+from minidistill.training import checkpoint as ckpt
+from minidistill.training import schedules
 
 
 @dataclass

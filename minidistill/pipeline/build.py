@@ -4,11 +4,11 @@ checkpointing, LoRA)."""
 
 from __future__ import annotations
 
-from . import models
-from . import teacher as teacher_mod
-from .context import Run
-from .errors import UserError, named
-from .stages import stage
+from minidistill import models
+from minidistill import teacher as teacher_mod
+from minidistill.errors import UserError, named
+from minidistill.pipeline.context import Run
+from minidistill.stages import stage
 
 
 def load_teacher(run: Run) -> None:

@@ -24,9 +24,10 @@ import hashlib
 import json
 import time
 
-from . import checkpoint as ckpt
-from . import data, sources
-from .tracking import console
+from minidistill import data
+from minidistill.parts import sources
+from minidistill.reporting.tracking import console
+from minidistill.training import checkpoint as ckpt
 
 FORMAT = 1
 RESPONSES = "teacher_responses.jsonl"

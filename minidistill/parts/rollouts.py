@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import advantages as adv
-from . import data
-from .batches import ShuffledBatches
-from .sampler import Rollout, sample, score
-from .tracking import console
+from minidistill import data
+from minidistill.functional import advantages as adv
+from minidistill.generation.sampler import Rollout, sample, score
+from minidistill.reporting.tracking import console
+from minidistill.training.batches import ShuffledBatches
 
 # ---- 1. collect: rollouts -> advantages -> a buffer ----------------------------------------
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from . import models
-from .config import RecipeConfig
-from .errors import UserError, named
-from .launch import device_type, use_cpu
-from .stages import stage
-from .tracking import Metrics, console
+from minidistill import models
+from minidistill.config import RecipeConfig
+from minidistill.errors import UserError, named
+from minidistill.pipeline.launch import device_type, use_cpu
+from minidistill.reporting.tracking import Metrics, console
+from minidistill.stages import stage
+from minidistill.training import checkpoint as ckpt
 
 
 class Run:
@@ -96,7 +96,7 @@ class Run:
     # ---- data shared by the stages -------------------------------------------------------
     def instructions(self, split: str):
         """Instruction examples for 'train' or 'valid' (valid falls back to a held-out slice)."""
-        from . import data
+        from minidistill import data
 
         d = self.recipe.data
 
@@ -134,14 +134,14 @@ class Run:
 
     def set_corpus_texts(self, texts: list[str], source: str = "generated text") -> None:
         """Use these documents as the plain-text corpus for the stages that follow (``source`` names them in errors)."""
-        from .data import TextList
+        from minidistill.data import TextList
 
         self._corpus_texts = TextList(texts, [source])
         self._cache.pop("corpus", None)
 
     def corpus(self):
         """(train_blocks, valid_blocks) packed from data.corpus (or texts a stage provided)."""
-        from . import data
+        from minidistill import data
 
         d = self.recipe.data
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from . import advantages as adv
-from . import logits as fwd
-from . import losses, xtok
-from .logit_store import truncate_raw
-from .losses import Truncated
-from .sampler import RESPONSE_FIELDS, process_logits
-from .teacher import as_teacher
+from minidistill.functional import advantages as adv
+from minidistill.functional import losses, xtok
+from minidistill.functional.losses import Truncated
+from minidistill.generation.sampler import RESPONSE_FIELDS, process_logits
+from minidistill.models import logits as fwd
+from minidistill.models.logit_store import truncate_raw
+from minidistill.teacher import as_teacher
 
 # ---- token-level terms ------------------------------------------------------------------------
 

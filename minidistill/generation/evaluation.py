@@ -32,8 +32,8 @@ from minidistill.data import (
     tokenize_prompts,
 )
 from minidistill.errors import UserError
-from minidistill.logits import model_device
-from minidistill.sampler import process_logits
+from minidistill.generation.sampler import process_logits
+from minidistill.models.logits import model_device
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 
@@ -72,7 +72,7 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 class _VocabLogits(LogitsProcessor):
     """HF ``generate`` logits processor: ids >= ``vocab`` (head rows beyond the tokenizer) to -inf,
-    then temperature, top-k and top-p exactly as :func:`minidistill.sampler.process_logits`.
+    then temperature, top-k and top-p exactly as :func:`minidistill.generation.sampler.process_logits`.
 
     The mask must come before the warpers (top-k/top-p over the tokenizer's ids only, the
     normaliser over them only), and HF appends custom processors after its own warpers, so

@@ -27,7 +27,7 @@ For a > 0 the mixture needs p at every step, which vLLM cannot provide without s
 teacher in lockstep; such runs fall back to this implementation.
 
 This is one of the two generation paths, and it stays separate from
-:func:`minidistill.evaluation.generate_ids` (HF ``generate``, which evaluation, SeqKD data and
+:func:`minidistill.generation.evaluation.generate_ids` (HF ``generate``, which evaluation, SeqKD data and
 ``analysis.sample_and_score`` share) because it steps two models in lockstep, draws from their
 mixture and records per-token log q, log p~ and log p, none of which ``generate`` can do; both
 share :func:`process_logits` for temperature/top-k/top-p.
@@ -49,7 +49,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .logits import (
+from minidistill.functional.losses import log_mix
+from minidistill.models.logits import (
     accepts_logits_to_keep,
     hf_model,
     length_chunks,
@@ -59,7 +60,6 @@ from .logits import (
     split_head,
     unwrap,
 )
-from .losses import log_mix
 
 __all__ = ["DECODE_MODES", "Rollout", "process_logits", "release_static_caches", "resolve_decode", "sample", "score"]
 
@@ -76,7 +76,7 @@ class Rollout:
     mix_logp: torch.Tensor  # (B, T) float32 log p~(y_t), 0 at padding
     teacher_logp: torch.Tensor  # (B, T) float32 log p(y_t), 0 at padding
     # (B, T, H) the teacher's final hidden states predicting each y_t (model dtype), or None; the
-    # loss rebuilds the teacher logits from them with the LM head (see minidistill.logits)
+    # loss rebuilds the teacher logits from them with the LM head (see minidistill.models.logits)
     teacher_hidden: torch.Tensor | None = None
     # (B,) bool: the row stopped on EOS (False: cut at max_new_tokens), or None if unknown
     ended: torch.Tensor | None = None
@@ -160,7 +160,7 @@ def _head_rows(model: torch.nn.Module) -> int | None:
 class _Stepper:
     """One model's cached token-by-token forward: last-position logits (and final hidden state).
 
-    With a :func:`~minidistill.logits.split_head` split it runs the backbone and applies the LM
+    With a :func:`~minidistill.models.logits.split_head` split it runs the backbone and applies the LM
     head to the last position only, keeping the hidden state; otherwise the model's own forward
     with ``logits_to_keep=1`` (when ``last_only``).
     """

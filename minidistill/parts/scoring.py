@@ -1,10 +1,10 @@
 """Score a model against its teacher on instruction prompts: the one scorer of the evaluate stage
 (``minidistill/stages/evaluate.py``), ``eval/analyze.py`` and ``eval/compare.py``.
 
-:func:`score_model` samples one response per prompt and seed (:func:`minidistill.evaluation.sample_ids`,
-the settings in one :class:`minidistill.evaluation.Sampling`), scores ROUGE-L against the references,
+:func:`score_model` samples one response per prompt and seed (:func:`minidistill.generation.evaluation.sample_ids`,
+the settings in one :class:`minidistill.generation.evaluation.Sampling`), scores ROUGE-L against the references,
 and measures per-token KL to the teacher: reverse KL(q||p) at every step of the model's own samples
-and forward KL(p||q) at every step of the teacher's samples (:func:`minidistill.analysis.score_steps`:
+and forward KL(p||q) at every step of the teacher's samples (:func:`minidistill.reporting.analysis.score_steps`:
 exact over the first ``vocab_size`` logits, one batched pass per seed). :func:`gold_kl` adds both KLs
 teacher-forced on the gold responses. The pure parts (:func:`pooled_kl`, :func:`eos_rate`,
 :func:`mean_length`, :func:`mean_by_seed`) are unit-tested against hand-computed values.
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minidistill.analysis import Samples, draw_samples, response_kl, score_steps
 from minidistill.data import eos_id, tokenize_sft
-from minidistill.evaluation import Sampling, decode, rouge_l
+from minidistill.generation.evaluation import Sampling, decode, rouge_l
+from minidistill.reporting.analysis import Samples, draw_samples, response_kl, score_steps
 
 __all__ = [
     "Score",
@@ -175,7 +175,7 @@ def gold_kl(
     long_prompt: str = "drop",
 ) -> tuple[dict[str, Any], list[list[int]], list[list[int]]]:
     """Reverse and forward KL teacher-forced on the gold responses (+ EOS) of ``examples``, as
-    :func:`minidistill.analysis.response_kl` returns them (without ``per_sequence``), and the
+    :func:`minidistill.reporting.analysis.response_kl` returns them (without ``per_sequence``), and the
     (prompt ids, response ids) pairs they were measured on."""
     rows, _ = tokenize_sft(
         examples,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import RowForwardKLCE
+from minidistill.functional.kernels import RowForwardKLCE
 
 KINDS = ("fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tv", "ce", "mse")
 NEG_INF = float("-inf")

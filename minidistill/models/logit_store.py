@@ -42,9 +42,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import write_json_atomic
-from .errors import UserError
-from .losses import NEG_INF, Truncated, truncate_top_p_k
+from minidistill.errors import UserError
+from minidistill.functional.losses import NEG_INF, Truncated, truncate_top_p_k
+from minidistill.training.checkpoint import write_json_atomic
 
 FORMAT = "minidistill-logit-store"
 VERSION = 1

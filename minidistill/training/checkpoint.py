@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from minidistill.errors import UserError
 
 
 def _rng_state() -> dict:

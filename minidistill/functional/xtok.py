@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UserError
+from minidistill.errors import UserError
 
 ULD_KINDS = ("uld", "uld_hybrid")
 PROBES = ("Hello, world! It's 3:45 pm.\n\tTabs, new lines,  double  spaces.", "héllo ü ß ñ, 数学, Ελλάδα, 🙂 ok")

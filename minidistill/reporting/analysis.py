@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from minidistill.logits import response_logits
-from minidistill.losses import forward_kl, reverse_kl
+from minidistill.functional.losses import forward_kl, reverse_kl
+from minidistill.models.logits import response_logits
 
 __all__ = [
     "Samples",
@@ -427,8 +427,8 @@ def with_eos(responses: Sequence[Sequence[int]], ended: Sequence[bool], eos: int
 
 
 def _sampling(settings: dict[str, Any]):
-    """The :class:`minidistill.evaluation.Sampling` of the keyword settings, with this module's defaults."""
-    from minidistill.evaluation import Sampling
+    """The :class:`minidistill.generation.evaluation.Sampling` of the keyword settings, with this module's defaults."""
+    from minidistill.generation.evaluation import Sampling
 
     return Sampling(**{"max_new_tokens": 256, "batch_size": 4, "progress": False, **settings})
 
@@ -438,8 +438,8 @@ def draw_samples(
 ) -> Samples:
     """One response per prompt and seed from ``generator`` (seed-major), KLs not yet scored
     (``rkl``/``fkl`` empty lists): see :func:`score_steps`. ``sampling``: an
-    :class:`minidistill.evaluation.Sampling`."""
-    from minidistill.evaluation import sample_ids
+    :class:`minidistill.generation.evaluation.Sampling`."""
+    from minidistill.generation.evaluation import sample_ids
 
     out = Samples()
     for seed in seeds:
@@ -504,8 +504,8 @@ def sample_and_score(
     **settings: Any,
 ) -> Samples:
     """Sample one response per prompt and seed from ``generator`` (the model or the teacher) with
-    :func:`minidistill.evaluation.sample_ids`, then score every step with :func:`score_steps`.
-    ``sampling``: an :class:`minidistill.evaluation.Sampling`, or its fields as keywords (defaults
+    :func:`minidistill.generation.evaluation.sample_ids`, then score every step with :func:`score_steps`.
+    ``sampling``: an :class:`minidistill.generation.evaluation.Sampling`, or its fields as keywords (defaults
     here: max_new_tokens 256, batch_size 4, no progress bar). ``vocab_size`` (``len(tokenizer)``)
     bounds both: no id >= it is sampled, and the KLs are over the first ``vocab_size`` logits.
     """

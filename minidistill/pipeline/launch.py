@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tracking import console
+from minidistill.reporting.tracking import console
 
 
 def has_device_backend() -> bool:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from . import data
-from .batches import ShuffledBatches
+from minidistill import data
+from minidistill.training.batches import ShuffledBatches
 
 
 def _tokenized(run, split: str):

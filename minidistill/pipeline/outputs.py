@@ -8,10 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .config import RecipeConfig
-from .errors import UserError
-from .tracking import console
+from minidistill.config import RecipeConfig
+from minidistill.errors import UserError
+from minidistill.reporting.tracking import console
+from minidistill.training import checkpoint as ckpt
 
 RUN_CONTROL_KEYS = ("resume", "overwrite", "tensorboard", "threads", "device")
 

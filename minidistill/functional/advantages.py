@@ -80,9 +80,9 @@ from typing import NamedTuple
 
 import torch
 
-from minidistill.kernels import RowReverseKL
-from minidistill.kernels import compute_dtype as _compute_dtype
-from minidistill.losses import log_mix
+from minidistill.functional.kernels import RowReverseKL
+from minidistill.functional.kernels import compute_dtype as _compute_dtype
+from minidistill.functional.losses import log_mix
 
 __all__ = [
     "SequenceWeights",
