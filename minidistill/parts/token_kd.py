@@ -151,7 +151,6 @@ def train_on_rows(run, cfg, student, rows: list[dict], valid: list[dict], exampl
     """The KD loop over tokenized (input_ids, labels) rows; best by gold validation CE. A
     cross-tokenizer kind needs the examples behind the rows (the teacher renders its own prompt).
     SeqKD trains through this too (on the teacher's samples)."""
-    best_dir = run.stage_dir(cfg.name) / "best"
     if uses_xtok(cfg):
         template = run.recipe.data.template
         rows = run.teacher.side_of_rows(rows, examples, template)
@@ -171,7 +170,5 @@ def train_on_rows(run, cfg, student, rows: list[dict], valid: list[dict], exampl
         loss_fn,
         sources.total_steps(cfg, source),
         evaluate=evaluate,
-        best_key="loss",
-        best_mode="min",
-        on_best=lambda model: run.export(model, best_dir) if cfg.keep_best else None,
+        best_by=("loss", "min"),
     )

@@ -296,7 +296,6 @@ def run(run, cfg: Config, student):
         max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
         batch_size=cfg.rollout_batch_size,
     )
-    best_dir = run.stage_dir(cfg.name) / "best"
     return train(
         run,
         cfg,
@@ -305,9 +304,7 @@ def run(run, cfg: Config, student):
         lambda model, batch, step: minillm_objective(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size),
         total,
         evaluate=evaluate if valid else None,
-        best_key="rougeL",
-        best_mode="max",
-        on_best=lambda model: run.export(model, best_dir),
+        best_by=("rougeL", "max"),
         dropout=False,
     )
 

@@ -349,7 +349,6 @@ def run(run, cfg: Config, student):
         teacher = StoredTeacher(store, run.device)
     source = source_for(run, cfg, train_blocks, uses_xtok(cfg))
     steps = sources.total_steps(cfg, source)
-    best_dir = run.stage_dir(cfg.name) / "best"
     return train(
         run,
         cfg,
@@ -358,9 +357,7 @@ def run(run, cfg: Config, student):
         make_loss_fn(run, cfg, steps, teacher),
         steps,
         evaluate=make_evaluate(run, cfg, valid_blocks) if len(valid_blocks) else None,
-        best_key="ppl",
-        best_mode="min",
-        on_best=lambda model: run.export(model, best_dir) if cfg.keep_best else None,
+        best_by=("ppl", "min"),
         eval_at_start=cfg.eval_at_start,
     )
 

@@ -42,7 +42,6 @@ def make_evaluate(run, cfg, rows: list[dict]):
 def run(run, cfg: Config, student):
     valid = sources.instruction_rows(run, "valid")
     source = sources.rows_source(run, cfg, sources.instruction_rows(run, "train"))
-    best_dir = run.stage_dir(cfg.name) / "best"
     return train(
         run,
         cfg,
@@ -51,9 +50,7 @@ def run(run, cfg: Config, student):
         lambda model, batch, step: sft_loss(model, batch),
         sources.total_steps(cfg, source),
         evaluate=make_evaluate(run, cfg, valid) if valid else None,
-        best_key="loss",
-        best_mode="min",
-        on_best=lambda model: run.export(model, best_dir) if cfg.keep_best else None,
+        best_by=("loss", "min"),
     )
 
 

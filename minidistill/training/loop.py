@@ -136,15 +136,15 @@ def train(
     total_steps: int,
     *,
     evaluate: Callable | None = None,
-    best_key: str | None = None,
-    best_mode: str = "min",
-    on_best: Callable | None = None,
+    best_by: tuple[str, str] | None = None,
     dropout: bool = True,
     eval_at_start: bool = False,
 ) -> LoopResult:
     """Run ``total_steps`` optimizer steps of ``loss_fn`` over ``source``; returns the trained model.
 
-    ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM).
+    ``best_by=(key, "min" | "max")``: the evaluation value that ranks checkpoints; the best model so
+    far is exported to ``<stage>/best/`` (unless the stage's ``keep_best`` is false) and its step and
+    value are returned. ``dropout=False`` trains in :func:`minidistill.models.train_mode` without dropout (MiniLLM).
     ``eval_at_start``: evaluate once before the first step of a fresh (not resumed) run, logged at
     step 0 and no ``best`` candidate. The loop owns the student's precision: batches are drawn
     (MiniLLM samples its rollouts there), the loss runs and evaluation runs under the run's
@@ -194,13 +194,13 @@ def train(
             console.print(
                 f"[cyan]{cfg.name} step {at_step} valid: {fmt({k: v for k, v in values.items() if not isinstance(v, (list, dict))})}[/]"
             )
-        if candidate and best_key is not None and best_key in values:
-            v = float(values[best_key])
-            better = best is None or (v < best["value"] if best_mode == "min" else v > best["value"])
-            if better:
-                best = {"key": best_key, "value": v, "step": at_step}
-                if on_best is not None:
-                    on_best(acc.unwrap_model(model))
+        if candidate and best_by is not None and best_by[0] in values:
+            key, mode = best_by
+            v = float(values[key])
+            if best is None or (v < best["value"] if mode == "min" else v > best["value"]):
+                best = {"key": key, "value": v, "step": at_step}
+                if getattr(cfg, "keep_best", True):
+                    run.export(acc.unwrap_model(model), stage_dir / "best")
 
     if eval_at_start and step == 0:
         run_eval(0, candidate=False)

@@ -49,6 +49,15 @@ def test_sft_loss_decreases_and_final_loads(recipe_file):
     assert main([str(path)]) == 2
 
 
+def test_keep_best_false_exports_no_best_model(recipe_file):
+    path = recipe_file(sft(max_steps=4, eval_every=2, keep_best=False))
+    assert main([str(path)]) == 0
+    out = path.parent / "run"
+    assert [r["valid/loss"] for r in read_metrics(out / "metrics.jsonl") if "valid/loss" in r]  # it did evaluate
+    assert (out / "sft" / "final" / "config.json").is_file()
+    assert not (out / "sft" / "best").exists()
+
+
 def _next_step_loss(out: Path) -> float:
     return [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "sft" and r["step"] == 4 and "loss" in r][
         -1
