@@ -131,8 +131,9 @@ def main() -> None:
         with torch.inference_mode():
             eos_t = torch.as_tensor(eos)
             return sampler._sample_loop(
-                student, teacher, ids, mask, args.max_new, kw["mix_alpha"], 1.0, 0, 1.0, eos_t, 0, gen, skip, keep1
-            )
+                student, teacher, ids, mask, args.max_new, kw["mix_alpha"], (1.0, 0, 1.0), eos_t, 0, gen, skip, keep1,
+                True,
+            )  # fmt: skip
 
     def timeit(fn):
         fn()  # warm-up
