@@ -62,6 +62,19 @@ class TeacherConfig:
         "auto", "Teacher weight dtype; 'auto' follows the recipe precision (frozen weights can be bf16)."
     )
     trust_remote_code: bool = opt(False, "Allow model code from the model folder (off: never run remote code).")
+    server: str | None = opt(
+        None,
+        "URL of an OpenAI-compatible completions server (vLLM) serving the teacher, e.g. http://127.0.0.1:8000; "
+        "then `model` names only its tokenizer (README, 'Served teacher').",
+    )
+    served_model: str | None = opt(None, "The model name on the server (--served-model-name); default: `model`.")
+    logprobs: int = opt(
+        20, "Served teacher: top-k log-probs per position (the server needs --max-logprobs >= it).", min=1
+    )
+    request_rows: int = opt(8, "Served teacher: sequences per request.", min=1)
+    concurrency: int = opt(4, "Served teacher: requests in flight at once.", min=1)
+    timeout_s: float = opt(300.0, "Served teacher: seconds to wait for one answer before retrying.", gt=0.0)
+    retries: int = opt(3, "Served teacher: retries of a failed request (timeouts, connection errors, 5xx).", min=0)
 
 
 @dataclass

@@ -88,8 +88,13 @@ def run_recipe(recipe: RecipeConfig) -> dict:
     if run.accelerator.is_main_process:
         prepare_output_dir(recipe, resolved)
     run.accelerator.wait_for_everyone()
+    teacher = (
+        f"served teacher '{run.teacher.client.model}' at {run.teacher.client.url}"
+        if run.teacher.served
+        else f"teacher {models.n_params(run.teacher.model) / 1e6:.1f}M params"
+    )
     console.print(
-        f"teacher {models.n_params(run.teacher.model) / 1e6:.1f}M params, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
+        f"{teacher}, student {models.n_params(student) / 1e6:.1f}M params, device {run.device}, "
         f"precision {run.precision}{' (auto)' if run.recipe.precision == 'auto' else ''}"
     )
     finals = {}

@@ -80,6 +80,10 @@ class Rollout:
     teacher_hidden: torch.Tensor | None = None
     # (B,) bool: the row stopped on EOS (False: cut at max_new_tokens), or None if unknown
     ended: torch.Tensor | None = None
+    # (B, T, K) a served teacher's top-K ids / log-probs at each response position (-inf: unused
+    # slot), or None: what its single-step term reads instead of hidden states (``teacher.served``)
+    teacher_topk_ids: torch.Tensor | None = None
+    teacher_topk_logp: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -113,7 +117,16 @@ class Rollout:
         return [self.select(slice(i, i + minibatch_size)) for i in range(0, self.batch_size, minibatch_size)]
 
 
-RESPONSE_FIELDS = ("response_ids", "response_mask", "student_logp", "mix_logp", "teacher_logp", "teacher_hidden")
+RESPONSE_FIELDS = (
+    "response_ids",
+    "response_mask",
+    "student_logp",
+    "mix_logp",
+    "teacher_logp",
+    "teacher_hidden",
+    "teacher_topk_ids",
+    "teacher_topk_logp",
+)
 
 
 def _maybe(x, fn):

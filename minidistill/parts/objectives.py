@@ -68,8 +68,11 @@ def kd_terms(model, teacher, batch: dict, cfg, vocab: int) -> tuple[torch.Tensor
     labels = batch["labels"][:, 1:]  # (B, T-1)
     if cfg.kd_ratio == 0:
         return ce_sum(logits, labels), None
-    t_logits = as_teacher(teacher).logits(batch["input_ids"], batch["attention_mask"])  # (B, T-1, Vt)
-    v = vocab if vocab is not None else min(logits.shape[-1], t_logits.shape[-1])
+    t_logits = as_teacher(teacher).logits(batch["input_ids"], batch["attention_mask"])  # (B, T-1, Vt) or Truncated
+    if isinstance(t_logits, Truncated):  # a served teacher's top-k
+        v = vocab if vocab is not None else logits.shape[-1]
+    else:
+        v = vocab if vocab is not None else min(logits.shape[-1], t_logits.shape[-1])
     r = ce_and_divergence(logits, t_logits, labels, labels != -100, cfg.kind, cfg, vocab=v)
     return (r.ce if cfg.kd_ratio < 1 else r.ce.detach()), r.divergence
 
@@ -132,6 +135,8 @@ def _rows(batch: dict, rows: torch.Tensor, p0: int, t1: int) -> dict:
     """Rows ``rows`` of a minibatch without their all-padding prompt/response columns."""
     out = {}
     for k, v in batch.items():
+        if v is None:
+            continue
         if k in ("prompt_ids", "prompt_mask"):
             out[k] = v[rows, p0:]
         elif k in RESPONSE_FIELDS or k in ("rewards", "returns", "advantages", "single_step_weights"):
@@ -212,12 +217,17 @@ def minillm_loss(model, batch: dict, *, cfg, teacher, vocab: int):
 
 def pretrain_loss(model, teacher, ids: torch.Tensor, kd_ratio: float, vocab: int) -> torch.Tensor:
     """L_PT on plain text: per-token mean of ``mix(CE, KL(p||q), kd_ratio)`` (one fused pass over
-    the vocabulary for both terms, ``losses.forward_kl_and_ce``)."""
+    the vocabulary for both terms, ``losses.forward_kl_and_ce``; against a served teacher's top-k,
+    the truncated forward KL of ``losses.ce_and_divergence``)."""
     logits = fwd.next_token_logits(model, ids, vocab=vocab)  # (B, L-1, V)
     labels, mask = ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.bool)
     if kd_ratio == 0:
         ce, count = losses.lm_loss(logits, labels, mask)
         return ce / count
     t_logits = as_teacher(teacher).logits(ids, vocab=vocab)
-    kd, ce, count = losses.forward_kl_and_ce(logits, t_logits, labels, mask)
+    if isinstance(t_logits, Truncated):
+        r = losses.ce_and_divergence(logits, t_logits, labels, mask, "fkl", vocab=vocab)
+        kd, ce, count = r.divergence, r.ce, r.count
+    else:
+        kd, ce, count = losses.forward_kl_and_ce(logits, t_logits, labels, mask)
     return mix(ce, kd, kd_ratio) / count

@@ -140,6 +140,52 @@ def epoch_orders(seed: int, iteration: int, rows: int, ppo_epochs: int) -> torch
     return torch.stack([torch.randperm(rows, generator=g) for _ in range(ppo_epochs)])
 
 
+def engine_rollout(run, cfg, student, engine, prompts: list[list[int]], iteration: int) -> tuple[Rollout, dict]:
+    """The student's responses to ``prompts`` drawn by the vLLM engine (``vllm_engine``) after a
+    weight sync checked on a probe; tokens only (every log-prob is left at 0 for the trainer's own
+    forwards to fill). Seeds per row from (seed, iteration, row). Returns it and the engine's timings."""
+    from minidistill.models import logits as fwd
+
+    engine.sync(student)
+    probe = [p + p[: min(8, len(p))] for p in prompts[:2]]  # real prompts with real tokens after them
+    with torch.no_grad():
+        mine = []
+        for seq in probe:
+            ids = torch.tensor([seq], device=run.device)
+            lp = fwd.next_token_logits(student, ids).float().log_softmax(-1)[0]
+            mine.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1))
+    gap = engine.check(probe, mine)
+    seeds = [(run.recipe.seed * 1_000_003 + iteration * 10_007 + i) % (2**31) for i in range(len(prompts))]
+    rows = engine.generate(
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seeds=seeds,
+        eos_token_id=run.tokenizer.eos_token_id,
+    )
+    pad = run.tokenizer.pad_token_id
+    p_ids, p_mask = data.collate_prompts(prompts, pad)
+    T = max(1, max(len(r) for r, _ in rows))
+    r_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    r_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, (r, _) in enumerate(rows):
+        r_ids[b, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        r_mask[b, : len(r)] = 1
+    ended = torch.tensor([reason == "stop" for _, reason in rows])
+    z = torch.zeros((len(rows), T))
+    dev = run.device
+    ro = Rollout(p_ids.to(dev), p_mask.to(dev), r_ids.to(dev), r_mask.to(dev), z.to(dev), z.to(dev), z.to(dev))
+    ro.ended = ended.to(dev)
+    timings = {
+        "engine_sync_s": engine.timings["sync_s"][-1],
+        "engine_generate_s": engine.timings["generate_s"][-1],
+        "engine_check_gap": gap,
+    }
+    return ro, timings
+
+
 def collect_buffer(
     run,
     cfg,
@@ -148,19 +194,34 @@ def collect_buffer(
     generator: torch.Generator,
     iteration: int,
     teacher_prompts: list[list[int]] | None = None,
+    engine=None,
 ) -> Buffer:
     """Sample responses to ``prompts`` with the current student, score them, compute advantages.
     ``teacher_prompts`` (cross_tokenizer): the same prompts in the teacher's tokenization, which
-    then scores the responses' text (``Teacher.response_logp``). Runs under the loop's autocast
-    (the loop draws batches under it)."""
-    acc = run.accelerator
-    parts = []
-    for i in range(0, len(prompts), cfg.rollout_batch_size):
+    then scores the responses' text (``Teacher.response_logp``). ``engine``: a vLLM engine draws the
+    tokens (``engine_rollout``); the student's and the teacher's log-probs then come from one
+    teacher-forced pass each here. Runs under the loop's autocast (the loop draws batches under it)."""
+    acc, teacher = run.accelerator, run.teacher
+    settings = (cfg.temperature, cfg.top_k, cfg.top_p)
+    parts, scoring, timings = [], [], {}
+    keep_topk = cfg.single_step and not cfg.cross_tokenizer
+    if engine is not None:
+        ro, timings = engine_rollout(run, cfg, student, engine, prompts, iteration)
+        parts.append(ro)
+        if teacher.served:
+            scoring.append(
+                teacher.response_logp_async(ro, settings, teacher_prompts=teacher_prompts, keep_topk=keep_topk)
+            )
+        elif not cfg.cross_tokenizer:
+            ro.teacher_logp, ro.teacher_hidden = teacher.response_logp(
+                ro, settings, chunk=cfg.chunk_rows, keep_hidden=cfg.single_step
+            )
+    for i in range(0, len(prompts) if engine is None else 0, cfg.rollout_batch_size):
         ids, mask = data.collate_prompts(prompts[i : i + cfg.rollout_batch_size], run.tokenizer.pad_token_id)
         parts.append(
             sample(
                 student,
-                None if cfg.cross_tokenizer else run.teacher.lockstep(),
+                None if cfg.cross_tokenizer else teacher.lockstep(),
                 ids,
                 mask,
                 max_new_tokens=cfg.max_new_tokens,
@@ -175,20 +236,42 @@ def collect_buffer(
                 decode=cfg.decode,
             )
         )
+        if teacher.served:  # the server scores this batch while the next one is sampled
+            tp = teacher_prompts[i : i + cfg.rollout_batch_size] if teacher_prompts is not None else None
+            scoring.append(teacher.response_logp_async(parts[-1], settings, teacher_prompts=tp, keep_topk=keep_topk))
+    for part, answer in zip(parts, scoring):
+        part.teacher_logp, part.teacher_topk_ids, part.teacher_topk_logp = answer.result()
     ro = concat_rollouts(parts, run.tokenizer.pad_token_id)
-    if cfg.cross_tokenizer:  # the teacher scores the text in its own tokens (``Teacher.response_logp``)
-        settings = (cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.cross_tokenizer and not teacher.served:  # the teacher scores the text in its own tokens
         ro.teacher_logp, _ = run.teacher.response_logp(
             ro, settings, chunk=cfg.chunk_rows, teacher_prompts=teacher_prompts
         )
-    if recompute_logp(cfg, run.precision):
+    if engine is not None or recompute_logp(cfg, run.precision):  # the engine's tokens: log q from our forward
         ro = rescore_behaviour(student, ro, cfg, run.vocab_size)
     reduce_sum = lambda t: acc.reduce(t.to(acc.device), "sum")  # noqa: E731
     scores = advantages_for(cfg, ro, reduce_sum=reduce_sum)
     stats = rollout_stats(
         {**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum, mix_alpha=cfg.mix_alpha
     )
+    stats.update(timings)
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
+
+
+def start_engine(run, cfg, student, prompts: list[list[int]]):
+    """The vLLM engine of a minillm stage (``vllm_engine.Engine``), over the student as it is now."""
+    from minidistill.generation import vllm_engine
+
+    longest = max(len(p) for p in prompts) if prompts else 0
+    engine = vllm_engine.Engine(
+        vllm_engine.find_python(cfg.vllm_python),
+        precision=run.precision,
+        max_model_len=longest + max(cfg.max_new_tokens, 8) + 1,
+        seed=run.recipe.seed,
+        check_tol=cfg.vllm_check_tol,
+    )
+    engine.start(student, run.tokenizer)
+    console.print(f"stage '{cfg.name}': vLLM rollout engine ready in {engine.timings['start_s']:.1f} s")
+    return engine
 
 
 def recompute_logp(cfg, precision: str) -> bool:
@@ -220,9 +303,12 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         filler = torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
         return torch.cat([filler, x] if left else [x, filler], dim=1)
 
-    hidden = None
+    hidden = topk_ids = topk_logp = None
     if all(p.teacher_hidden is not None for p in parts):
         hidden = torch.cat([pad(p.teacher_hidden, T, 0.0, False) for p in parts])
+    if all(p.teacher_topk_ids is not None for p in parts):
+        topk_ids = torch.cat([pad(p.teacher_topk_ids, T, 0, False) for p in parts])
+        topk_logp = torch.cat([pad(p.teacher_topk_logp, T, float("-inf"), False) for p in parts])
     return Rollout(
         prompt_ids=torch.cat([pad(p.prompt_ids, P, pad_id, True) for p in parts]),
         prompt_mask=torch.cat([pad(p.prompt_mask, P, 0, True) for p in parts]),
@@ -233,6 +319,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         teacher_logp=torch.cat([pad(p.teacher_logp, T, 0.0, False) for p in parts]),
         teacher_hidden=hidden,
         ended=torch.cat([p.ended for p in parts]) if all(p.ended is not None for p in parts) else None,
+        teacher_topk_ids=topk_ids,
+        teacher_topk_logp=topk_logp,
     )
 
 
@@ -279,6 +367,7 @@ class RolloutSource:
                 world=acc.num_processes,
             )
         self.buffer: Buffer | None = None
+        self.engine = None  # the vLLM engine (rollout_engine: vllm), started at the first collection
         self.iteration = 0  # buffers collected so far
         self.epoch = 0  # PPO epoch over the current buffer
         self.position = 0  # rows of that epoch's order already handed out
@@ -313,8 +402,10 @@ class RolloutSource:
         run, cfg, acc = self.run, self.cfg, self.run.accelerator
         idx = self.prompt_order.next_batch()
         tp = [self.teacher_prompts[j] for j in idx] if self.teacher_prompts is not None else None
+        if cfg.rollout_engine == "vllm" and self.engine is None:
+            self.engine = start_engine(run, cfg, self.student, self.prompts)
         self.buffer = collect_buffer(
-            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration, tp
+            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration, tp, self.engine
         )
         self.iteration, self.epoch, self.position = self.iteration + 1, 0, 0
         if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:
@@ -335,6 +426,12 @@ class RolloutSource:
             batch["num_tokens"]["lm"] = lm_ids.shape[0] * (lm_ids.shape[1] - 1)  # next-token targets
         batch["stats"] = self.buffer.stats
         return batch
+
+    def close(self) -> None:
+        """Stop the vLLM engine, if one was started."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def next_batch(self) -> dict:
         if self._walk is None:

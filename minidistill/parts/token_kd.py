@@ -12,6 +12,7 @@ from minidistill.config import TrainConfig, opt
 from minidistill.functional import xtok
 from minidistill.parts import sources, validation
 from minidistill.parts.objectives import ce_sum, kd_terms, mix, next_logits, pair_divergence
+from minidistill.teacher.served import truncated_problem
 from minidistill.training.loop import train
 
 
@@ -94,6 +95,13 @@ def cross_tokenizer(cfg) -> tuple[str, str]:
     if cfg.kind in xtok.ULD_KINDS:
         return "token", ""
     return "", f"compares kind '{cfg.kind}' over one vocabulary: set kind: uld or uld_hybrid (or kd_ratio: 0)"
+
+
+def served_teacher(cfg, logprobs: int) -> str:
+    """``Stage.served_teacher``: the KD term runs against the served top-k (``losses.Truncated``)."""
+    if cfg.kd_ratio == 0:
+        return ""
+    return truncated_problem(cfg.kind, cfg.skew, cfg.beta)
 
 
 def uses_xtok(cfg) -> bool:

@@ -13,7 +13,13 @@ from minidistill.stages import stage
 
 def load_teacher(run: Run) -> None:
     """``run.teacher`` (``teacher.load``: frozen, fp32) and, until the student says otherwise, its tokenizer."""
-    run.teacher = teacher_mod.load(run)
+    if run.recipe.teacher.server:
+        from minidistill.teacher import served
+
+        served.check_stages(run.recipe.stages, stage, run.recipe.teacher.logprobs)
+        run.teacher = served.load(run)
+    else:
+        run.teacher = teacher_mod.load(run)
     run.tokenizer = run.teacher.tokenizer
 
 
@@ -30,6 +36,11 @@ def build_student(run: Run):
                 s.model, gguf_file=s.gguf_file, dtype="fp32", device=run.device, trust_remote_code=s.trust_remote_code
             ),
         )
+    elif teacher.served:
+        raise UserError(
+            f"student.init: '{s.init}' builds the student from the teacher's weights, which a served teacher "
+            "(teacher.server) keeps on the server; use init: pretrained with student.model"
+        )
     elif s.init == "prune":
         n = len(models.decoder_layers(teacher.model))
         keep = s.keep_layers if s.keep_layers else models.stride_layers(n, s.layer_stride)
@@ -39,7 +50,8 @@ def build_student(run: Run):
     teacher_mod.check_stages(teacher, student_tok, r.stages, r.student.model, stage)
     if teacher.cross:
         run.tokenizer = student_tok
-    teacher.model.to(models.DTYPES[r.teacher.dtype if r.teacher.dtype != "auto" else run.precision])
+    if not teacher.served:
+        teacher.model.to(models.DTYPES[r.teacher.dtype if r.teacher.dtype != "auto" else run.precision])
     student.requires_grad_(True)
     student_vocab = models.check_vocab(student, student, run.tokenizer) if teacher.aligner is not None else None
     run.vocab_size = teacher.check_vocab(student, student_vocab)
@@ -52,7 +64,7 @@ def shard_teacher(run: Run) -> None:
     forward, so a teacher that does not fit on one GPU still runs. DDP and DeepSpeed ZeRO-2/3
     keep a full teacher replica on every process. With sharded weights (FSDP, ZeRO-3) stages
     that generate text are refused: every process would have to decode in step."""
-    if not run.sharded:
+    if not run.sharded or run.teacher.served:
         return
     gen = [st.name for st in run.recipe.stages if stage(st.type).generates]
     if gen:

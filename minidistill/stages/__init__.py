@@ -43,6 +43,11 @@ def always(cfg: Any) -> bool:
     return True
 
 
+def served_ok(cfg: Any, logprobs: int) -> str:
+    """``Stage.served_teacher`` of a stage that asks a served teacher for nothing it cannot give."""
+    return ""
+
+
 def teacher_free(cfg: Any) -> tuple[str, str]:
     """``Stage.cross_tokenizer`` of a stage that never compares teacher and student token by token."""
     return "", ""
@@ -74,6 +79,10 @@ class Stage:
     # cross_tokenizer: true; "text": teacher-written text; "": nothing), and why it cannot run with
     # one ('' when it can); ``teacher.check_stages`` asks every stage before anything is written
     cross_tokenizer: Callable[[Any], tuple[str, str]] = teacher_free
+    # served_teacher(cfg, logprobs) -> why the stage, as configured, cannot run with a teacher behind
+    # a server that gives ``logprobs`` alternatives per position ('' when it can);
+    # ``teacher.served.check_stages`` asks every stage before anything is loaded
+    served_teacher: Callable[[Any, int], str] = served_ok
 
 
 TYPES = ("sft", "kd", "seqkd", "pd", "pd_store", "minillm", "generate", "evaluate")

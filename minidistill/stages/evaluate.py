@@ -169,6 +169,11 @@ def cross_tokenizer(cfg) -> tuple[str, str]:
     )
 
 
+def served_teacher(cfg, logprobs: int) -> str:
+    """``Stage.served_teacher``: the KL columns need the teacher's full distribution."""
+    return "its KL columns need the teacher's full distribution; score the students with eval/instruct_eval.py"
+
+
 STAGE = Stage(
     "evaluate",
     Config,
@@ -177,4 +182,5 @@ STAGE = Stage(
     generates=True,
     needs_instructions=True,
     cross_tokenizer=cross_tokenizer,
+    served_teacher=served_teacher,
 )

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minidistill.parts import sources
-from minidistill.parts.token_kd import KDConfig, cross_tokenizer, train_on_rows, uses_xtok
+from minidistill.parts.token_kd import KDConfig, cross_tokenizer, served_teacher, train_on_rows, uses_xtok
 from minidistill.stages import Stage
 
 
@@ -46,4 +46,6 @@ def run(run, cfg: Config, student):
     return train_on_rows(run, cfg, student, rows, valid)
 
 
-STAGE = Stage("kd", Config, run, needs_instructions=True, cross_tokenizer=cross_tokenizer)
+STAGE = Stage(
+    "kd", Config, run, needs_instructions=True, cross_tokenizer=cross_tokenizer, served_teacher=served_teacher
+)

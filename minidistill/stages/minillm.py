@@ -105,6 +105,23 @@ class Config(TrainConfig):
         "graphs on CUDA); auto = compiled on CUDA, dynamic elsewhere. Same tokens for the same seed.",
         choices=["auto", "dynamic", "static", "compiled"],
     )
+    rollout_engine: str = opt(
+        "local",
+        "Who draws the rollouts: local (the sampler, in this process) or vllm (a vLLM engine in its own environment, "
+        "tools/setup-vllm.sh, synced with the student before every collection and checked on a probe; pure "
+        "student sampling, mix_alpha 0). README, 'Served teacher and vLLM rollouts'.",
+        choices=["local", "vllm"],
+    )
+    vllm_python: str | None = opt(
+        None,
+        "rollout_engine vllm: the vLLM environment's python (default $MINIDISTILL_VLLM_PYTHON, else .venv-vllm/bin/python).",
+    )
+    vllm_check_tol: float | None = opt(
+        None,
+        "rollout_engine vllm: largest |engine - trainer| log-prob on the probe after a sync, in nats "
+        "(default 1e-3 fp32, 0.25 bf16, 0.1 fp16).",
+        gt=0.0,
+    )
     # --- returns and advantages ----------------------------------------------------------------
     include_current: bool | None = opt(None, "Return includes r_t (official) instead of starting at r_{t+1} (paper).")
     gamma: float | None = opt(None, "Discount, applied as gamma^(t'-t) (paper 1.0, official 0.95).", min=0.0, max=1.0)
@@ -181,6 +198,11 @@ class Config(TrainConfig):
         self.apply_preset()
         if self.cross_tokenizer:
             self.check_cross_tokenizer(where)
+        if self.rollout_engine == "vllm" and self.mix_alpha > 0:
+            raise UserError(
+                f"{where}.rollout_engine: the vLLM engine samples the student alone; teacher-mixed sampling "
+                f"(mix_alpha {self.mix_alpha}) needs the teacher in lockstep: set mix_alpha: 0 or rollout_engine: local"
+            )
         if (self.top_k > 0 or self.top_p < 1.0) and self.mix_alpha > 0:
             raise UserError(
                 f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
@@ -296,17 +318,22 @@ def run(run, cfg: Config, student):
         max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
         batch_size=cfg.rollout_batch_size,
     )
-    return train(
-        run,
-        cfg,
-        student,
-        source,
-        lambda model, batch, step: minillm_objective(model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size),
-        total,
-        evaluate=evaluate if valid else None,
-        best_by=("rougeL", "max"),
-        dropout=False,
-    )
+    try:
+        return train(
+            run,
+            cfg,
+            student,
+            source,
+            lambda model, batch, step: minillm_objective(
+                model, batch, cfg=cfg, teacher=run.teacher, vocab=run.vocab_size
+            ),
+            total,
+            evaluate=evaluate if valid else None,
+            best_by=("rougeL", "max"),
+            dropout=False,
+        )
+    finally:
+        source.close()
 
 
 PLOTS = (  # the report's training curves
@@ -330,11 +357,24 @@ def cross_tokenizer(cfg) -> tuple[str, str]:
     )
 
 
+def served_teacher(cfg, logprobs: int) -> str:
+    """``Stage.served_teacher``: a served teacher scores rollouts after sampling, at temperature 1."""
+    if cfg.mix_alpha > 0:
+        return (
+            f"mix_alpha {cfg.mix_alpha}: teacher-mixed sampling draws tokens from a*p + (1-a)*q, which needs the "
+            "teacher in lockstep with the sampler; set mix_alpha: 0"
+        )
+    if (cfg.temperature, cfg.top_k, cfg.top_p) != (1.0, 0, 1.0):
+        return "temperature/top_k/top_p: a server scores the raw teacher distribution; use 1.0 / 0 / 1.0"
+    return ""
+
+
 STAGE = Stage(
     "minillm",
     Config,
     run,
     cross_tokenizer=cross_tokenizer,
+    served_teacher=served_teacher,
     generates=True,
     needs_instructions=True,
     needs_corpus=lambda cfg: cfg.lm_coef > 0,

@@ -49,6 +49,7 @@ from minidistill.parts.objectives import ce_and_divergence, kept_mass, mix, pair
 from minidistill.reporting.tracking import console
 from minidistill.stages import Plot, Stage, always
 from minidistill.teacher import StoredTeacher, as_teacher
+from minidistill.teacher.served import truncated_problem
 from minidistill.training.batches import ShuffledBatches
 from minidistill.training.loop import train
 from minidistill.training.schedules import alpha_at
@@ -133,6 +134,18 @@ def cross_tokenizer(cfg) -> tuple[str, str]:
     if cfg.kd_kind in xtok.ULD_KINDS:
         return "token", ""
     return "", f"compares kd_kind '{cfg.kd_kind}' over one vocabulary: set kd_kind: uld or uld_hybrid (online)"
+
+
+def served_teacher(cfg, logprobs: int) -> str:
+    """``Stage.served_teacher``: online PD reads the served top-k (``top_k`` <= teacher.logprobs); an
+    offline store is written by pd_store, which a served teacher cannot feed."""
+    if lm_only(cfg):
+        return ""
+    if cfg.teacher_logits == "offline" and not cfg.store:
+        return "teacher_logits offline reads a pd_store stage's store, and pd_store needs a local teacher; use online"
+    if cfg.teacher_logits == "online" and not (cfg.top_k and cfg.top_k <= logprobs):
+        return f"top_k {cfg.top_k}: a served teacher gives its top {logprobs} (teacher.logprobs); set 1 <= top_k <= {logprobs}"
+    return truncated_problem(cfg.kd_kind, cfg.skew, cfg.beta)
 
 
 def check_in_recipe(recipe, index: int, where: str) -> None:
@@ -386,4 +399,5 @@ STAGE = Stage(
     check_in_recipe=check_in_recipe,
     plots=PLOTS,
     cross_tokenizer=cross_tokenizer,
+    served_teacher=served_teacher,
 )

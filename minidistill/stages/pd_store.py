@@ -122,4 +122,17 @@ def cross_tokenizer(cfg) -> tuple[str, str]:
     )
 
 
-STAGE = Stage("pd_store", Config, run, trains=False, needs_corpus=always, cross_tokenizer=cross_tokenizer)
+def served_teacher(cfg, logprobs: int) -> str:
+    """``Stage.served_teacher``: a store keeps the distribution at every position of a block."""
+    return "pd_store keeps the teacher's distribution at every block position; use pd with teacher_logits: online"
+
+
+STAGE = Stage(
+    "pd_store",
+    Config,
+    run,
+    trains=False,
+    needs_corpus=always,
+    cross_tokenizer=cross_tokenizer,
+    served_teacher=served_teacher,
+)

@@ -79,4 +79,12 @@ def run(run, cfg: Config, student):
     return token_kd.train_on_rows(run, cfg, student, rows, valid)
 
 
-STAGE = Stage("seqkd", Config, run, generates=True, needs_instructions=True, cross_tokenizer=cross_tokenizer)
+STAGE = Stage(
+    "seqkd",
+    Config,
+    run,
+    generates=True,
+    needs_instructions=True,
+    cross_tokenizer=cross_tokenizer,
+    served_teacher=token_kd.served_teacher,
+)

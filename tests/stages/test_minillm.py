@@ -58,6 +58,8 @@ def _rollout_batch(seed=0, pad_extra=0):
         for k in sampler.RESPONSE_FIELDS:
             fill = tok.pad_token_id if k == "response_ids" else 0
             x = batch[k]
+            if x is None:  # the served teacher's top-k: not kept by a local teacher
+                continue
             batch[k] = torch.cat([x, torch.full((x.shape[0], pad_extra, *x.shape[2:]), fill, dtype=x.dtype)], 1)
     return student, teacher, batch
 

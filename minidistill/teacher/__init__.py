@@ -52,6 +52,7 @@ class Teacher:
     student_tokenizer: Any = None  # None: the teacher's (one tokenizer)
     aligner: xtok.Aligner | None = None
     autocast: Callable = nullcontext
+    served = False  # a model in this process (``served.ServedTeacher``: behind a server)
 
     # ---- what this teacher is ------------------------------------------------------------------
     @property
