@@ -190,7 +190,10 @@ class Engine:
             )
         return gap
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_k, top_p, seeds, eos_token_id) -> list:
+    def generate(
+        self, prompts, *, max_new_tokens, temperature, top_k, top_p, seeds, eos_token_id, ignore_eos: bool = False
+    ) -> list:
+        """[(new token ids, finish reason)] per prompt; ``ignore_eos``: every row runs to the limit (benches)."""
         a = self.call(
             "generate",
             prompts=prompts,
@@ -199,7 +202,8 @@ class Engine:
             top_k=top_k,
             top_p=top_p,
             seeds=seeds,
-            stop_token_ids=[eos_token_id],
+            stop_token_ids=[] if ignore_eos else [eos_token_id],
+            ignore_eos=ignore_eos,
         )
         self.timings["generate_s"].append(a["seconds"])
         return a["rows"]

@@ -65,7 +65,7 @@ class Worker:
         )
         return {"seconds": time.perf_counter() - t, "vllm": __import__("vllm").__version__}
 
-    def generate(self, prompts, max_tokens, temperature, top_k, top_p, seeds, stop_token_ids, **_):
+    def generate(self, prompts, max_tokens, temperature, top_k, top_p, seeds, stop_token_ids, ignore_eos=False, **_):
         from vllm import SamplingParams
 
         params = [
@@ -76,6 +76,7 @@ class Worker:
                 top_p=top_p,
                 seed=s,
                 stop_token_ids=stop_token_ids,
+                ignore_eos=ignore_eos,
                 skip_special_tokens=False,
                 detokenize=False,
             )

@@ -14,7 +14,7 @@ the log-prob of the token that is there and the teacher's top K (raw log-softmax
     jsd with beta < 1, skew kinds with skew > 0; reverse KL and mse need the full distribution and
     are refused). MiniLLM's single-step term gets :func:`dense_logprobs`: the top K exact and the rest
     mass spread evenly over the other tokens (a top-K estimate of the per-position reverse KL;
-    ``bench/served_topk_error.py`` measures its error against the exact term on a local teacher);
+    ``bench/served_vllm_bench.py`` measures its error against the exact term on a local teacher);
 (c) text: ``/v1/completions`` sampling, token ids returned (``return_token_ids``).
 
 What a server cannot give is refused before anything is written (:func:`check_stages`, asking each
