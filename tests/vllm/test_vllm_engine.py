@@ -100,3 +100,29 @@ def test_the_engine_refuses_teacher_mixed_sampling(tmp_path, pair):
         [sys.executable, "-m", "minidistill.run", str(path)], capture_output=True, text=True, timeout=300
     )
     assert p.returncode == 2 and "rollout_engine: the vLLM engine samples the student alone" in p.stderr
+
+
+def test_a_lora_student_syncs_merged(pair, vllm_py):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minidistill import models
+    from minidistill.config import LoraConfig
+
+    tok = AutoTokenizer.from_pretrained(pair["student"])
+    base = AutoModelForCausalLM.from_pretrained(pair["student"], dtype=torch.float32).eval()
+    student = models.add_lora(base, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)).eval()
+    probe = [tok("Say hi to the dog").input_ids]
+    engine = Engine(vllm_py, max_model_len=128)
+    try:
+        engine.start(student, tok)
+        with torch.no_grad():  # a trained adapter
+            for n, p in student.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        before = engine.call("logprobs", seqs=probe)["logprobs"][0]
+        engine.sync(student)
+        mine = student_logp(student, probe)
+        assert engine.check(probe, mine) < 1e-3
+        assert max(abs(a - b) for a, b in zip(before, mine[0].tolist())) > 1e-2  # the adapter did change the policy
+    finally:
+        engine.close()
