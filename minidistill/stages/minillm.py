@@ -314,6 +314,9 @@ PLOTS = (  # the report's training curves
     Plot("kl", ["rkl_estimate", "mix_log_ratio", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
     Plot("reward", ["reward"], "Reward log p(y_t) - log q(y_t)", "nats/token"),
     Plot("response_length", ["response_length", "valid/mean_length"], "Response length", "tokens"),
+    Plot(
+        "stopping", ["eos_rate", "cut_rate", "repeat_rate"], "Rollouts that stop, are cut, repeat", "share of rollouts"
+    ),
     Plot("clip_frac", ["clip_frac"], "PPO clip fraction", "fraction of tokens"),
     Plot("lm_loss", ["lm_loss"], "Pre-training loss L_PT", "nats/token"),
     Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),
