@@ -53,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_ss_weight": ("single-step term without importance weight", {"single_step_importance_weight": False}),
     "no_whiten": ("whiten false", {"whiten": False}),
     "no_lennorm": ("length_norm false", {"length_norm": False}),
+    "trace": ("return_importance truncated (proposed fix, docs/eos)", {"return_importance": "truncated"}),
     "long_rollouts": ("rollout limit 2x the evaluation limit", {"max_new_tokens": "2*eval"}),
 }
 
@@ -193,8 +194,8 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--steps", type=int, default=48, help="MiniLLM optimizer steps per variant")
-    ap.add_argument("--limit", type=int, default=12, help="max_new_tokens of the rollouts")
+    ap.add_argument("--steps", type=int, default=96, help="MiniLLM optimizer steps per variant")
+    ap.add_argument("--limit", type=int, default=6, help="max_new_tokens of the rollouts")
     ap.add_argument("--eval-limit", type=int, default=64, help="new tokens when measuring the EOS rate")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--rollouts", type=int, default=16, help="num_rollouts per buffer")
@@ -202,7 +203,9 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--teacher-sft", type=int, default=200)
     ap.add_argument("--student-sft", type=int, default=6)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="recipe seeds (rollout streams) per variant")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe seeds (rollout streams) per variant"
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/minidistill_eos_ablation"))
     ap.add_argument("--out", default="eos_ablation", help="bench/results/<out>.json")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here (docs/eos/...)")
