@@ -31,11 +31,14 @@ import torch
 
 from minidistill import data
 from minidistill.functional import advantages as adv
+from minidistill.functional import stopping
 from minidistill.generation.sampler import Rollout, sample, score
 from minidistill.reporting.tracking import console
 from minidistill.training.batches import ShuffledBatches
 
 # ---- 1. collect: rollouts -> advantages -> a buffer ----------------------------------------
+
+REPEAT_N = 4  # repeat_rate: a response repeats when some n-gram of this length occurs twice
 
 
 def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
@@ -50,6 +53,11 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
         include_current=cfg.include_current,
         length_norm=cfg.length_norm,
         ended=ro.ended if cfg.bootstrap_truncated else None,
+        trace=(
+            adv.truncated_importance_weights(ro.student_logp, ro.mix_logp, mask)
+            if getattr(cfg, "return_importance", "none") == "truncated"
+            else None
+        ),
     )
     A = R
     if cfg.whiten:
@@ -61,35 +69,51 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     return {"rewards": r, "returns": R, "advantages": A, "single_step_weights": w}
 
 
-def rollout_stats(buf: dict, eos_id: int, reduce_sum=lambda t: t, mix_alpha: float = 0.0) -> dict:
-    """Mean reward, response length and EOS rate over the rollouts of every process (sums and
-    counts go through ``reduce_sum``), and the mean of log q(y_t) - log p(y_t) over the sampled
-    tokens: with pure student sampling (a = 0) that is a Monte Carlo estimate of the student's
-    per-token reverse KL on its own samples (``rkl_estimate``); with a > 0 the tokens come from
-    the mixture and the same mean is no estimate of the student's KL (teacher-drawn tokens pull it
-    down), so it is logged as ``mix_log_ratio``."""
+def rollout_stats(
+    buf: dict,
+    eos_id: int,
+    reduce_sum=lambda t: t,
+    mix_alpha: float = 0.0,
+    max_new_tokens: int | None = None,
+    repeat_n: int = REPEAT_N,
+) -> dict:
+    """Mean reward, response length and the stopping statistics over the rollouts of every process
+    (sums and counts go through ``reduce_sum``), and the mean of log q(y_t) - log p(y_t) over the
+    sampled tokens: with pure student sampling (a = 0) that is a Monte Carlo estimate of the
+    student's per-token reverse KL on its own samples (``rkl_estimate``); with a > 0 the tokens
+    come from the mixture and the same mean is no estimate of the student's KL (teacher-drawn
+    tokens pull it down), so it is logged as ``mix_log_ratio``.
+
+    Stopping (``functional.stopping``; shares of rollouts): ``eos_rate`` (ended with EOS),
+    ``cut_rate`` (reached ``max_new_tokens`` without EOS; None: every row that did not stop) and
+    ``repeat_rate`` (some ``repeat_n``-gram, default 4, occurs twice or more in the response)."""
     m = buf["response_mask"].float()
     lengths = m.sum(-1)
     if buf.get("ended") is not None:
-        eos = buf["ended"].float()
+        stopped = buf["ended"].bool().to(m.device)
     else:
-        last = buf["response_ids"].gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)
-        eos = ((last == eos_id) & (lengths > 0)).float()
+        stopped = stopping.stopped_rows(buf["response_ids"], buf["response_mask"], eos_id)
+    cut = stopping.cut_rows(buf["response_mask"], stopped, max_new_tokens)
+    repeat = stopping.repeated_ngram_rows(buf["response_ids"], buf["response_mask"], repeat_n)
     sums = torch.stack(
         [
             (buf["rewards"] * m).sum(),
             ((buf["student_logp"] - buf["teacher_logp"]) * m).sum(),
-            m.sum(),
-            eos.sum(),
-            torch.tensor(float(m.shape[0])),
+            lengths.sum(),
+            stopped.float().sum(),
+            cut.float().sum(),
+            repeat.float().sum(),
+            torch.tensor(float(m.shape[0]), device=m.device),
         ]
     ).to(torch.float64)
-    reward, log_ratio, tokens, n_eos, rows = reduce_sum(sums).tolist()
+    reward, log_ratio, tokens, n_eos, n_cut, n_repeat, rows = reduce_sum(sums).tolist()
     return {
         "reward": reward / max(tokens, 1.0),
         ("rkl_estimate" if mix_alpha == 0 else "mix_log_ratio"): log_ratio / max(tokens, 1.0),
         "response_length": tokens / max(rows, 1.0),
         "eos_rate": n_eos / max(rows, 1.0),
+        "cut_rate": n_cut / max(rows, 1.0),
+        "repeat_rate": n_repeat / max(rows, 1.0),
     }
 
 
@@ -251,7 +275,11 @@ def collect_buffer(
     reduce_sum = lambda t: acc.reduce(t.to(acc.device), "sum")  # noqa: E731
     scores = advantages_for(cfg, ro, reduce_sum=reduce_sum)
     stats = rollout_stats(
-        {**rollout_tensors(ro), **scores}, run.tokenizer.eos_token_id, reduce_sum=reduce_sum, mix_alpha=cfg.mix_alpha
+        {**rollout_tensors(ro), **scores},
+        run.tokenizer.eos_token_id,
+        reduce_sum=reduce_sum,
+        mix_alpha=cfg.mix_alpha,
+        max_new_tokens=cfg.max_new_tokens,
     )
     stats.update(timings)
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)

@@ -58,6 +58,9 @@ LABELS = {
     "single_step_kl": "single-step KL",
     "reward": "reward",
     "response_length": "rollout length",
+    "eos_rate": "stopped with EOS",
+    "cut_rate": "cut at max_new_tokens",
+    "repeat_rate": "repeats a 4-gram",
     "valid/mean_length": "valid generation length",
     "clip_frac": "clip fraction",
     "lm_loss": "LM loss",
@@ -83,7 +86,6 @@ SKIP_KEYS = {
     "skipped_steps",
     "grad_norm",
     "ratio_new_old",
-    "eos_rate",
     "pg_loss",
 }
 

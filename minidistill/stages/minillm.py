@@ -157,6 +157,15 @@ class Config(TrainConfig):
         "is an error).",
         choices=["step", "exact"],
     )
+    return_importance: str = opt(
+        "none",
+        "Importance correction of the return's future rewards under mixed sampling (issue 24, "
+        "docs/eos/README.md). none: the rewards of the later (mixture-drawn) tokens count as drawn "
+        "from q, which inflates the value of continuing against stopping (EOS earns 0). truncated: "
+        "each later reward is weighted by prod min(1, q/p~) of the tokens from t+1 to it "
+        "(per-decision, Retrace-style; no effect at mix_alpha 0). Not the default yet.",
+        choices=["none", "truncated"],
+    )
     # --- loss terms ----------------------------------------------------------------------------
     single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
     single_step_importance_weight: bool | None = opt(
@@ -341,6 +350,9 @@ PLOTS = (  # the report's training curves
     Plot("kl", ["rkl_estimate", "mix_log_ratio", "single_step_kl"], "KL to the teacher on rollouts", "nats/token"),
     Plot("reward", ["reward"], "Reward log p(y_t) - log q(y_t)", "nats/token"),
     Plot("response_length", ["response_length", "valid/mean_length"], "Response length", "tokens"),
+    Plot(
+        "stopping", ["eos_rate", "cut_rate", "repeat_rate"], "Rollouts that stop, are cut, repeat", "share of rollouts"
+    ),
     Plot("clip_frac", ["clip_frac"], "PPO clip fraction", "fraction of tokens"),
     Plot("lm_loss", ["lm_loss"], "Pre-training loss L_PT", "nats/token"),
     Plot("valid_rougeL", ["valid/rougeL"], "Validation ROUGE-L", "ROUGE-L F (x100)"),

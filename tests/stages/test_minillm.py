@@ -159,7 +159,17 @@ def test_tiny_minillm_run_lowers_reverse_kl(recipe_file, sharp_dir):
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "minillm"]
     train_rows = [r for r in rows if "pg_loss" in r]
     assert len(train_rows) == 20
-    for key in ("single_step_kl", "lm_loss", "clip_frac", "reward", "mix_log_ratio", "response_length", "eos_rate"):
+    for key in (
+        "single_step_kl",
+        "lm_loss",
+        "clip_frac",
+        "reward",
+        "mix_log_ratio",
+        "response_length",
+        "eos_rate",
+        "cut_rate",
+        "repeat_rate",
+    ):
         assert key in train_rows[0]
     assert "rkl_estimate" not in train_rows[0]  # a = 0.2: the mean log ratio is over mixture samples
     assert any("valid/rougeL" in r for r in rows)

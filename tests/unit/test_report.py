@@ -59,6 +59,8 @@ def make_run(run: Path, n_minillm: int = 120, n_pd: int = 150, seed: int = 0) ->
             rkl_estimate=rkl,
             response_length=60 + 20 * (1 - math.exp(-s / 40)) + rng.gauss(0, 6),
             eos_rate=0.8,
+            cut_rate=0.2,
+            repeat_rate=0.1 + 0.1 * (s > 60),
             ratio_new_old=1.0,
         )
         if s % 40 == 0:
@@ -156,6 +158,7 @@ def test_report_files_and_pngs(report_run):
         "minillm_kl.png",
         "minillm_reward.png",
         "minillm_response_length.png",
+        "minillm_stopping.png",
         "minillm_clip_frac.png",
         "minillm_lm_loss.png",
         "minillm_valid_rougeL.png",
