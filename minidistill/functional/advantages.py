@@ -95,7 +95,6 @@ __all__ = [
     "single_step_weights",
     "step_importance_weights",
     "token_rewards",
-    "truncated_importance_weights",
     "whiten",
 ]
 
@@ -118,7 +117,6 @@ def returns(
     include_current: bool = False,
     length_norm: bool = True,
     ended: torch.Tensor | None = None,
-    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Discounted (optionally length-normalised) returns. (B, T)
 
@@ -135,12 +133,6 @@ def returns(
     follows it, while every other token's return is about -KL): the cut would share the stop
     token's credit. Its unobserved continuation is instead estimated by the row's mean reward
     (the per-token mean it would have been normalised to). Other positions are unchanged.
-
-    ``trace`` (B, T), optional per-token factors c_t (e.g. :func:`truncated_importance_weights`):
-    every future reward is weighted by the product of the factors of the tokens from t+1 up to
-    and including its own, R_{t+1} = sum_{t'>t} gamma^(t'-t-1) (prod_{k=t+1..t'} c_k) r_t'
-    (per-decision importance sampling; include_current adds r_t unweighted, pg_loss's rho covers
-    token t). All ones (or None): the plain return. The length normalisation still counts terms.
     """
     valid = mask.bool()  # (B, T)
     dt = _compute_dtype(rewards.dtype)
@@ -153,18 +145,8 @@ def returns(
     expo = (diff - offset).to(torch.float64)
     powers = torch.full_like(expo, float(gamma)).pow(expo.clamp(min=0))
     disc = torch.where(expo >= 0, powers, torch.zeros_like(expo)).to(dt)  # (T, T)
-    if trace is None:
-        with torch.autocast(r.device.type, enabled=False):  # exact in dt whatever the caller's autocast
-            out = r @ disc.T  # (B, T): out[b, t] = sum_t' r[b, t'] D[t, t']
-    else:  # S_t = c_t (r_t + gamma S_{t+1}); out = S_{t+1} (+ r_t with include_current)
-        c = torch.where(valid, trace.detach().to(dt), torch.ones((), dtype=dt, device=r.device))
-        S = torch.zeros_like(r)  # (B, T)
-        nxt = torch.zeros_like(r[:, 0])
-        for t in range(T - 1, -1, -1):
-            S[:, t] = c[:, t] * (r[:, t] + gamma * nxt)
-            nxt = S[:, t]
-        later = torch.cat([S[:, 1:], torch.zeros_like(S[:, :1])], dim=1)  # (B, T): S_{t+1}
-        out = r + gamma * later if include_current else later
+    with torch.autocast(r.device.type, enabled=False):  # exact in dt whatever the caller's autocast
+        out = r @ disc.T  # (B, T): out[b, t] = sum_t' r[b, t'] D[t, t']
     if length_norm:
         length = valid.sum(-1, keepdim=True)  # (B, 1)
         n_terms = (length - idx[None, :] - offset).clamp(min=0)  # (B, T)
@@ -306,15 +288,6 @@ def mixed_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor, alpha: fl
     """log p~(y_t) = log(alpha * p + (1 - alpha) * q), detached, in at least float32 (``losses.log_mix``). (B, T)"""
     dt = _compute_dtype(torch.promote_types(teacher_logp.dtype, student_logp.dtype))
     return log_mix(teacher_logp.detach().to(dt), student_logp.detach().to(dt), alpha)
-
-
-def truncated_importance_weights(
-    student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """min(1, q(y_t)/p~(y_t)), detached, 1 at padding: the truncated per-decision factors for the
-    return's ``trace`` (Retrace-style c_t). All ones at a = 0. (B, T)"""
-    w = step_importance_weights(student_logp, mix_logp, mask)
-    return torch.where(mask.bool(), w.clamp(max=1.0), torch.ones((), dtype=w.dtype, device=w.device))
 
 
 def step_importance_weights(student_logp: torch.Tensor, mix_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

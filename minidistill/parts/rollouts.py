@@ -53,11 +53,6 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
         include_current=cfg.include_current,
         length_norm=cfg.length_norm,
         ended=ro.ended if cfg.bootstrap_truncated else None,
-        trace=(
-            adv.truncated_importance_weights(ro.student_logp, ro.mix_logp, mask)
-            if getattr(cfg, "return_importance", "none") == "truncated"
-            else None
-        ),
     )
     A = R
     if cfg.whiten:

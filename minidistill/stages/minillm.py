@@ -157,15 +157,6 @@ class Config(TrainConfig):
         "is an error).",
         choices=["step", "exact"],
     )
-    return_importance: str = opt(
-        "none",
-        "Importance correction of the return's future rewards under mixed sampling (issue 24, "
-        "docs/eos/README.md). none: the rewards of the later (mixture-drawn) tokens count as drawn "
-        "from q, which inflates the value of continuing against stopping (EOS earns 0). truncated: "
-        "each later reward is weighted by prod min(1, q/p~) of the tokens from t+1 to it "
-        "(per-decision, Retrace-style; no effect at mix_alpha 0). Not the default yet.",
-        choices=["none", "truncated"],
-    )
     # --- loss terms ----------------------------------------------------------------------------
     single_step: bool = opt(True, "Add the exact per-position reverse KL (single-step decomposition).")
     single_step_importance_weight: bool | None = opt(
