@@ -53,7 +53,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_ss_weight": ("single-step term without importance weight", {"single_step_importance_weight": False}),
     "no_whiten": ("whiten false", {"whiten": False}),
     "no_lennorm": ("length_norm false", {"length_norm": False}),
-    "trace": ("return_importance truncated (proposed fix, docs/eos)", {"return_importance": "truncated"}),
     "long_rollouts": ("rollout limit 2x the evaluation limit", {"max_new_tokens": "2*eval"}),
 }
 
