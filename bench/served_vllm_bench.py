@@ -58,7 +58,7 @@ def start_server(python: str, folder: Path, dtype: str, log: Path) -> tuple[subp
     cmd = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", "teacher",
         "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-logprobs", "-1", "--enforce-eager",
-        "--max-model-len", "1024", "--gpu-memory-utilization", "0.05",
+        "--max-model-len", "1024", "--kv-cache-memory-bytes", str(2**30),
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115

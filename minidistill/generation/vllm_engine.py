@@ -92,7 +92,8 @@ class Engine:
     max_model_len: int = 2048
     seed: int = 0
     check_tol: float | None = None
-    kv_cache_gb: float | None = None
+    kv_cache_gb: float | None = None  # CPU: the engine's KV cache (default 1 GiB)
+    gpu_memory: float = 0.3  # CUDA: the share of the GPU the engine may take (the trainer shares it)
     refresh_head: bool = True  # False only to show that the sync check catches the stale tied head
     folder: Path | None = None
     timings: dict = field(default_factory=lambda: {"start_s": 0.0, "sync_s": [], "generate_s": [], "check": []})
@@ -137,6 +138,7 @@ class Engine:
             max_model_len=self.max_model_len,
             seed=self.seed,
             kv_cache_gb=self.kv_cache_gb,
+            gpu_memory=self.gpu_memory,
         )
         self.timings["start_s"] = time.perf_counter() - t0
 

@@ -42,17 +42,21 @@ class Worker:
     def __init__(self):
         self.llm = None
 
-    def init(self, model: str, dtype: str, max_model_len: int, seed: int, kv_cache_gb: float | None = None, **_):
+    def init(
+        self, model: str, dtype: str, max_model_len: int, seed: int, kv_cache_gb=None, gpu_memory: float = 0.3, **_
+    ):
         from vllm import LLM
 
-        if kv_cache_gb:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         t = time.perf_counter()
         kw = {}
         import torch
 
-        if not torch.cuda.is_available():
-            kw["gpu_memory_utilization"] = 0.05  # CPU: the share of memory vLLM would otherwise reserve
+        # the GPU is shared with the trainer: the engine takes gpu_memory of it (weights + KV cache);
+        # on CPU a fixed KV cache (vLLM's CPU default reserves most of the host's memory)
+        if torch.cuda.is_available():
+            kw["gpu_memory_utilization"] = gpu_memory
+        else:
+            kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2**30)
         self.llm = LLM(
             model=model,
             dtype=dtype,

@@ -291,6 +291,7 @@ def start_engine(run, cfg, student, prompts: list[list[int]]):
         max_model_len=longest + max(cfg.max_new_tokens, 8) + 1,
         seed=run.recipe.seed,
         check_tol=cfg.vllm_check_tol,
+        gpu_memory=cfg.vllm_gpu_memory,
     )
     engine.start(student, run.tokenizer)
     console.print(f"stage '{cfg.name}': vLLM rollout engine ready in {engine.timings['start_s']:.1f} s")

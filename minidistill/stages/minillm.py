@@ -116,6 +116,13 @@ class Config(TrainConfig):
         None,
         "rollout_engine vllm: the vLLM environment's python (default $MINIDISTILL_VLLM_PYTHON, else .venv-vllm/bin/python).",
     )
+    vllm_gpu_memory: float = opt(
+        0.3,
+        "rollout_engine vllm on a GPU: the share of the GPU's memory the engine takes (weights + KV cache); the "
+        "trainer uses the rest.",
+        gt=0.0,
+        max=1.0,
+    )
     vllm_check_tol: float | None = opt(
         None,
         "rollout_engine vllm: largest |engine - trainer| log-prob on the probe after a sync, in nats "

@@ -65,7 +65,7 @@ def server(pair, vllm_py, tmp_path_factory):
     cmd = [
         vllm_py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(pair["teacher"]),
         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--max-logprobs", "-1", "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization", "0.05",
+        "--max-logprobs", "-1", "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(2**30),
     ]  # fmt: skip
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
