@@ -3,7 +3,7 @@ default suite (no vLLM needed): ``/v1/models`` and ``/v1/completions`` with vLLM
 ``minidistill.teacher.served`` uses (``prompt_logprobs``, ``return_token_ids``). Its answers are
 computed by an HF forward, so a served teacher's numbers can be compared with the local teacher's.
 ``fail_next`` makes the next requests answer 500, ``delay_s`` delays every answer (timeouts).
-The real server is tested in tests/vllm/."""
+The real server is tested in tests/vllm_tests/."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class Double:
     def __init__(self, model, tokenizer, name: str = "tiny", max_logprobs: int = 20):
         self.model, self.tokenizer, self.name, self.max_logprobs = model.eval(), tokenizer, name, max_logprobs
         self.fail_next, self.delay_s, self.requests = 0, 0.0, 0
+        self.fail_from: int | None = None  # every POST after this many answers 500 (a server gone away)
         self.lock = threading.Lock()
         double = self
 
@@ -56,8 +57,8 @@ class Double:
 
         with self.lock:
             self.requests += 1
-            if self.fail_next > 0:
-                self.fail_next -= 1
+            if self.fail_next > 0 or (self.fail_from is not None and self.requests > self.fail_from):
+                self.fail_next = max(0, self.fail_next - 1)
                 return 500, {"error": {"message": "injected failure"}}
         if self.delay_s:
             time.sleep(self.delay_s)

@@ -64,7 +64,7 @@ def shard_teacher(run: Run) -> None:
     forward, so a teacher that does not fit on one GPU still runs. DDP and DeepSpeed ZeRO-2/3
     keep a full teacher replica on every process. With sharded weights (FSDP, ZeRO-3) stages
     that generate text are refused: every process would have to decode in step."""
-    if not run.sharded or run.teacher.served:
+    if not run.sharded:
         return
     gen = [st.name for st in run.recipe.stages if stage(st.type).generates]
     if gen:
@@ -73,7 +73,7 @@ def shard_teacher(run: Run) -> None:
             "(FSDP, DeepSpeed ZeRO-3) yet: every process would have to decode in step; launch these "
             "stages with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2"
         )
-    if not run.fsdp:
+    if not run.fsdp or run.teacher.served:  # a served teacher's weights are on its server
         return
     acc = run.accelerator
     plugin = acc.state.fsdp_plugin

@@ -658,7 +658,7 @@ def test_pd_without_corpus(recipe_file, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def store_setup(tmp_path_factory, tiny_dir):
     """One small pd_store build (4 blocks of 32 tokens) shared by the store cases."""
-    from conftest import tiny_recipe
+    from tiny_assets import tiny_recipe
 
     base = tmp_path_factory.mktemp("store")
     corpus = base / "corpus.txt"

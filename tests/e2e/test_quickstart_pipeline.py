@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import write_jsonl
+from tiny_assets import write_jsonl
 from transformers import AutoModelForCausalLM
 
 from minidistill.run import main

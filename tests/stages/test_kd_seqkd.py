@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import INSTRUCTIONS
+from tiny_assets import INSTRUCTIONS
 from transformers import AutoModelForCausalLM
 
 from minidistill import data, models

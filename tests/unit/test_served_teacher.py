@@ -1,6 +1,6 @@
 """minidistill.teacher.served: the served teacher's pure parts against closed forms, and the
 teacher itself against the local teacher through a small completions server backed by the same
-model (tests/served_double.py; the real vLLM server is tested in tests/vllm/)."""
+model (tests/served_double.py; the real vLLM server is tested in tests/vllm_tests/)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What the vLLM engine is sent at each sync (``vllm_engine.merged_state_dict``): the student's
 weights under the base model's names, a LoRA adapter merged exactly as peft merges it, the tied
-head left to the engine. (The engine itself is tested with real vLLM in tests/vllm.)"""
+head left to the engine. (The engine itself is tested with real vLLM in tests/vllm_tests.)"""
 
 from __future__ import annotations
 

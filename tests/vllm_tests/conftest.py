@@ -30,7 +30,7 @@ def vllm_python() -> str | None:
 def vllm_py() -> str:
     py = vllm_python()
     if py is None:
-        pytest.skip("vLLM not installed: run tools/setup-vllm.sh (creates .venv-vllm) to run tests/vllm")
+        pytest.skip("vLLM not installed: run tools/setup-vllm.sh (creates .venv-vllm) to run tests/vllm_tests")
     return py
 
 

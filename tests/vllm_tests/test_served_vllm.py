@@ -1,4 +1,4 @@
-"""The served teacher against a real vLLM server (tests/vllm/conftest.py): its numbers equal the
+"""The served teacher against a real vLLM server (tests/vllm_tests/conftest.py): its numbers equal the
 local teacher's, MiniLLM / KD / SeqKD / PD run end to end through ``python -m minidistill.run``,
 and what is wrong with a server is one line and exit 2 before training."""
 
