@@ -132,3 +132,20 @@ def test_a_teacher_tokenizer_that_is_not_the_served_models_is_refused(tmp_path, 
     p = recipe(tmp_path, pair, server, [MINILLM])
     r = run(p, f"teacher.model={other}")
     assert r.returncode == 2 and "does not match the served model's" in r.stderr, r.stderr[-2000:]
+
+
+def test_minillm_across_tokenizers_with_a_served_teacher(tmp_path, pair, server):
+    """A student of another family: the served teacher scores its own tokens of each response's
+    text after its own prompt; the rewards are spread over the student's tokens (xtok)."""
+    from tiny_tokenizer import make_bpe_tokenizer, tiny_llama
+
+    tok = make_bpe_tokenizer()
+    student = tmp_path / "bpe_student"
+    tiny_llama(tok, seed=1).save_pretrained(student)
+    tok.save_pretrained(student)
+    stage = {**MINILLM, "cross_tokenizer": True, "single_step": False, "kd_ratio": 0.0}
+    p = recipe(tmp_path, pair, server, [stage])
+    r = run(p, f"student.model={student}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [m for m in metrics(tmp_path) if "reward" in m]
+    assert len(rows) == 2 and all(math.isfinite(m["reward"]) and math.isfinite(m["rkl_estimate"]) for m in rows)
