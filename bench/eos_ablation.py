@@ -54,6 +54,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_whiten": ("whiten false", {"whiten": False}),
     "no_lennorm": ("length_norm false", {"length_norm": False}),
     "long_rollouts": ("rollout limit 2x the evaluation limit", {"max_new_tokens": "2*eval"}),
+    # the fix (student_rows): a share of each buffer drawn at a = 0, the only rows of the long-term term
+    "student_rows_0": ("student_rows 0 (today's estimator, explicitly)", {"student_rows": 0.0}),
+    "student_rows_25": ("student_rows 0.25", {"student_rows": 0.25}),
+    "student_rows_50": ("student_rows 0.5", {"student_rows": 0.5}),
+    "student_rows_75": ("student_rows 0.75", {"student_rows": 0.75}),
+    "student_rows_50_long": (
+        "student_rows 0.5, rollout limit 2x the evaluation limit",
+        {"student_rows": 0.5, "max_new_tokens": "2*eval"},
+    ),
+    "a0_long": ("mix_alpha 0, rollout limit 2x the evaluation limit", {"mix_alpha": 0.0, "max_new_tokens": "2*eval"}),
 }
 
 
@@ -68,10 +78,13 @@ def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
     out = _advantages_for(cfg, ro, reduce_sum)
     mask = ro.response_mask.bool()
     lengths = mask.sum(-1)
+    own = rollouts.long_term_rows(ro)  # a split buffer (student_rows): only its student rows carry A
     last = torch.zeros_like(mask)
     last[torch.arange(mask.shape[0]), (lengths - 1).clamp(min=0)] = True
     eos_pos = last & mask & ro.ended.bool()[:, None]
     other = mask & ~eos_pos
+    if own is not None:
+        eos_pos, other = eos_pos & own[:, None], other & own[:, None]
     A, R, r = out["advantages"].float(), out["returns"].float(), out["rewards"].float()
 
     def mean(x, m):
