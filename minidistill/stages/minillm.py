@@ -75,6 +75,7 @@ from minidistill.errors import UserError
 from minidistill.parts import sources, validation
 from minidistill.parts.objectives import minillm_objective
 from minidistill.parts.rollouts import RolloutSource
+from minidistill.reporting.tracking import console
 from minidistill.stages import Plot, Stage
 from minidistill.training.loop import train
 
@@ -341,6 +342,13 @@ def run(run, cfg: Config, student):
     else:
         iters = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts))
         total = max(1, iters * source.minibatches_per_iteration() // cfg.grad_accum)
+    if (cfg.eval_max_new_tokens or 0) > cfg.max_new_tokens and run.accelerator.is_main_process:
+        console.print(
+            f"[yellow]stage '{cfg.name}': validation samples up to eval_max_new_tokens={cfg.eval_max_new_tokens} "
+            f"new tokens, rollouts stop at max_new_tokens={cfg.max_new_tokens}: MiniLLM never trains the positions "
+            "beyond the rollout limit, where a student decides to stop (docs/eos: keep the rollout limit at least "
+            "the limit you evaluate at)[/]"
+        )
     valid = run.instructions("valid")
     evaluate = validation.sampled_rouge(
         run,
