@@ -54,9 +54,29 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_whiten": ("whiten false", {"whiten": False}),
     "no_lennorm": ("length_norm false", {"length_norm": False}),
     "long_rollouts": ("rollout limit 2x the evaluation limit", {"max_new_tokens": "2*eval"}),
+    # the fix (student_rows): a share of each buffer drawn at a = 0, the only rows of the long-term term
+    "student_rows_0": ("student_rows 0 (today's estimator, explicitly)", {"student_rows": 0.0}),
+    "student_rows_25": ("student_rows 0.25", {"student_rows": 0.25}),
+    "student_rows_50": ("student_rows 0.5", {"student_rows": 0.5}),
+    "student_rows_75": ("student_rows 0.75", {"student_rows": 0.75}),
+    "student_rows_50_long": (
+        "student_rows 0.5, rollout limit 2x the evaluation limit",
+        {"student_rows": 0.5, "max_new_tokens": "2*eval"},
+    ),
+    # diagnostic only (no recipe key): the split without the rows/student-rows factor on A
+    "student_rows_50_noscale": (
+        "student_rows 0.5, A not scaled by 2 (bench-only)",
+        {"student_rows": 0.5, "_noscale": 1},
+    ),
+    "student_rows_50_long_noscale": (
+        "student_rows 0.5, rollout limit 2x the evaluation limit, A not scaled (bench-only)",
+        {"student_rows": 0.5, "max_new_tokens": "2*eval", "_noscale": 1},
+    ),
+    "a0_long": ("mix_alpha 0, rollout limit 2x the evaluation limit", {"mix_alpha": 0.0, "max_new_tokens": "2*eval"}),
 }
 
 
+NOSCALE = False  # set by the *_noscale variants (bench-only diagnostic)
 DIAG: list[dict] = []  # one row per collected buffer (filled by the wrapped advantages_for)
 _advantages_for = rollouts.advantages_for
 
@@ -66,12 +86,17 @@ def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
     advantage of the EOS tokens (last token of the rows that stopped), of the other tokens, the
     mean reward, and the mean reward of the other tokens' future (R from the next token)."""
     out = _advantages_for(cfg, ro, reduce_sum)
+    if NOSCALE and ro.mixed is not None:  # the diagnostic variants: undo advantages_for's rows/student-rows factor
+        out["advantages"] = out["advantages"] * float((~ro.mixed).sum()) / ro.mixed.numel()
     mask = ro.response_mask.bool()
     lengths = mask.sum(-1)
+    own = rollouts.long_term_rows(ro)  # a split buffer (student_rows): only its student rows carry A
     last = torch.zeros_like(mask)
     last[torch.arange(mask.shape[0]), (lengths - 1).clamp(min=0)] = True
     eos_pos = last & mask & ro.ended.bool()[:, None]
     other = mask & ~eos_pos
+    if own is not None:
+        eos_pos, other = eos_pos & own[:, None], other & own[:, None]
     A, R, r = out["advantages"].float(), out["returns"].float(), out["rewards"].float()
 
     def mean(x, m):
@@ -111,6 +136,8 @@ def stage_dict(name: str, overrides: dict, args) -> dict:
         "save_every": 0,
     }
     for k, v in overrides.items():
+        if k.startswith("_"):  # bench-only switches, not recipe keys
+            continue
         st[k] = 2 * args.eval_limit if v == "2*eval" else v
     return st
 
@@ -233,6 +260,8 @@ def main() -> None:
         for seed in args.seeds:
             t = time.perf_counter()
             DIAG.clear()
+            global NOSCALE
+            NOSCALE = bool(overrides.get("_noscale"))
             out = run_recipe(
                 args.work / "runs" / f"{name}_s{seed}",
                 teacher,

@@ -84,6 +84,10 @@ class Rollout:
     # slot), or None: what its single-step term reads instead of hidden states (``teacher.served``)
     teacher_topk_ids: torch.Tensor | None = None
     teacher_topk_logp: torch.Tensor | None = None
+    # (B,) bool: the row was drawn from the mixture (a > 0) rather than from the student alone, or
+    # None: every row as the sampler's mix_alpha says. Set by MiniLLM's split buffers
+    # (``student_rows``), where only the rows drawn from the student carry the long-term term
+    mixed: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

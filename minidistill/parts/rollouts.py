@@ -10,7 +10,9 @@ its batch source (``RolloutSource``), resumable at any micro-batch.
    number of *valid* remaining tokens) is turned into advantages (optionally whitened with
    statistics over valid tokens of every process). Padding never enters any of it
    (``advantages.py``, tested for it). The result is a ``Buffer``: the ``Rollout`` plus those
-   per-token scores and each PPO epoch's row order.
+   per-token scores and each PPO epoch's row order. With ``student_rows`` the buffer is split:
+   its first rows are sampled at a = 0 (``Rollout.mixed`` False), the only rows whose advantages
+   are not 0 (``advantages_for``); the flags are checkpointed with the buffer.
 2. Iterate (``RolloutSource.minibatches``), written out as
        for each iteration: buffer = collect
            for epoch in range(ppo_epochs): for each minibatch of the epoch's order: one micro-batch
@@ -41,9 +43,33 @@ from minidistill.training.batches import ShuffledBatches
 REPEAT_N = 4  # repeat_rate: a response repeats when some n-gram of this length occurs twice
 
 
+def student_row_count(cfg, rows: int) -> int:
+    """How many of a buffer's ``rows`` are drawn from the student alone (``student_rows``): the
+    share rounded half up, at least 1 when the share is > 0; 0 when the buffer is not split
+    (share 0, or mix_alpha 0, where every row already is a student row)."""
+    share = cfg.student_rows or 0.0
+    if share <= 0 or cfg.mix_alpha <= 0 or rows == 0:
+        return 0
+    return min(rows, max(1, math.floor(share * rows + 0.5)))
+
+
+def long_term_rows(ro: Rollout) -> torch.Tensor | None:
+    """(B,) bool: the rows that carry the long-term term, those drawn from the student alone in a
+    split buffer (``Rollout.mixed`` False); None: every row (a buffer that is not split)."""
+    return None if ro.mixed is None else ~ro.mixed.bool().to(ro.response_mask.device)
+
+
 def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
-    """Rewards, returns and advantages for a rollout buffer (pure, given the global reduce)."""
+    """Rewards, returns and advantages for a rollout buffer (pure, given the global reduce).
+
+    A split buffer (``student_rows``; ``Rollout.mixed`` set): the advantages are those of the rows
+    drawn from the student alone (whitened with statistics over their valid tokens), 0 on the rows
+    drawn from the mixture, and multiplied by (all rows) / (student rows), all processes together,
+    so that the long-term term keeps its expected weight against the single-step term, which every
+    row carries. Rewards and returns are computed on every row (the statistics log them)."""
     mask = ro.response_mask
+    carry = long_term_rows(ro)  # (B,) or None
+    lt_mask = mask if carry is None else mask * carry[:, None].to(mask.dtype)  # (B, T)
     r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
     r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
     R = adv.returns(
@@ -56,8 +82,12 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     )
     A = R
     if cfg.whiten:
-        stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, mask))
-        A = adv.whiten(R, mask, stats=stats)
+        stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, lt_mask))
+        A = adv.whiten(R, lt_mask, stats=stats)
+    if carry is not None:  # the long-term term on the student's own rows only, at its full weight
+        counts = reduce_sum(torch.tensor([float(carry.numel()), float(carry.sum())], dtype=torch.float64))
+        scale = float(counts[0]) / float(counts[1]) if float(counts[1]) > 0 else 0.0
+        A = torch.where(lt_mask.bool(), A * scale, torch.zeros((), dtype=A.dtype, device=A.device))
     if cfg.importance == "exact":  # pg_loss's rho = q/p~ supplies w_t; this is the rest of the sequence's product
         A = A * adv.sequence_importance_weights(ro.student_logp, ro.mix_logp, mask).long_term
     w = adv.single_step_weights(ro.student_logp, ro.mix_logp, mask, cfg.importance)
@@ -102,7 +132,7 @@ def rollout_stats(
         ]
     ).to(torch.float64)
     reward, log_ratio, tokens, n_eos, n_cut, n_repeat, rows = reduce_sum(sums).tolist()
-    return {
+    out = {
         "reward": reward / max(tokens, 1.0),
         ("rkl_estimate" if mix_alpha == 0 else "mix_log_ratio"): log_ratio / max(tokens, 1.0),
         "response_length": tokens / max(rows, 1.0),
@@ -110,6 +140,17 @@ def rollout_stats(
         "cut_rate": n_cut / max(rows, 1.0),
         "repeat_rate": n_repeat / max(rows, 1.0),
     }
+    if buf.get("mixed") is not None and mix_alpha > 0:  # a split buffer: its student rows are on-policy
+        own = ~buf["mixed"].bool().to(m.device)  # (B,)
+        mo = m * own[:, None].to(m.dtype)
+        sums = torch.stack(
+            [((buf["student_logp"] - buf["teacher_logp"]) * mo).sum(), mo.sum(), (stopped & own).float().sum()]
+        ).to(torch.float64)
+        own_sums = torch.cat([sums, own.float().sum()[None].to(torch.float64)])
+        log_ratio, tokens, n_eos, rows = reduce_sum(own_sums).tolist()
+        out["rkl_estimate"] = log_ratio / max(tokens, 1.0)  # the student's own samples: an estimate of its KL
+        out["student_eos_rate"] = n_eos / max(rows, 1.0)
+    return out
 
 
 @dataclass
@@ -235,8 +276,15 @@ def collect_buffer(
             ro.teacher_logp, ro.teacher_hidden = teacher.response_logp(
                 ro, settings, chunk=cfg.chunk_rows, keep_hidden=cfg.single_step
             )
-    for i in range(0, len(prompts) if engine is None else 0, cfg.rollout_batch_size):
-        ids, mask = data.collate_prompts(prompts[i : i + cfg.rollout_batch_size], run.tokenizer.pad_token_id)
+    # student_rows: the first k prompts (the order is shuffled) are drawn from the student alone
+    k = student_row_count(cfg, len(prompts)) if engine is None else 0
+    batches = [
+        (i, min(i + cfg.rollout_batch_size, hi), alpha)
+        for lo, hi, alpha in ((0, k, 0.0), (k, len(prompts), cfg.mix_alpha))
+        for i in range(lo, hi if engine is None else lo, cfg.rollout_batch_size)
+    ]
+    for i, j, alpha in batches:
+        ids, mask = data.collate_prompts(prompts[i:j], run.tokenizer.pad_token_id)
         parts.append(
             sample(
                 student,
@@ -244,7 +292,7 @@ def collect_buffer(
                 ids,
                 mask,
                 max_new_tokens=cfg.max_new_tokens,
-                mix_alpha=cfg.mix_alpha,
+                mix_alpha=alpha,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 top_p=cfg.top_p,
@@ -255,8 +303,10 @@ def collect_buffer(
                 decode=cfg.decode,
             )
         )
+        if k > 0:
+            parts[-1].mixed = torch.full((j - i,), alpha > 0, dtype=torch.bool, device=parts[-1].response_ids.device)
         if teacher.served:  # the server scores this batch while the next one is sampled
-            tp = teacher_prompts[i : i + cfg.rollout_batch_size] if teacher_prompts is not None else None
+            tp = teacher_prompts[i:j] if teacher_prompts is not None else None
             scoring.append(teacher.response_logp_async(parts[-1], settings, teacher_prompts=tp, keep_topk=keep_topk))
     for part, answer in zip(parts, scoring):
         part.teacher_logp, part.teacher_topk_ids, part.teacher_topk_logp = answer.result()
@@ -311,7 +361,10 @@ def rescore_behaviour(student, ro: Rollout, cfg, vocab: int) -> Rollout:
     settings = (cfg.temperature, cfg.top_k, cfg.top_p)
     logq, _ = score(student, ro, settings, keep_hidden=False, chunk=cfg.chunk_rows, vocab=vocab)
     ro.student_logp = logq
-    ro.mix_logp = adv.mixed_logp(ro.teacher_logp, logq, cfg.mix_alpha).where(ro.response_mask.bool(), torch.zeros(()))
+    mix = adv.mixed_logp(ro.teacher_logp, logq, cfg.mix_alpha)
+    if ro.mixed is not None:  # a split buffer's student rows were drawn at a = 0: log p~ = log q there
+        mix = torch.where(ro.mixed.bool()[:, None], mix, logq)
+    ro.mix_logp = mix.where(ro.response_mask.bool(), torch.zeros(()))
     return ro
 
 
@@ -345,6 +398,7 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         ended=torch.cat([p.ended for p in parts]) if all(p.ended is not None for p in parts) else None,
         teacher_topk_ids=topk_ids,
         teacher_topk_logp=topk_logp,
+        mixed=torch.cat([p.mixed for p in parts]) if all(p.mixed is not None for p in parts) else None,
     )
 
 

@@ -39,6 +39,16 @@ This file holds the stage's settings and wiring; the update itself is two short 
    logits themselves would take rollouts x length x vocab floats (6 GB for 256 x 256 x 49k in
    fp16), and top-k caching would make the term inexact. L_PT's CE and KD terms share one fused
    chunked pass over the vocabulary (``losses.forward_kl_and_ce``).
+   With ``student_rows`` s > 0 (and a > 0) each buffer is split: its first round(s*B) prompts
+   (the prompt order is shuffled) are sampled from the student alone (a = 0), the rest from the
+   mixture. Only the student rows carry the long-term term (there rho = q_theta/q_old, the
+   return is the student's own continuation value; advantages whitened over their tokens and
+   scaled by B/|student rows| so the term keeps its expected weight); the single-step term uses
+   every row (its importance weight is 1 on the student rows). With ``importance: exact`` the
+   split estimator is exactly unbiased; with ``step`` only the single-step term on the mixed rows
+   keeps the per-step bias (tests/unit/test_advantages.py enumerates both). Why: under mixing
+   the other tokens' returns are computed on continuations drawn from p~, which look cheaper
+   than the student's own, and that biases the update against EOS (docs/eos/README.md).
 4. Validation samples responses for the validation prompts and scores ROUGE-L against the
    references; the best model goes to ``<stage>/best``.
 
@@ -65,6 +75,7 @@ from minidistill.errors import UserError
 from minidistill.parts import sources, validation
 from minidistill.parts.objectives import minillm_objective
 from minidistill.parts.rollouts import RolloutSource
+from minidistill.reporting.tracking import console
 from minidistill.stages import Plot, Stage
 from minidistill.training.loop import train
 
@@ -94,6 +105,16 @@ class Config(TrainConfig):
     max_new_tokens: int = opt(256, "Response token limit (paper: 512 - prompt).", min=1)
     mix_alpha: float | None = opt(
         None, "Teacher share a in the sampling mixture a*p + (1-a)*q (paper: 0.2; 0 = pure student).", min=0.0, max=1.0
+    )
+    student_rows: float | None = opt(
+        None,
+        "Share of each rollout buffer drawn from the student alone (a = 0), the rest from the mixture; "
+        "only those rows carry the long-term (policy-gradient) term (rho = q_theta/q_old, advantages "
+        "whitened over them and scaled by rows/student rows), the single-step term uses every row. "
+        "Removes the bias of per-step weights against EOS under mixing (docs/eos). 0: every row from "
+        "the mixture, in both terms (paper/official); no effect at mix_alpha 0.",
+        min=0.0,
+        max=1.0,
     )
     temperature: float = opt(1.0, "Sampling temperature (paper: 1).", gt=0.0)
     top_k: int = opt(0, "Top-k for sampling and log q (0 = off; paper: off).", min=0)
@@ -264,6 +285,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": True,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "student_rows": 0.0,
     },
     "paper": {
         "include_current": False,
@@ -275,6 +297,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": True,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "student_rows": 0.0,
     },
     "official": {
         "include_current": True,
@@ -286,6 +309,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": False,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "student_rows": 0.0,
     },
 }
 
@@ -318,6 +342,13 @@ def run(run, cfg: Config, student):
     else:
         iters = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts))
         total = max(1, iters * source.minibatches_per_iteration() // cfg.grad_accum)
+    if (cfg.eval_max_new_tokens or 0) > cfg.max_new_tokens and run.accelerator.is_main_process:
+        console.print(
+            f"[yellow]stage '{cfg.name}': validation samples up to eval_max_new_tokens={cfg.eval_max_new_tokens} "
+            f"new tokens, rollouts stop at max_new_tokens={cfg.max_new_tokens}: MiniLLM never trains the positions "
+            "beyond the rollout limit, where a student decides to stop (docs/eos: keep the rollout limit at least "
+            "the limit you evaluate at)[/]"
+        )
     valid = run.instructions("valid")
     evaluate = validation.sampled_rouge(
         run,

@@ -213,17 +213,27 @@ def test_minillm_runs_with_lora_and_gradient_checkpointing(recipe_file, precisio
     assert len(rows) == 2 and all(r["skipped_steps"] == 0 for r in rows)
 
 
-def test_iteration_order_and_resume_at_every_micro_batch():
+@pytest.mark.parametrize("student_rows", [0.0, 0.4])
+def test_iteration_order_and_resume_at_every_micro_batch(student_rows):
     """The source walks collect -> ppo_epochs x minibatches (never straddling epochs) -> collect;
     a source loaded from state_dict after any micro-batch (also in the pre-(epoch, position)
-    checkpoint format) yields exactly the same following micro-batches."""
+    checkpoint format) yields exactly the same following micro-batches. With student_rows the
+    buffer's row flags (``mixed``) travel with it."""
     from tiny_assets import fake_run
 
     tok = make_tokenizer()
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     run = fake_run(teacher, tok)
     prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit", "2 and 3"]]
-    cfg = cfg_of(num_rollouts=5, rollout_batch_size=3, batch_size=2, ppo_epochs=2, max_new_tokens=5, lm_coef=0.5)
+    cfg = cfg_of(
+        num_rollouts=5,
+        rollout_batch_size=3,
+        batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=5,
+        lm_coef=0.5,
+        student_rows=student_rows,
+    )
     corpus = torch.randint(3, len(tok), (6, 9), generator=torch.Generator().manual_seed(0))
 
     def source():
@@ -238,6 +248,15 @@ def test_iteration_order_and_resume_at_every_micro_batch():
         states.append(ref.state_dict())
         batches.append(ref.next_batch())
     assert [b["response_ids"].shape[0] for b in batches] == [2, 2, 1, 2, 2, 1, 2, 2]
+    if student_rows:  # 2 of each buffer's 5 rows drawn at a = 0: log p~ = log q and A != 0 only there
+        for b in batches:
+            own = ~b["mixed"]
+            assert torch.equal(b["mix_logp"][own], b["student_logp"][own])
+            assert not b["advantages"][b["mixed"]].any()
+        assert sum(int((~b["mixed"]).sum()) for b in batches[:3]) == 2
+        assert "student_eos_rate" in batches[0]["stats"] and "rkl_estimate" in batches[0]["stats"]
+    else:
+        assert "mixed" not in batches[0]
     assert ref.iteration == 2 and ref.epoch == 0 and ref.position == 4
     first = torch.cat([b["prompt_ids"][:, -1] for b in batches[:3]])  # each epoch covers every row once
     assert sorted(first.tolist()) == sorted(torch.cat([b["prompt_ids"][:, -1] for b in batches[3:6]]).tolist())

@@ -212,3 +212,35 @@ def test_rescored_behaviour_logp_makes_rho_exact_in_bf16():
     )  # the check has something to catch (a mean: deviations partly cancel)
     assert rollouts.recompute_logp(cfg_of(), "bf16") and not rollouts.recompute_logp(cfg_of(), "fp32")
     AcceleratorState._reset_state()
+
+
+def test_rescored_behaviour_of_a_split_buffer():
+    """student_rows: rescoring rebuilds log p~ per row, log q on the rows drawn at a = 0 (their
+    behaviour policy is the student alone) and log(a p + (1-a) q) on the mixed rows."""
+    from minidistill.functional import advantages as adv
+
+    tok = make_tokenizer()
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    cfg = cfg_of(recompute_logp="always", student_rows=0.5, mix_alpha=0.2)
+    prompts = [tok("Say hi").input_ids, tok("A longer prompt").input_ids, tok("Q").input_ids]
+    ids, mask = collate_prompts(prompts, tok.pad_token_id)
+    ro = sample(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=6,
+        mix_alpha=0.2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(0),
+        vocab=len(tok),
+    )
+    ro.mixed = torch.tensor([False, True, False])
+    ro = rollouts.rescore_behaviour(student, ro, cfg, len(tok))
+    m = ro.response_mask.bool()
+    own = m & ~ro.mixed[:, None]
+    assert torch.equal(ro.mix_logp[own], ro.student_logp[own])
+    expected = adv.mixed_logp(ro.teacher_logp, ro.student_logp, 0.2)
+    torch.testing.assert_close(ro.mix_logp[1][m[1]], expected[1][m[1]])
+    assert not ro.mix_logp[~m].any()

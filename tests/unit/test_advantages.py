@@ -815,3 +815,165 @@ def test_stage_exact_importance_needs_single_step_weight():
     assert build(minillm.Config, {**base, "preset": "official"}, "test:").single_step_importance_weight is True
     step = build(minillm.Config, {**base, "preset": "official", "importance": "step"}, "test:")
     assert step.single_step_importance_weight is False
+
+
+# ---------------------------------------------------------------------------------------------
+# student_rows: a split buffer (rows drawn at a = 0 carry the long-term term, every row the
+# single-step term)
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_cfg(importance: str, alpha: float, share: float):
+    cfg = _stage_cfg(importance, alpha)
+    cfg.student_rows = share
+    return cfg
+
+
+def _stage_split_expected_grad(tabular, cfg):
+    """Exact expectation of the stage's gradient on a split buffer of two rows, one drawn from
+    the student alone (y ~ q, ``mixed`` False) and one from the mixture (y ~ p~): every response
+    enumerated in both roles (a buffer of 2M rows whose advantages_for scale is 2M/M = 2), the
+    student rows weighted by q(y), the mixed rows by p~(y); halved (per row of the two-row buffer)."""
+    from minidistill.generation.sampler import Rollout
+
+    theta, teacher, resp, _, _, _ = tabular
+    tokens, mask, rows = resp
+    M = tokens.shape[0]
+    lq = torch.log_softmax(theta.detach(), -1)[rows].gather(-1, tokens[..., None]).squeeze(-1)  # (M, L)
+    lp = torch.log_softmax(teacher, -1)[rows].gather(-1, tokens[..., None]).squeeze(-1)
+    zero = torch.zeros((), dtype=F64)
+    lq, lp = torch.where(mask.bool(), lq, zero), torch.where(mask.bool(), lp, zero)
+    lmix = torch.where(mask.bool(), mixed_logp(lp, lq, cfg.mix_alpha), zero)
+    q_seq, p_mix = (lq * mask).sum(-1).exp(), (lmix * mask).sum(-1).exp()  # (M,)
+    prompt = torch.zeros(2 * M, 1, dtype=torch.long)
+    two = lambda x: torch.cat([x, x])  # noqa: E731
+    ro = Rollout(
+        prompt_ids=prompt,
+        prompt_mask=torch.ones_like(prompt),
+        response_ids=two(torch.where(mask.bool(), tokens, EOS)),
+        response_mask=two(mask),
+        student_logp=two(lq),
+        mix_logp=torch.cat([lq, lmix]),  # the student rows were drawn at a = 0: p~ = q there
+        teacher_logp=two(lp),
+        mixed=torch.cat([torch.zeros(M, dtype=torch.bool), torch.ones(M, dtype=torch.bool)]),
+    )
+    buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
+    buf.update(rollouts.advantages_for(cfg, ro))
+    assert torch.equal(buf["advantages"][M:], torch.zeros_like(lq))  # no long-term term on mixed rows
+    student, teacher_lm = _TabularLM(theta, 1), _TabularLM(teacher, 1)
+    total = torch.zeros((), dtype=F64)
+    weights = torch.cat([q_seq, p_mix])
+    for i in range(2 * M):
+        row = {k: v[i : i + 1] for k, v in buf.items()}
+        row["num_tokens"], row["stats"] = int(row["response_mask"].sum()), {}
+        loss, _ = objectives.minillm_loss(student, row, cfg=cfg, teacher=teacher_lm, vocab=V)
+        total = total + weights[i] * loss
+    (g,) = torch.autograd.grad(total / 2, theta)
+    return g
+
+
+def test_stage_split_buffer_estimator_exact_expectation(tabular, record_property):
+    """student_rows 0.5 at a = 0.2, in exact expectation: with importance exact the split estimator
+    is unbiased for grad KL(q||p) (the long-term term on q's own rows with rho = q/q_old, times 2;
+    the single-step term on both rows); with the paper's per-step weights only the single-step
+    term on the mixed rows keeps a bias (its prefixes come from p~), so the bias is smaller than
+    that of the unsplit step estimator."""
+    grad_kl = tabular[-1]
+    g_exact = _stage_split_expected_grad(tabular, _split_cfg("exact", 0.2, 0.5))
+    torch.testing.assert_close(g_exact, grad_kl, rtol=1e-9, atol=1e-11)
+    bias_split = _rel(_stage_split_expected_grad(tabular, _split_cfg("step", 0.2, 0.5)), grad_kl)
+    bias_step = _rel(_stage_expected_grad(tabular, _stage_cfg("step", 0.2)), grad_kl)
+    record_property("stage_rel_bias_split_step", bias_split)
+    print(f"a=0.2, importance step: relative bias of E[g] unsplit {bias_step:.4f}, student_rows 0.5 {bias_split:.4f}")
+    assert bias_split < 0.5 * bias_step, (bias_split, bias_step)
+
+
+def _split_rollout(pad_extra: int = 0, mixed_rewards: float = 0.0):
+    """Three rows: 0 drawn from the student and stopped (2 tokens, rewards -1 -3), 1 drawn from the
+    mixture (3 tokens), 2 drawn from the student and cut at the limit (3 tokens, rewards -2 -4 -6);
+    rewards = teacher_logp - student_logp with student_logp -0.5 everywhere valid."""
+    from minidistill.generation.sampler import Rollout
+
+    T = 3 + pad_extra
+    mask = _mask([2, 3, 3], T)
+    r = torch.zeros(3, T, dtype=F64)
+    r[0, :2] = torch.tensor([-1.0, -3.0])
+    r[1, :3] = mixed_rewards
+    r[2, :3] = torch.tensor([-2.0, -4.0, -6.0])
+    lq = torch.where(mask.bool(), torch.full_like(r, -0.5), 0.0)
+    lp = torch.where(mask.bool(), lq + r, 0.0)
+    return Rollout(
+        prompt_ids=torch.ones(3, 1, dtype=torch.long),
+        prompt_mask=torch.ones(3, 1, dtype=torch.long),
+        response_ids=torch.where(mask.bool(), 5, 0),
+        response_mask=mask,
+        student_logp=lq,
+        mix_logp=torch.where(mask.bool(), torch.tensor([[-0.5], [-0.7], [-0.5]], dtype=F64), 0.0),
+        teacher_logp=lp,
+        ended=torch.tensor([True, False, False]),
+        mixed=torch.tensor([False, True, False]),
+    )
+
+
+@pytest.mark.parametrize("pad_extra", [0, 4])
+def test_split_buffer_advantages_hand_computed(pad_extra):
+    """Preset minidistill with student_rows: next-token returns, length-normalised, the cut row's
+    last return bootstrapped with its mean reward, whitened over the STUDENT rows' valid tokens
+    only, times rows/student rows = 3/2; 0 on the mixed row and on padding, whatever the mixed
+    row's rewards (they do not enter the statistics)."""
+    from minidistill.config import build
+    from minidistill.stages import minillm
+
+    cfg = build(minillm.Config, {"type": "minillm", "lm_coef": 0.0, "student_rows": 0.5}, "test:")
+    # student-row returns: row 0: [-3, 0 (EOS)]; row 2: [mean(-4, -6), -6, mean(-2, -4, -6) (cut)]
+    R = torch.tensor([-3.0, 0.0, -5.0, -6.0, -4.0], dtype=F64)
+    mean, var = -18.0 / 5, 86.0 / 5 - (18.0 / 5) ** 2  # 4.24
+    A = (R - mean) / math.sqrt(var + 1e-8) * 1.5
+    expected = torch.zeros(3, 3 + pad_extra, dtype=F64)
+    expected[0, :2], expected[2, :3] = A[:2], A[2:]
+    for mixed_rewards in (0.0, -9.0):
+        out = rollouts.advantages_for(cfg, _split_rollout(pad_extra, mixed_rewards))
+        torch.testing.assert_close(out["advantages"], expected, rtol=1e-12, atol=1e-12)
+        assert out["returns"][1, :3].tolist() == [mixed_rewards] * 2 + [mixed_rewards]  # returns: every row
+    # single-step weights: q/p~ = 1 on the student rows, exp(-0.5 + 0.7) on the mixed row, 0 at padding
+    w = rollouts.advantages_for(cfg, _split_rollout(pad_extra))["single_step_weights"]
+    torch.testing.assert_close(w[[0, 2]], _split_rollout(pad_extra).response_mask[[0, 2]].to(F64))
+    torch.testing.assert_close(w[1, :3], torch.full((3,), math.exp(0.2), dtype=F64))
+    assert not w[:, 3:].any()
+    # without whitening: the raw returns of the student rows, times 3/2
+    raw = rollouts.advantages_for(
+        build(minillm.Config, {"type": "minillm", "lm_coef": 0.0, "student_rows": 0.5, "whiten": False}, "t:"),
+        _split_rollout(pad_extra, -9.0),
+    )["advantages"]
+    expected[0, :2], expected[2, :3] = R[:2] * 1.5, R[2:] * 1.5
+    torch.testing.assert_close(raw, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_split_buffer_rollout_stats():
+    """The split buffer's student rows give the on-policy statistics: rkl_estimate (mean of
+    log q - log p over their valid tokens: 16/5) and student_eos_rate (1 of 2); eos_rate and
+    mix_log_ratio stay over every row."""
+    ro = _split_rollout(pad_extra=2, mixed_rewards=-9.0)
+    buf = {f: getattr(ro, f) for f in ro.__dataclass_fields__ if getattr(ro, f) is not None}
+    buf["rewards"] = ro.teacher_logp - ro.student_logp
+    s = rollouts.rollout_stats(buf, eos_id=2, mix_alpha=0.2, max_new_tokens=3)
+    assert s["rkl_estimate"] == pytest.approx(16.0 / 5)
+    assert s["student_eos_rate"] == pytest.approx(0.5)
+    assert s["eos_rate"] == pytest.approx(1 / 3)
+    assert s["mix_log_ratio"] == pytest.approx((16.0 + 27.0) / 8)
+
+
+def test_student_row_count():
+    from minidistill.config import build
+    from minidistill.stages import minillm
+
+    def k(share, rows, alpha=None):
+        kw = {"type": "minillm", "lm_coef": 0.0, "student_rows": share}
+        if alpha is not None:
+            kw["mix_alpha"] = alpha
+        return rollouts.student_row_count(build(minillm.Config, kw, "t:"), rows)
+
+    assert [k(0.5, 16), k(0.25, 5), k(0.1, 3), k(1.0, 4), k(0.5, 0)] == [8, 1, 1, 4, 0]
+    assert k(0.0, 16) == 0 and k(0.5, 16, alpha=0.0) == 0  # off, or nothing to split at a = 0
+    for preset in ("paper", "official"):
+        assert get_preset(preset)["student_rows"] == 0.0  # as published
