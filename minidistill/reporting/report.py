@@ -11,7 +11,9 @@ Reads (all optional except the folder itself):
   ``RUN_DIR/**/analysis.json`` (eval/analyze.py: KL, Dist-4, ECE, ExAccErr): one evaluation row
   per folder (named by its path relative to RUN_DIR);
 * ``RUN_DIR/eval_table.json``: a list of rows {"model": name, "rougeL", "reverse_kl",
-  "forward_kl", "mean_length", ...}; listed first, before the rows found in folders.
+  "forward_kl", "mean_length", ...}; listed first, before the rows found in folders;
+* ``RUN_DIR/eval_examples.json`` (the evaluate stage): a few prompts with every model's answer,
+  shown side by side.
 
 Writes ``RUN_DIR/report.md`` and ``RUN_DIR/plots/*.png`` (Agg backend, ~6x3.5 in at 100 dpi):
 curves per stage (noisy training curves lightly smoothed over the faint raw curve; validation
@@ -145,6 +147,7 @@ class RunData:
     stage_types: dict[str, str] = field(default_factory=dict)
     stage_order: list[str] = field(default_factory=list)
     eval_rows: list[dict] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
     analyses: list[tuple[str, dict]] = field(default_factory=list)
     summaries: list[tuple[str, dict]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -206,6 +209,13 @@ def load_run(run_dir: str | Path) -> RunData:
             data.eval_rows = [dict(r) for r in rows if isinstance(r, dict) and "model" in r]
         elif rows is not None:
             data.problems.append(f"{table}: expected a list of rows with a 'model' key; skipped")
+    answers = run_dir / "eval_examples.json"
+    if answers.is_file():
+        ex = _read_json(answers, data.problems)
+        if isinstance(ex, list):
+            data.examples = [e for e in ex if isinstance(e, dict) and isinstance(e.get("answers"), dict)]
+        elif ex is not None:
+            data.problems.append(f"{answers}: expected a list of prompts with 'answers'; skipped")
 
     found: dict[str, dict] = {}
     for path in sorted(run_dir.rglob("summary.json")):
@@ -489,6 +499,38 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _cell(text: str) -> str:
+    """Free text as one markdown table cell: HTML escaped, line breaks as <br>."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "<br>".join(line.strip() for line in text.strip().splitlines()) or "(empty)"
+
+
+def _examples_md(examples: list[dict]) -> list[str]:
+    """The example answers: one row per prompt, one column per model (in the order first seen)."""
+    names = list(dict.fromkeys(n for e in examples for n in e["answers"]))
+    rows = []
+    for e in examples:
+        prompt = str(e.get("instruction", "")) + (f"\n\n{e['input']}" if e.get("input") else "")
+        row = [_cell(prompt)]
+        for n in names:
+            a = e["answers"].get(n)
+            if not isinstance(a, dict):
+                row.append("-")
+                continue
+            end = "stopped" if a.get("stopped") else "cut at the limit"
+            row.append(f"{_cell(a.get('text', ''))}<br>*({a.get('tokens', '?')} tokens, {end})*")
+        rows.append(row)
+    return [
+        "### Example answers",
+        "",
+        "Each model's sampled answer (first evaluation seed) to the first held-out prompts; *stopped* = it "
+        "ended with EOS, *cut* = it reached the token limit.",
+        "",
+        *_md_table(["prompt", *names], rows),
+        "",
+    ]
+
+
 def _img(path: Path, run_dir: Path, alt: str) -> str:
     return f"![{alt}]({path.relative_to(run_dir).as_posix()})"
 
@@ -547,6 +589,10 @@ def write_report(run_dir: str | Path) -> Path:
             p = plot_eval_bars(data.eval_rows, key, title, xlabel, better, plots_dir / f"eval_{_safe(key)}.png")
             if p:
                 md += [_img(p, run_dir, f"evaluation {title}"), ""]
+    if data.examples:
+        if not data.eval_rows:
+            md += ["## Evaluation", ""]
+        md += _examples_md(data.examples)
 
     # ---- analyses
     if data.analyses:

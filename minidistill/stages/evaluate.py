@@ -11,7 +11,8 @@ own samples and forward KL(p||q) on the teacher's samples, through :func:`minidi
 precision: a bf16 run evaluates bf16 copies of its students (like the teacher, which is held in
 bf16), which on CPU generates about 1.7x faster than fp32 weights under autocast. Writes
 ``<output_dir>/eval_table.json`` (which the run report turns into a table and a bar chart) and
-prints the table.
+prints the table; ``<output_dir>/eval_examples.json`` holds the answers of every model to the first
+``examples`` prompts (first seed), which the report shows side by side.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Config:
     max_new_tokens: int = opt(128, "Response token limit.", min=1)
     batch_size: int = opt(16, "Generation batch size.", min=1)
     no_repeat_ngram_size: int = opt(0, "No-repeat n-gram size at sampling time (paper's test-time setting: 6).", min=0)
+    examples: int = opt(
+        3,
+        "Prompts whose answers (every model, first seed) go to eval_examples.json and side by side into report.md.",
+        min=0,
+    )
 
 
 def _load(run, name: str):
@@ -68,14 +74,37 @@ def _eval_copy(run, student):
     return copy.deepcopy(model).to(dtype).eval()
 
 
-def evaluate_models(run, cfg: Config, student) -> list[dict]:
+def example_answers(examples: list, kept: list[int], scores: list[tuple[str, object]], n: int, seed: int) -> list[dict]:
+    """The answers of every scored model to the first ``n`` scored prompts, on sampling seed ``seed``:
+    [{"instruction", "input", "answers": {model: {"text", "stopped", "tokens"}}}] in prompt order.
+    ``kept[i]``: the example behind prompt i; ``scores``: (model name, its :class:`scoring.Score`)."""
+    out = []
+    for i in range(min(n, len(kept))):
+        ex = examples[kept[i]]
+        answers = {}
+        for name, sc in scores:
+            at = zip(sc.samples.prompt_index, sc.samples.seed)
+            k = next((k for k, (p, s) in enumerate(at) if p == i and s == seed), None)
+            if k is None:
+                continue
+            answers[name] = {
+                "text": sc.texts[k],
+                "stopped": bool(sc.samples.ended[k]),
+                "tokens": len(sc.samples.responses[k]),
+            }
+        out.append({"instruction": ex.instruction, "input": ex.input, "answers": answers})
+    return out
+
+
+def evaluate_models(run, cfg: Config, student) -> tuple[list[dict], list[dict]]:
+    """The evaluation rows (one per model) and the example answers (:func:`example_answers`)."""
     d = run.recipe.data
     examples = run.instructions(cfg.split)[: cfg.max_examples]
     if not examples:
         raise UserError(
             f"stage '{cfg.name}'.split: the '{cfg.split}' split is empty (set data.valid or data.valid_size)"
         )
-    prompts, refs, _ = data.tokenize_prompts(
+    prompts, refs, stats = data.tokenize_prompts(
         examples, run.tokenizer, template=d.template, max_prompt_length=d.max_prompt_length, long_prompt=d.long_prompt
     )
     sampling = Sampling(
@@ -98,13 +127,14 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
             )
 
     t_score = score(teacher)
-    rows = []
+    rows, scores = [], []
     for name in cfg.models:
         model = _eval_copy(run, student) if name == "student" else _load(run, name)
         was_training = model.training
         model.eval()
         sc = t_score if model is teacher else score(model, t_score.samples)
         model.train(was_training)
+        scores.append((name, sc))
         rows.append(
             {
                 "model": name,
@@ -118,7 +148,7 @@ def evaluate_models(run, cfg: Config, student) -> list[dict]:
                 "seeds": list(cfg.seeds),
             }
         )
-    return rows
+    return rows, example_answers(examples, stats.kept_indices, scores, cfg.examples, cfg.seeds[0]) if cfg.seeds else []
 
 
 def print_table(rows: list[dict], title: str) -> None:
@@ -138,10 +168,12 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def run(run, cfg: Config, student) -> None:
-    rows = evaluate_models(run, cfg, student)
+    rows, answers = evaluate_models(run, cfg, student)
     if run.accelerator.is_main_process:
         path = run.out_dir / "eval_table.json"
         ckpt.write_json_atomic(path, rows)
+        if answers:
+            ckpt.write_json_atomic(run.out_dir / "eval_examples.json", answers)
         print_table(
             rows,
             f"{cfg.name}: {rows[0]['n_prompts']} {cfg.split} prompts, seeds {cfg.seeds}, at most "

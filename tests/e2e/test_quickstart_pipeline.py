@@ -85,6 +85,17 @@ def test_prompts_only_pipeline(recipe_file, tmp_path, monkeypatch):
     assert all(0.0 <= r["rougeL"] <= 100.0 and r["mean_length"] > 0 for r in table)
     report = (out / "report.md").read_text()
     assert "student" in report
+    # three held-out prompts answered by the teacher and the students before / after MiniLLM, side by side
+    examples = json.loads((out / "eval_examples.json").read_text())
+    assert [e["instruction"] for e in examples] == [p["instruction"] for p in prompts[8:11]]
+    for e in examples:
+        assert list(e["answers"]) == ["teacher", "sft", "student"]
+        assert all(1 <= a["tokens"] <= 8 or (a["tokens"] == 0 and a["stopped"]) for a in e["answers"].values())
+        assert all(a["stopped"] == (a["tokens"] < 8) for a in e["answers"].values())
+    section = report.split("### Example answers", 1)[1].split("\n## ", 1)[0]
+    table = [l for l in section.splitlines() if l.startswith("| ")]
+    assert table[0] == "| prompt | teacher | sft | student |" and len(table) == 4
+    assert all(row.startswith(f"| {e['instruction']} |") for row, e in zip(table[1:], examples))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     walls = {r["stage"]: r["stage_wall_s"] for r in rows if "stage_wall_s" in r}
     assert set(walls) == {"teacher_data", "pd", "sft", "minillm", "eval"} and all(w > 0 for w in walls.values())

@@ -223,3 +223,31 @@ def test_report_cli(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert R.main([str(tmp_path / "empty")]) == 0  # nothing to plot is not an error
     assert (tmp_path / "empty" / "report.md").is_file()
+
+
+def test_example_answers_side_by_side(tmp_path):
+    """eval_examples.json (the evaluate stage) -> one table row per prompt, one column per model, the
+    text HTML-escaped with <br> line breaks and whether each answer stopped."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_table.json").write_text(json.dumps([{"model": "teacher", "rougeL": 10.0}]))
+    answers = {
+        "teacher": {"text": "Line one\nline <two> | end", "stopped": True, "tokens": 7},
+        "sft": {"text": "", "stopped": False, "tokens": 96},
+        "student": {"text": "short", "stopped": True, "tokens": 1},
+    }
+    examples = [
+        {"instruction": "Name a colour.", "input": "", "answers": answers},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "answers": {"teacher": answers["teacher"]}},
+    ]
+    (run / "eval_examples.json").write_text(json.dumps(examples))
+    text = R.write_report(run).read_text()
+    section = text.split("### Example answers", 1)[1].split("\n## ", 1)[0]
+    lines = [l for l in section.splitlines() if l.startswith("| ")]
+    assert lines[0] == "| prompt | teacher | sft | student |"
+    assert lines[1].startswith("| Name a colour. | Line one<br>line &lt;two&gt; \\| end<br>*(7 tokens, stopped)* |")
+    assert "(empty)<br>*(96 tokens, cut at the limit)*" in lines[1] and "short<br>*(1 tokens, stopped)*" in lines[1]
+    assert lines[2].startswith("| Add the numbers.<br><br>2 and 3 |") and lines[2].endswith("| - | - |")
+    (run / "eval_examples.json").write_text("{not json")
+    text = R.write_report(run).read_text()
+    assert "### Example answers" not in text and "eval_examples.json: not readable JSON" in text
