@@ -44,7 +44,6 @@ from minidistill.data import collate_prompts
 from minidistill.functional import advantages as adv
 from minidistill.generation import sampler, vllm_engine
 from minidistill.generation.sampler import Rollout
-from minidistill.models import logits as fwd
 from minidistill.parts import objectives, rollouts
 from minidistill.stages import minillm
 from minidistill.teacher import Teacher
@@ -83,11 +82,7 @@ def step(way, student, teacher, served, engine, opt, cfg, tok, rows, args, g) ->
     with auto:
         if way.startswith("engine"):
             engine.sync(student)
-            probe = [rows[0] + rows[0][:8]]
-            with torch.no_grad():
-                x = torch.tensor(probe)
-                lp = fwd.next_token_logits(student, x).float().log_softmax(-1)[0]
-            engine.check(probe, [lp.gather(-1, x[0, 1:, None]).squeeze(-1)])
+            engine.verify(student, rows)
             out = engine.generate(
                 rows, max_new_tokens=args.new, temperature=1.0, top_k=0, top_p=1.0,
                 seeds=list(range(len(rows))), eos_token_id=tok.eos_token_id, ignore_eos=True,

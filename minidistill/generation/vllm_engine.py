@@ -179,6 +179,21 @@ class Engine:
         self.timings["sync_s"].append(dt)
         return dt
 
+    def verify(self, student, prompts: list[list[int]]) -> float:
+        """The sync check on a probe of real tokens (the first two ``prompts``, each followed by its
+        own first 8 tokens): the trainer's log-probs from one no-grad forward of ``student`` per
+        sequence, against the engine's (:meth:`check`)."""
+        from minidistill.models import logits as fwd
+
+        probe = [p + p[: min(8, len(p))] for p in prompts[:2]]
+        mine = []
+        with torch.no_grad():
+            for seq in probe:
+                ids = torch.tensor([seq], device=fwd.model_device(student))
+                lp = fwd.next_token_logits(student, ids).float().log_softmax(-1)[0]
+                mine.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1))
+        return self.check(probe, mine)
+
     def check(self, probe: list[list[int]], trainer_logp: list[torch.Tensor]) -> float:
         """Max |engine log-prob - trainer log-prob| over the probe's tokens; one line past ``check_tol``."""
         got = self.call("logprobs", seqs=probe)["logprobs"]

@@ -204,17 +204,8 @@ def engine_rollout(run, cfg, student, engine, prompts: list[list[int]], iteratio
     """The student's responses to ``prompts`` drawn by the vLLM engine (``vllm_engine``) after a
     weight sync checked on a probe; tokens only (every log-prob is left at 0 for the trainer's own
     forwards to fill). Seeds per row from (seed, iteration, row). Returns it and the engine's timings."""
-    from minidistill.models import logits as fwd
-
     engine.sync(student)
-    probe = [p + p[: min(8, len(p))] for p in prompts[:2]]  # real prompts with real tokens after them
-    with torch.no_grad():
-        mine = []
-        for seq in probe:
-            ids = torch.tensor([seq], device=run.device)
-            lp = fwd.next_token_logits(student, ids).float().log_softmax(-1)[0]
-            mine.append(lp.gather(-1, ids[0, 1:, None]).squeeze(-1))
-    gap = engine.check(probe, mine)
+    gap = engine.verify(student, prompts)
     seeds = [(run.recipe.seed * 1_000_003 + iteration * 10_007 + i) % (2**31) for i in range(len(prompts))]
     rows = engine.generate(
         prompts,
@@ -276,12 +267,14 @@ def collect_buffer(
             ro.teacher_logp, ro.teacher_hidden = teacher.response_logp(
                 ro, settings, chunk=cfg.chunk_rows, keep_hidden=cfg.single_step
             )
-    # student_rows: the first k prompts (the order is shuffled) are drawn from the student alone
-    k = student_row_count(cfg, len(prompts)) if engine is None else 0
+    # without an engine our sampler draws them, batch by batch; student_rows: the first k prompts
+    # (the order is shuffled) are drawn from the student alone (k is 0 at mix_alpha 0, the engine's case)
+    k = student_row_count(cfg, len(prompts))
+    spans = ((0, k, 0.0), (k, len(prompts), cfg.mix_alpha)) if engine is None else ()
     batches = [
         (i, min(i + cfg.rollout_batch_size, hi), alpha)
-        for lo, hi, alpha in ((0, k, 0.0), (k, len(prompts), cfg.mix_alpha))
-        for i in range(lo, hi if engine is None else lo, cfg.rollout_batch_size)
+        for lo, hi, alpha in spans
+        for i in range(lo, hi, cfg.rollout_batch_size)
     ]
     for i, j, alpha in batches:
         ids, mask = data.collate_prompts(prompts[i:j], run.tokenizer.pad_token_id)

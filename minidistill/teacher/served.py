@@ -34,6 +34,7 @@ one line, its last checkpoint intact (``resume=auto`` continues once the server 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -294,8 +295,6 @@ class ServedTeacher(Teacher):
                 done.set_exception(e)
 
         # resolve on a plain thread: waiting inside the pool could starve it
-        import threading
-
         threading.Thread(target=finish, daemon=True).start()
         return done
 
