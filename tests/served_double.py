@@ -45,6 +45,10 @@ class Double:
                 self._send(code, answer)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # close() waits for answers still being computed: a daemon thread inside a torch forward
+        # when the interpreter exits aborts it ("terminate called without an active exception")
+        self.server.daemon_threads = False
+        self.server.block_on_close = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
