@@ -72,6 +72,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "student_rows 0.5, rollout limit 2x the evaluation limit, A not scaled (bench-only)",
         {"student_rows": 0.5, "max_new_tokens": "2*eval", "_noscale": 1},
     ),
+    "mix_const": ("mix_alpha_end 0.2: a constant (the default before the schedule)", {"mix_alpha_end": 0.2}),
+    "mix_decay": ("mix_alpha_end 0: a from 0.2 to 0 over the run (the default now)", {"mix_alpha_end": 0.0}),
+    "mix_const_long": (
+        "a constant 0.2, rollout limit 2x the evaluation limit",
+        {"mix_alpha_end": 0.2, "max_new_tokens": "2*eval"},
+    ),
+    "mix_decay_long": (
+        "a from 0.2 to 0, rollout limit 2x the evaluation limit",
+        {"mix_alpha_end": 0.0, "max_new_tokens": "2*eval"},
+    ),
     "a0_long": ("mix_alpha 0, rollout limit 2x the evaluation limit", {"mix_alpha": 0.0, "max_new_tokens": "2*eval"}),
 }
 

@@ -75,6 +75,9 @@ below 1, measured by tests/unit/test_advantages.py). We accept that for the offi
 (lr 5e-6, clip 0.2, 4 PPO epochs), which were tuned against unit-scale advantages: unwhitened,
 the advantage is in raw nats and the same lr gives a step that moves with the teacher-student gap.
 (2) A response cut at the token limit bootstraps its last token's return (see :func:`returns`).
+(3) The teacher share a decays linearly from 0.2 at the first rollout buffer to 0 at the last
+(``mix_alpha_end``; the stage sets each buffer's a): the long-term term's per-step weights are
+biased against EOS under mixing (docs/eos), exact at a = 0.
 ``"paper"`` is the estimator whose expectation is exactly the gradient (with length
 normalisation and clipping off, at a = 0; the enumeration test verifies it); ``"official"``
 reproduces microsoft/LMOps for comparison. The padding fixes here apply to all three.

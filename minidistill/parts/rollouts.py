@@ -26,6 +26,7 @@ minillm stage's ``Config``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,17 @@ from minidistill.training.batches import ShuffledBatches
 # ---- 1. collect: rollouts -> advantages -> a buffer ----------------------------------------
 
 REPEAT_N = 4  # repeat_rate: a response repeats when some n-gram of this length occurs twice
+
+
+def mix_alpha_at(cfg, iteration: int, iterations: int) -> float:
+    """The teacher share a of collection ``iteration`` (0-based) of ``iterations``: linear from
+    ``mix_alpha`` at the first to ``mix_alpha_end`` at the last (None: constant ``mix_alpha``).
+    Every quantity of a buffer (its samples, log p~, importance weights, statistics) uses its own a."""
+    end = getattr(cfg, "mix_alpha_end", None)
+    if end is None or iterations <= 1:
+        return cfg.mix_alpha
+    frac = min(max(iteration, 0), iterations - 1) / (iterations - 1)
+    return cfg.mix_alpha + (end - cfg.mix_alpha) * frac
 
 
 def student_row_count(cfg, rows: int) -> int:
@@ -320,6 +332,7 @@ def collect_buffer(
         max_new_tokens=cfg.max_new_tokens,
     )
     stats.update(timings)
+    stats["mix_alpha"] = cfg.mix_alpha  # this buffer's teacher share (mix_alpha_end schedules it)
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
 
 
@@ -440,6 +453,7 @@ class RolloutSource:
         self.buffer: Buffer | None = None
         self.engine = None  # the vLLM engine (rollout_engine: vllm), started at the first collection
         self.iteration = 0  # buffers collected so far
+        self.iterations = 1  # buffers the stage will collect (the stage sets it; mix_alpha_end's schedule)
         self.epoch = 0  # PPO epoch over the current buffer
         self.position = 0  # rows of that epoch's order already handed out
         self._walk = None
@@ -475,8 +489,9 @@ class RolloutSource:
         tp = [self.teacher_prompts[j] for j in idx] if self.teacher_prompts is not None else None
         if cfg.rollout_engine == "vllm" and self.engine is None:
             self.engine = start_engine(run, cfg, self.student, self.prompts)
+        at = dataclasses.replace(cfg, mix_alpha=mix_alpha_at(cfg, self.iteration, self.iterations))
         self.buffer = collect_buffer(
-            run, cfg, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration, tp, self.engine
+            run, at, self.student, [self.prompts[j] for j in idx], self.generator, self.iteration, tp, self.engine
         )
         self.iteration, self.epoch, self.position = self.iteration + 1, 0, 0
         if self.iteration == 1 and self.stats["eos_rate"] < 0.5 and acc.is_main_process:

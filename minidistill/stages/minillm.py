@@ -6,7 +6,8 @@ This file holds the stage's settings and wiring; the update itself is two short 
 0. Settings: ``Config``; the named ``preset`` (``PRESETS``, below it) fills the fields left null
    (``Config.apply_preset``, called by validation); any field set in the recipe wins.
 1. Collect (``rollouts.collect_buffer``): draw ``num_rollouts`` prompts, sample responses from the mixture
-   p~ = a*p + (1-a)*q (``sampler.sample``; both models keep KV caches) recording per token
+   p~ = a*p + (1-a)*q (``sampler.sample``; both models keep KV caches; a of this buffer:
+   ``rollouts.mix_alpha_at``, linear from ``mix_alpha`` to ``mix_alpha_end``) recording per token
    log q (at sampling time), log p~ and log p. Rewards r_t = log p - log q come from those
    numbers (no second teacher pass); the return R (from the next token, or including the
    current one; discount gamma^(t'-t); divided by the number of *valid* remaining tokens) is
@@ -105,6 +106,14 @@ class Config(TrainConfig):
     max_new_tokens: int = opt(256, "Response token limit (paper: 512 - prompt).", min=1)
     mix_alpha: float | None = opt(
         None, "Teacher share a in the sampling mixture a*p + (1-a)*q (paper: 0.2; 0 = pure student).", min=0.0, max=1.0
+    )
+    mix_alpha_end: float | None = opt(
+        None,
+        "Teacher share at the last rollout collection: a goes linearly from mix_alpha at the first to this "
+        "at the last (null: mix_alpha, constant; paper/official). minidistill: 0, so the last buffers are the "
+        "student's own and the long-term term loses the per-step weights' bias against EOS (docs/eos).",
+        min=0.0,
+        max=1.0,
     )
     student_rows: float | None = opt(
         None,
@@ -236,6 +245,11 @@ class Config(TrainConfig):
                 f"{where}.top_k/top_p: truncated sampling needs mix_alpha=0 (a token drawn from the teacher "
                 f"can lie outside the student's kept set, where log q = -inf); got mix_alpha={self.mix_alpha}"
             )
+        if self.mix_alpha_end is not None and self.mix_alpha_end > self.mix_alpha:
+            raise UserError(
+                f"{where}.mix_alpha_end: the teacher share decays from mix_alpha to mix_alpha_end; expected at most "
+                f"mix_alpha ({self.mix_alpha}), got {self.mix_alpha_end}"
+            )
         if self.num_rollouts < self.batch_size:
             raise UserError(
                 f"{where}.num_rollouts: {self.num_rollouts} is fewer than one minibatch (batch_size {self.batch_size})"
@@ -285,6 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": True,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "mix_alpha_end": 0.0,
         "student_rows": 0.0,
     },
     "paper": {
@@ -297,6 +312,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": True,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "mix_alpha_end": None,
         "student_rows": 0.0,
     },
     "official": {
@@ -309,6 +325,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "single_step_importance_weight": False,
         "clip_eps": 0.2,
         "mix_alpha": 0.2,
+        "mix_alpha_end": None,
         "student_rows": 0.0,
     },
 }
@@ -342,6 +359,7 @@ def run(run, cfg: Config, student):
     else:
         iters = max(1, math.ceil(cfg.epochs * len(prompts) / cfg.num_rollouts))
         total = max(1, iters * source.minibatches_per_iteration() // cfg.grad_accum)
+    source.iterations = math.ceil(total * cfg.grad_accum / source.minibatches_per_iteration())  # for mix_alpha_end
     if (cfg.eval_max_new_tokens or 0) > cfg.max_new_tokens and run.accelerator.is_main_process:
         console.print(
             f"[yellow]stage '{cfg.name}': validation samples up to eval_max_new_tokens={cfg.eval_max_new_tokens} "

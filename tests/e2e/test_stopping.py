@@ -150,16 +150,16 @@ def test_rollouts_know_which_responses_were_cut(brief_teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 24: MiniLLM with teacher-mixed sampling loses the student's EOS (docs/eos/README.md)",
-)
 def test_minillm_keeps_a_stopping_student_stopping(brief_teacher, tmp_path):
     """Issue 24, step 3. A student that already stops as often as the teacher at a long limit
     (the teacher's last layer, briefly fine-tuned) trained by MiniLLM with the default
-    teacher-mixed sampling (preset minidistill, a = 0.2) at a rollout limit that cuts about half
-    of the teacher's answers (as the comparison's 96 tokens cut a third of them) must still stop as
-    often as the teacher at a long limit: within 0.05. (The test above starts from a student that
+    teacher-mixed sampling (preset minidistill: a from 0.2 to 0, ``mix_alpha_end``) at a rollout
+    limit that cuts about half of the teacher's answers (as the comparison's 96 tokens cut a third
+    of them) must still stop as often as the teacher at a long limit: within 0.05. With a constant
+    a = 0.2 (the default before, ``mix_alpha_end: 0.2``) this run ends at 0.90 and fails; over 9
+    rollout seeds of the same chain (bench/eos_ablation.py, docs/eos) the schedule ends at 0.96 on
+    average (6 of 9 within 0.05) against 0.92 (4 of 9), so this seed is one draw of a shifted
+    distribution, not a guarantee for every seed. (The test above starts from a student that
     rarely stops and only asks for a rise, at 16 steps.)"""
     teacher, d, prompts = brief_teacher
     rate, _ = _eos_rate(teacher, prompts, 64)

@@ -284,3 +284,35 @@ def test_iteration_order_and_resume_at_every_micro_batch(student_rows):
             src.load_state_dict(state)
             for a, b in zip(walk(src, 8 - i), batches[i:]):
                 same(a, b)
+
+
+def test_mix_alpha_schedule_decays_to_the_students_own_samples():
+    """mix_alpha_end: a goes linearly from mix_alpha (first buffer) to mix_alpha_end (last); each
+    buffer's samples, log p~ and statistics use its own a; paper/official keep a constant."""
+    from tiny_assets import fake_run
+
+    c = cfg_of(mix_alpha=0.2, mix_alpha_end=0.0)
+    assert [round(rollouts.mix_alpha_at(c, i, 5), 6) for i in range(5)] == [0.2, 0.15, 0.1, 0.05, 0.0]
+    assert rollouts.mix_alpha_at(c, 0, 1) == 0.2  # one buffer: the start value
+    assert cfg_of().mix_alpha_end == 0.0  # the default preset decays
+    for preset in ("paper", "official"):
+        p = cfg_of(preset=preset)
+        assert p.mix_alpha_end is None and rollouts.mix_alpha_at(p, 4, 5) == p.mix_alpha == 0.2
+    with pytest.raises(Exception, match="mix_alpha_end"):
+        cfg_of(mix_alpha=0.1, mix_alpha_end=0.3)
+
+    tok = make_tokenizer()
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    prompts = [tok(p).input_ids for p in ["Say hi", "A longer prompt here", "Q", "Name a fruit"]]
+    cfg = cfg_of(num_rollouts=4, rollout_batch_size=4, batch_size=4, ppo_epochs=1, max_new_tokens=5, mix_alpha=0.2)
+    src = rollouts.RolloutSource(fake_run(teacher, tok), cfg, student, prompts, None)
+    src.iterations = 3
+    seen = []
+    for _ in range(3):
+        b = src.next_batch()
+        seen.append(b["stats"]["mix_alpha"])
+        valid = b["response_mask"].bool()
+        mixed = adv.mixed_logp(b["teacher_logp"], b["student_logp"], seen[-1])
+        torch.testing.assert_close(b["mix_logp"][valid], mixed[valid].to(b["mix_logp"].dtype))
+    assert seen == pytest.approx([0.2, 0.1, 0.0])
+    assert torch.equal(b["mix_logp"][valid], b["student_logp"][valid])  # the last buffer: the student's own
