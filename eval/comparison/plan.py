@@ -17,14 +17,15 @@ from minidistill.training.checkpoint import write_json_atomic
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cpu"  # every model of the comparison trains and is scored here (TRL too: use_cpu)
 
-METHODS = ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", "minillm_a0", "minillm_nolen", "minillm_nosingle")
-FROM_SFT = ("minillm", "trl", "sft_long", "minillm_a0", "minillm_nolen", "minillm_nosingle")  # start at sft/final
-RECIPE_OF = {"sft_long": "sft", "minillm_a0": "minillm", "minillm_nolen": "minillm", "minillm_nosingle": "minillm"}
 ABLATIONS = {  # minillm.yaml with one part of the method switched off (the paper's Table 5/6 ablations)
     "minillm_a0": {"mix_alpha": 0.0},
     "minillm_nolen": {"length_norm": False},
     "minillm_nosingle": {"single_step": False},
+    "minillm_const": {"mix_alpha_end": 0.2},  # a constant, the default before 2026-12-06 (issue 24)
 }
+METHODS = ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", *ABLATIONS)
+FROM_SFT = ("minillm", "trl", "sft_long", *ABLATIONS)  # start at sft/final
+RECIPE_OF = {"sft_long": "sft", **{name: "minillm" for name in ABLATIONS}}
 CONTROLS = ("sft_long", *ABLATIONS)  # scored on --control-tests / --control-examples
 RECIPES = REPO_ROOT / "recipes" / "compare"
 TEST_SETS = {"dolly_test": "instruct/dolly_test.jsonl", "sinst_test": "instruct/sinst_test.jsonl"}

@@ -123,7 +123,8 @@ def rollout_stats(
 
     Stopping (``functional.stopping``; shares of rollouts): ``eos_rate`` (ended with EOS),
     ``cut_rate`` (reached ``max_new_tokens`` without EOS; None: every row that did not stop) and
-    ``repeat_rate`` (some ``repeat_n``-gram, default 4, occurs twice or more in the response)."""
+    ``repeat_rate`` (some ``repeat_n``-gram, default 4, occurs twice or more in the response).
+    ``mix_alpha``: the teacher share a the buffer was sampled with."""
     m = buf["response_mask"].float()
     lengths = m.sum(-1)
     if buf.get("ended") is not None:
@@ -151,6 +152,7 @@ def rollout_stats(
         "eos_rate": n_eos / max(rows, 1.0),
         "cut_rate": n_cut / max(rows, 1.0),
         "repeat_rate": n_repeat / max(rows, 1.0),
+        "mix_alpha": float(mix_alpha),  # this buffer's teacher share (``mix_alpha_end`` schedules it)
     }
     if buf.get("mixed") is not None and mix_alpha > 0:  # a split buffer: its student rows are on-policy
         own = ~buf["mixed"].bool().to(m.device)  # (B,)
@@ -332,7 +334,6 @@ def collect_buffer(
         max_new_tokens=cfg.max_new_tokens,
     )
     stats.update(timings)
-    stats["mix_alpha"] = cfg.mix_alpha  # this buffer's teacher share (mix_alpha_end schedules it)
     return Buffer(ro, scores, epoch_orders(run.recipe.seed, iteration, ro.batch_size, cfg.ppo_epochs), stats)
 
 
