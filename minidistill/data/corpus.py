@@ -22,13 +22,19 @@ _DIR_SUFFIXES = (".txt", ".jsonl")  # files picked up when a corpus path is a di
 
 
 class TextList(list):
-    """A list of documents that remembers which files they came from (``.sources``)."""
+    """A list of documents that remembers which files they came from (``.sources``) and, for
+    generated text, which documents are complete (``.complete``; None: all of them). An
+    incomplete one (a teacher answer cut at its token limit) gets no EOS when packed."""
 
     sources: list[str]
+    complete: list[bool] | None
 
-    def __init__(self, docs: Iterable[str] = (), sources: Sequence[str] = ()):
+    def __init__(self, docs: Iterable[str] = (), sources: Sequence[str] = (), complete: Sequence[bool] | None = None):
         super().__init__(docs)
         self.sources = list(sources)
+        self.complete = [bool(c) for c in complete] if complete is not None else None
+        if self.complete is not None and len(self.complete) != len(self):
+            raise ValueError(f"TextList: {len(self)} documents but {len(self.complete)} complete flags")
 
 
 def _expand(paths: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
@@ -108,9 +114,11 @@ def load_texts(paths: str | Path | Sequence[str | Path]) -> TextList:
 def pack_blocks(
     texts: Sequence[str], tokenizer: Any, block_len: int, *, sources: Sequence[str] | None = None
 ) -> torch.Tensor:
-    """Tokenize documents, follow each with EOS, concatenate and cut into full (N, block_len) blocks."""
+    """Tokenize documents, follow each with EOS (except those ``texts.complete`` marks as cut:
+    their text did not end there), concatenate and cut into full (N, block_len) blocks."""
     if sources is None:
         sources = getattr(texts, "sources", None) or ["<texts>"]
+    complete = getattr(texts, "complete", None)
     if block_len < 2:
         raise UserError(f"block_len: must be at least 2, got {block_len}")
     eos = eos_id(tokenizer)
@@ -119,9 +127,10 @@ def pack_blocks(
     batch = 256
     for start in range(0, len(texts), batch):
         chunk = list(texts[start : start + batch])
-        for ids in tokenize_quiet(tokenizer, chunk):
+        for k, ids in enumerate(tokenize_quiet(tokenizer, chunk)):
             ids = with_prefix(list(ids), prefix)
-            if not ids or ids[-1] != eos:
+            ended = complete is None or complete[start + k]
+            if ended and (not ids or ids[-1] != eos):
                 ids.append(eos)
             pieces.append(np.asarray(ids, dtype=np.int64))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)

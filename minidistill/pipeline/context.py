@@ -132,11 +132,14 @@ class Run:
         for key in [k for k in self._cache if k.startswith("instructions/")]:  # data made from them
             del self._cache[key]
 
-    def set_corpus_texts(self, texts: list[str], source: str = "generated text") -> None:
-        """Use these documents as the plain-text corpus for the stages that follow (``source`` names them in errors)."""
+    def set_corpus_texts(
+        self, texts: list[str], source: str = "generated text", complete: list[bool] | None = None
+    ) -> None:
+        """Use these documents as the plain-text corpus for the stages that follow (``source`` names them in errors;
+        ``complete``: False for a document cut at a token limit, which then gets no EOS)."""
         from minidistill.data import TextList
 
-        self._corpus_texts = TextList(texts, [source])
+        self._corpus_texts = TextList(texts, [source], complete)
         self._cache.pop("corpus", None)
 
     def corpus(self):

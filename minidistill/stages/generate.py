@@ -66,7 +66,11 @@ def run(run, cfg: Config, student) -> None:
         run.set_instructions(split, examples)
         console.print(f"stage '{cfg.name}': {split} split now has {len(examples)} teacher responses as references")
         if split == "train" and cfg.corpus:
-            run.set_corpus_texts([r["prompt"] + r["output"] for r in records], f"stage '{cfg.name}' generated text")
+            run.set_corpus_texts(
+                [r["prompt"] + r["output"] for r in records],
+                f"stage '{cfg.name}' generated text",
+                complete=[bool(r["finished"]) for r in records],  # a cut answer gets no EOS in the text either
+            )
     return None
 
 

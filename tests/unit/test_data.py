@@ -346,6 +346,18 @@ def test_pack_blocks_count_and_eos(tok):
     assert (blocks[:, 3] == eos).all() and (blocks[:, 6] == eos).all()
 
 
+def test_pack_blocks_no_eos_after_a_cut_document(tok):
+    from minidistill.data import TextList
+
+    eos = tok.eos_token_id
+    a, b, c, d, e = (ids_of(tok, ch)[0] for ch in "abcde")
+    texts = TextList(["abc", "de", "a"], ["<gen>"], complete=[False, True, True])
+    blocks = pack_blocks(texts, tok, 4)  # stream: a b c d e EOS a EOS (no EOS where "abc" was cut)
+    assert blocks.tolist() == [[a, b, c, d], [e, eos, a, eos]]
+    with pytest.raises(ValueError, match="complete flags"):
+        TextList(["abc"], ["<gen>"], complete=[True, False])
+
+
 def test_pack_blocks_bos_tokenizer(tok_bos):
     blocks = pack_blocks(["ab", "c"], tok_bos, 3)
     bos, eos = tok_bos.bos_token_id, tok_bos.eos_token_id
