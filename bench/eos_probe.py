@@ -26,6 +26,7 @@ from common import ROOT, machine, write
 from minidistill import data, models
 from minidistill.functional import advantages as adv
 from minidistill.generation.sampler import sample
+from minidistill.models import logits as fwd
 
 
 def probe(student_dir: str, teacher_name: str, prompts_file: str, n: int, limit: int, seed: int) -> dict:
@@ -46,17 +47,15 @@ def probe(student_dir: str, teacher_name: str, prompts_file: str, n: int, limit:
                 student, teacher, ids, mask, max_new_tokens=limit, mix_alpha=0.0, eos_token_id=eos,
                 pad_token_id=tok.pad_token_id, generator=g, vocab=vocab,
             )  # fmt: skip
-            full = torch.cat([ro.prompt_ids, ro.response_ids], 1)
-            am = torch.cat([ro.prompt_mask, ro.response_mask], 1)
-            P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
-            ls = student(input_ids=full, attention_mask=am).logits[:, P - 1 : P - 1 + T].float()[..., :vocab]
-            lt = teacher(input_ids=full, attention_mask=am).logits[:, P - 1 : P - 1 + T].float()[..., :vocab]
-            ls, lt = ls.log_softmax(-1), lt.log_softmax(-1)
+            args = (ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, vocab)
+            ls = fwd.response_logits(student, *args).float()
+            lt = fwd.response_logits(teacher, *args).float()
+            kl, _ = adv.reverse_kl_and_logp(ls, lt, ro.response_mask, None)  # exact per-position KL(q||p)
             rows.append(
                 {
-                    "qe": ls[..., eos].exp(),
-                    "pe": lt[..., eos].exp(),
-                    "kl": (ls.exp() * (ls - lt)).sum(-1),
+                    "qe": ls.log_softmax(-1)[..., eos].exp(),
+                    "pe": lt.log_softmax(-1)[..., eos].exp(),
+                    "kl": kl,
                     "m": ro.response_mask.float(),
                     "ended": ro.ended,
                     "r": adv.token_rewards(ro.teacher_logp, ro.student_logp, ro.response_mask),
@@ -67,9 +66,10 @@ def probe(student_dir: str, teacher_name: str, prompts_file: str, n: int, limit:
     qe, pe, kl, m, r = (cat(k) for k in ("qe", "pe", "kl", "m", "r"))
     ended = torch.cat([x["ended"] for x in rows])
     R = adv.returns(r, m, length_norm=True, ended=ended)  # the default preset's return
-    mu = (R * m).sum() / m.sum()
-    sd = (((R - mu) ** 2) * m).sum().div(m.sum()).sqrt()
-    A = (R - mu) / sd
+    A = adv.whiten(R, m)  # the stage's whitening (statistics over valid tokens)
+    total, total_sq, count = adv.masked_moments(R, m)
+    mu = total / count
+    sd = (total_sq / count - mu * mu).clamp(min=0).sqrt()
     v = m.bool()
     g_ss = qe * ((qe / pe).log() - kl)
     a_eos = (0 - mu) / sd

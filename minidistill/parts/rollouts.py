@@ -48,7 +48,7 @@ def mix_alpha_at(cfg, iteration: int, iterations: int) -> float:
     """The teacher share a of collection ``iteration`` (0-based) of ``iterations``: linear from
     ``mix_alpha`` at the first to ``mix_alpha_end`` at the last (None: constant ``mix_alpha``).
     Every quantity of a buffer (its samples, log p~, importance weights, statistics) uses its own a."""
-    end = getattr(cfg, "mix_alpha_end", None)
+    end = cfg.mix_alpha_end
     if end is None or iterations <= 1:
         return cfg.mix_alpha
     frac = min(max(iteration, 0), iterations - 1) / (iterations - 1)

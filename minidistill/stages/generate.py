@@ -69,7 +69,7 @@ def run(run, cfg: Config, student) -> None:
             run.set_corpus_texts(
                 [r["prompt"] + r["output"] for r in records],
                 f"stage '{cfg.name}' generated text",
-                complete=[bool(r["finished"]) for r in records],  # a cut answer gets no EOS in the text either
+                complete=[r["finished"] for r in records],  # a cut answer gets no EOS in the text either
             )
     return None
 
