@@ -112,11 +112,13 @@ def method_recipe(method: str, plan: Plan, init_final: Path, train_file: Path):
     st = raw["stages"][0]
     steps = method_steps(method, plan)
     st.update(max_steps=steps, batch_size=plan.batch_size, grad_accum=1, warmup_steps=warmup(steps))
-    st.update(ABLATIONS.get(method, {}))
+    ablation = dict(ABLATIONS.get(method, {}))
+    rollouts_x = ablation.pop("rollouts_x", 1)  # not a recipe key: a multiple of --gen-tokens
+    st.update(ablation)
     if plan.lr is not None:
         st["lr"] = plan.lr
     if "max_new_tokens" in st:
-        st["max_new_tokens"] = plan.gen_tokens
+        st["max_new_tokens"] = plan.gen_tokens * rollouts_x
     if st["type"] == "minillm":
         st["num_rollouts"] = max(st["num_rollouts"], plan.batch_size)
         if plan.tiny:

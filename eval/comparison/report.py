@@ -77,17 +77,19 @@ def make_table(results: dict) -> str:
     if abl:
         lines += [
             "",
-            f"Ablations (each from the SFT student, the same budget as minillm; first {plan['control_examples']} "
-            "items; the paired difference is over those items; below 0 means switching that part off hurts):",
+            f"Ablations (each from the SFT student, the same budget as minillm; scored on the first "
+            f"{plan['control_examples']} items unless the items column says otherwise; the paired difference is "
+            "over the items both scored; below 0 means switching that part off hurts):",
             "",
-            "| ablation | steps | train s | test set | ROUGE-L [95% CI] | ablation - minillm [95% CI] |",
-            "|---|---:|---:|---|---:|---:|",
+            "| ablation | steps | train s | test set | items | ROUGE-L [95% CI] | ablation - minillm [95% CI] |",
+            "|---|---:|---:|---|---:|---:|---:|",
         ]
         for name in abl:
             _, steps, secs = budget(name)
             for t in ev[name]:
+                n_items = paired.get(f"{name} - minillm", {}).get(t, {}).get("n_items")
                 lines.append(
-                    f"| {name} | {steps} | {secs} | {t} | {_ci(ci[name].get(t))} "
+                    f"| {name} | {steps} | {secs} | {t} | {_num(n_items, 'd')} | {_ci(ci[name].get(t))} "
                     f"| {_ci(paired.get(f'{name} - minillm', {}).get(t))} |"
                 )
     ls = plan["exacc_lengths"]

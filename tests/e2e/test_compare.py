@@ -100,7 +100,7 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert compare.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     main = ["teacher", "start", "sft", "kd", "seqkd", "minillm", "trl", "sft_long"]
-    ablations = ["minillm_a0", "minillm_nolen", "minillm_nosingle", "minillm_const"]
+    ablations = ["minillm_a0", "minillm_nolen", "minillm_nosingle", "minillm_const", "minillm_split", "minillm_long"]
     names = main + ablations
     assert list(results["models"]) == names
     # the valid items are also in the training file's source: they must have been dropped from training
@@ -151,6 +151,9 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert "length_norm: false" in (out / "minillm_nolen" / "recipe.yaml").read_text()
     assert "single_step: false" in (out / "minillm_nosingle" / "recipe.yaml").read_text()
     assert "mix_alpha_end: 0.2" in (out / "minillm_const" / "recipe.yaml").read_text()
+    assert "max_new_tokens: 12" in (out / "minillm_long" / "recipe.yaml").read_text()  # 2 x --gen-tokens 6
+    assert "max_new_tokens: 6" in (out / "minillm" / "recipe.yaml").read_text()
+    assert "student_rows: 0.5" in (out / "minillm_split" / "recipe.yaml").read_text()
     assert "mix_alpha: 0.2" in (out / "minillm" / "recipe.yaml").read_text()
     assert "type: sft" in (out / "sft_long" / "recipe.yaml").read_text()
     history = json.loads((out / "trl" / "log_history.json").read_text())
