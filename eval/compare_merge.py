@@ -22,7 +22,8 @@ for path in (HERE.parent, HERE):  # minidistill (the repo root) and the comparis
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from comparison.merge import merge, write  # noqa: E402
+from comparison.merge import merge  # noqa: E402
+from comparison.report import write_results  # noqa: E402
 
 from minidistill.errors import UserError  # noqa: E402
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--rename: expected OLD=NEW, got '{item}'")
             rename[old] = new
         results, table = merge(Path(args.published), Path(args.rerun), _names(args.take), rename, _names(args.check))
-        write(Path(args.out), results, table)
+        write_results(Path(args.out), results, table)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,11 +14,8 @@ import json
 from pathlib import Path
 
 from minidistill.errors import UserError
-from minidistill.training.checkpoint import write_json_atomic, write_text_atomic
 
-from .plan import ABLATIONS
-from .report import DEFINITIONS, make_table
-from .stats import statistics
+from .report import assemble, make_table
 
 
 def load_published(folder: Path) -> tuple[dict, dict[str, dict]]:
@@ -42,7 +39,7 @@ def load_published(folder: Path) -> tuple[dict, dict[str, dict]]:
 
 def same_scores(a: dict, b: dict) -> dict:
     """Per common test set: items compared, whether every item's per-seed scores are identical, the
-    largest absolute difference. A model scored on no common set counts as not checked (None)."""
+    largest absolute difference. Empty when the two share no test set (then nothing was checked)."""
     out = {}
     for ds in sorted(set(a["item_scores"]) & set(b["item_scores"])):
         sa, sb = a["item_scores"][ds], b["item_scores"][ds]
@@ -92,25 +89,14 @@ def merge(published: Path, rerun: Path, take: list[str], rename: dict[str, str],
     for name in take:
         summaries.setdefault(name, new_sm[name])
         training.setdefault(name, dict(new["training"].get(name, {})))
-    for name, sm in summaries.items():
-        training[name]["eval_seconds"] = sm.get("seconds")
-    ci, paired = statistics(summaries, pub["settings"]["bootstrap"], ABLATIONS)
-    results = {
-        "settings": pub["settings"],
-        "train_data": pub["train_data"],
-        "training": training,
-        "models": {name: sm["datasets"] for name, sm in summaries.items()},
-        "rougeL_ci": ci,
-        "paired": paired,
-        "definitions": DEFINITIONS,
-        "merge": {
-            "published": str(published),
-            "rerun": str(rerun),
-            "taken_from_rerun": take,
-            "renamed": rename,
-            "checked_identical": verified,
-            "rerun_settings": new["settings"],
-        },
+    results = assemble(pub["settings"], pub["train_data"], training, summaries, pub["settings"]["bootstrap"])
+    results["merge"] = {
+        "published": str(published),
+        "rerun": str(rerun),
+        "taken_from_rerun": take,
+        "renamed": rename,
+        "checked_identical": verified,
+        "rerun_settings": new["settings"],
     }
     note = (
         f"Merged: {', '.join(take)} re-trained and scored in `{rerun}`; every other row from `{published}`"
@@ -125,9 +111,3 @@ def merge(published: Path, rerun: Path, take: list[str], rename: dict[str, str],
         )
     )
     return results, note + "\n\n" + make_table(results)
-
-
-def write(out: Path, results: dict, table: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
-    write_text_atomic(out / "table.md", table)

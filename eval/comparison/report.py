@@ -143,27 +143,37 @@ DEFINITIONS = {
 }
 
 
-def write_report(plan: Plan, train_info: dict, training: dict, summaries: dict[str, dict], t_all: float) -> dict:
-    """results.json and table.md from everything evaluated so far (in --out, and in --publish)."""
-    ci, paired = statistics(summaries, plan.bootstrap, ABLATIONS)
+def assemble(settings: dict, train_data: dict, training: dict, summaries: dict[str, dict], n_bootstrap: int) -> dict:
+    """results.json's content from the models' summaries: the statistics recomputed over all of them,
+    each model's evaluation time added to ``training`` (in place)."""
+    ci, paired = statistics(summaries, n_bootstrap, ABLATIONS)
     for name, sm in summaries.items():
-        training.setdefault(name, {})["eval_seconds"] = sm["seconds"]
-    results = {
-        "settings": plan.settings(),
-        "train_data": train_info,
+        training.setdefault(name, {})["eval_seconds"] = sm.get("seconds")
+    return {
+        "settings": settings,
+        "train_data": train_data,
         "training": training,
         "models": {name: sm["datasets"] for name, sm in summaries.items()},
         "rougeL_ci": ci,
         "paired": paired,
         "definitions": DEFINITIONS,
-        "seconds": round(time.perf_counter() - t_all, 1),
     }
+
+
+def write_results(folder: Path, results: dict, table: str) -> None:
+    """results.json and table.md into ``folder``, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "results.json", results)
+    write_text_atomic(folder / "table.md", table)
+
+
+def write_report(plan: Plan, train_info: dict, training: dict, summaries: dict[str, dict], t_all: float) -> dict:
+    """results.json and table.md from everything evaluated so far (in --out, and in --publish)."""
+    results = assemble(plan.settings(), train_info, training, summaries, plan.bootstrap)
+    results["seconds"] = round(time.perf_counter() - t_all, 1)
     table = make_table(results)
-    folders = [Path(plan.out)] + ([Path(plan.publish)] if plan.publish else [])
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "results.json", results)
-        write_text_atomic(folder / "table.md", table)
+    for folder in [Path(plan.out)] + ([Path(plan.publish)] if plan.publish else []):
+        write_results(folder, results, table)
     if plan.publish:
         for name in summaries:
             src = Path(plan.out) / "eval" / name / "summary.json"
