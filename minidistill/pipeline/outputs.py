@@ -24,6 +24,24 @@ def _identity(resolved_yaml: str) -> dict:
     return {k: v for k, v in d.items() if k not in RUN_CONTROL_KEYS}
 
 
+def _same_run(saved_yaml: str, resolved_yaml: str, source: str) -> bool:
+    """The saved recipe and this one are the same run: equal as written, or equal once the saved
+    one is resolved again by this version (a run saved before an option existed lacks its key,
+    and resolving fills it with the value that keeps the old behaviour, the preset's or the
+    field's default). A saved recipe this version cannot parse is not the same run."""
+    if _identity(saved_yaml) == _identity(resolved_yaml):
+        return True
+    import yaml
+
+    from minidistill.config import dump_yaml, parse_recipe
+
+    try:
+        again = dump_yaml(parse_recipe(yaml.safe_load(saved_yaml) or {}, source))
+    except (UserError, TypeError, ValueError):
+        return False
+    return _identity(again) == _identity(resolved_yaml)
+
+
 def _leftover(p: Path) -> bool:
     """A file prepare_output_dir itself writes, left by a run killed before recipe.yaml was in place."""
     return p.name == ".write-test" or p.name.startswith(".tmp-recipe.yaml")
@@ -36,7 +54,7 @@ def check_output_dir(recipe: RecipeConfig, resolved: str) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"recipe.output_dir: '{out}' exists and is not a folder")
     if saved.is_file():
-        same = _identity(saved.read_text()) == _identity(resolved)
+        same = _same_run(saved.read_text(), resolved, str(saved))
         if recipe.overwrite:
             pass
         elif recipe.resume == "auto":
