@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training autocast precision (auto: as --eval-dtype)",
     )
     p.add_argument("--seed", type=int, default=42, help="training seed (data order, sampling)")
+    p.add_argument(
+        "--minillm-seed",
+        type=int,
+        default=None,
+        help="training seed of minillm, trl and the ablations (the methods from the SFT student; default --seed): "
+        "another training draw of them on the same start and SFT",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate everything in --out")

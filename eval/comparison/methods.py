@@ -11,7 +11,7 @@ from pathlib import Path
 from minidistill.errors import UserError
 from minidistill.training.checkpoint import write_json_atomic, write_text_atomic
 
-from .plan import ABLATIONS, DEVICE, RECIPE_OF, RECIPES, Plan, method_steps, warmup
+from .plan import ABLATIONS, DEVICE, RECIPE_OF, RECIPES, Plan, method_steps, stage_seed, warmup
 
 # ---- training data -----------------------------------------------------------------------------
 
@@ -61,10 +61,10 @@ def prepare_train_file(plan: Plan) -> tuple[Plan, Path, dict]:
 # ---- our methods via recipes --------------------------------------------------------------------
 
 
-def _base(raw: dict, plan: Plan, out: Path) -> dict:
+def _base(raw: dict, plan: Plan, out: Path, seed: int | None = None) -> dict:
     raw.update(
         output_dir=str(out),
-        seed=plan.seed,
+        seed=plan.seed if seed is None else seed,
         precision=plan.precision,
         device=DEVICE,
         threads=plan.threads,
@@ -97,7 +97,7 @@ def method_recipe(method: str, plan: Plan, init_final: Path, train_file: Path):
     from minidistill.config import parse_recipe, read_yaml
 
     path = RECIPES / f"{RECIPE_OF.get(method, method)}.yaml"
-    raw = _base(read_yaml(path), plan, Path(plan.out) / method)
+    raw = _base(read_yaml(path), plan, Path(plan.out) / method, stage_seed(method, plan))
     raw["student"] = {"init": "pretrained", "model": str(init_final)}
     d = raw["data"]
     d.pop("max_examples", None)  # the train file holds exactly the training prompts

@@ -62,6 +62,7 @@ class Plan:
     eval_dtype: str
     precision: str
     seed: int
+    minillm_seed: int | None
     threads: int
     out: str
     overwrite: bool
@@ -177,6 +178,7 @@ class Plan:
             eval_dtype=models.resolve_precision(args.eval_dtype, precision_device),
             precision=models.resolve_precision(args.precision, precision_device),
             seed=args.seed,
+            minillm_seed=args.minillm_seed,
             threads=args.threads,
             out=str(Path(args.out).resolve()),
             overwrite=args.overwrite,
@@ -217,7 +219,8 @@ def describe_plan(plan: Plan) -> str:
             + ", ".join(m for m in plan.methods if m not in FROM_SFT)
             + (f"; from sft/final, {plan.minillm_steps} more: {', '.join(on_sft)}" if on_sft else ""),
             f"  cosine LR, 10% warm-up; {plan.train_examples} training prompts, training generations "
-            f"<= {plan.gen_tokens} tokens, precision {plan.precision}",
+            f"<= {plan.gen_tokens} tokens, precision {plan.precision}; training seed {plan.seed}"
+            + (f" ({', '.join(on_sft)}: {plan.minillm_seed})" if plan.minillm_seed is not None and on_sft else ""),
             "  learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()),
             f"  eval: teacher{', start' if plan.eval_start else ''} + main methods on {', '.join(plan.tests)}, "
             f"(<= {plan.max_examples} items each), sft_long and ablations on {', '.join(plan.control_tests)} "
@@ -227,6 +230,14 @@ def describe_plan(plan: Plan) -> str:
             f"  threads {plan.threads}" + (f"; publishing to {plan.publish}" if plan.publish else ""),
         ]
     )
+
+
+def stage_seed(method: str, plan: Plan) -> int:
+    """Training seed of ``method``: --minillm-seed for the methods that start from the SFT student
+    (another draw of their data order and rollouts on the same start and SFT), else --seed."""
+    if method in FROM_SFT and plan.minillm_seed is not None:
+        return plan.minillm_seed
+    return plan.seed
 
 
 def method_lr(method: str) -> float:
@@ -248,6 +259,7 @@ TRAINING_KEYS = (
     "start_steps",
     "layer_stride",
     "seed",
+    "minillm_seed",
     "precision",
     "template",
     "corpus",

@@ -36,7 +36,9 @@ def make_table(results: dict) -> str:
         f"({plan['start_steps']} PD steps). SFT, KD and SeqKD train {plan['steps']} optimizer steps x batch "
         f"{plan['batch_size']} from it; MiniLLM, TRL (DistillationTrainer, beta 1) and the ablations train "
         f"{plan['minillm_steps']} more from the SFT student. {results['train_data']['n_examples']} Dolly "
-        f"training prompts. ROUGE-L x100 with a 95% bootstrap CI over items (each item's score averaged over "
+        f"training prompts, training seed {plan['seed']}"
+        + (f" (MiniLLM, TRL and the ablations: {plan['minillm_seed']})" if plan.get("minillm_seed") is not None else "")
+        + f". ROUGE-L x100 with a 95% bootstrap CI over items (each item's score averaged over "
         f"{len(plan['seeds'])} sampling seeds {','.join(map(str, plan['seeds']))}); <= {plan['max_examples']} test "
         f"items per set, <= {plan['max_new_tokens']} new tokens, T 1, no-repeat-ngram 6.",
         "",

@@ -13,7 +13,7 @@ from minidistill.errors import UserError
 from minidistill.training.checkpoint import write_json_atomic
 
 from .methods import fingerprint
-from .plan import Plan, method_lr, method_steps, warmup
+from .plan import Plan, method_lr, method_steps, stage_seed, warmup
 
 
 def trl_prompts(train_file: Path, tokenizer, plan: Plan) -> list[str]:
@@ -63,7 +63,7 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
         "warmup_steps": warmup(steps),
         "gen_tokens": plan.gen_tokens,
         "precision": plan.precision,
-        "seed": plan.seed,
+        "seed": stage_seed("trl", plan),
         "max_prompt_length": plan.max_prompt_length,
         "template": plan.template,
     }
@@ -115,8 +115,8 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
         use_cpu=True,
         gradient_checkpointing=False,  # TRL defaults to True; our recipes do not checkpoint
         disable_dropout=True,
-        seed=plan.seed,
-        data_seed=plan.seed,
+        seed=stage_seed("trl", plan),
+        data_seed=stage_seed("trl", plan),
         report_to="none",
         push_to_hub=False,
         save_strategy="steps",  # model + optimizer + scheduler + RNG: what resume_from_checkpoint needs

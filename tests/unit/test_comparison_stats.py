@@ -120,3 +120,21 @@ def test_plan_from_args_refuses(tmp_path, flags, message):
     args = build_parser().parse_args(_files(tmp_path) + ["--corpus", str(tmp_path / "c.txt")] + flags)
     with pytest.raises(UserError, match=message):
         Plan.from_args(args)
+
+
+def test_minillm_seed_reaches_only_the_methods_from_the_sft_student(tmp_path):
+    """--minillm-seed: another training draw of minillm/trl/the ablations on the same start and
+    SFT student; the start and the methods from it keep --seed. Unset: --seed everywhere."""
+    from comparison.methods import method_recipe, start_recipe
+    from comparison.plan import stage_seed
+
+    base = _files(tmp_path) + ["--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"), "--seed", "5"]
+    train = tmp_path / "train.jsonl"
+    plan = Plan.from_args(build_parser().parse_args(base + ["--minillm-seed", "7", "--methods", "minillm,kd,trl"]))
+    assert [stage_seed(m, plan) for m in ("sft", "kd", "minillm", "trl", "minillm_split")] == [5, 5, 7, 7, 7]
+    assert start_recipe(plan).seed == 5
+    assert method_recipe("sft", plan, tmp_path, train).seed == 5
+    assert method_recipe("minillm", plan, tmp_path, train).seed == 7
+    assert method_recipe("minillm_a0", plan, tmp_path, train).seed == 7
+    plain = Plan.from_args(build_parser().parse_args(base))
+    assert plain.minillm_seed is None and method_recipe("minillm", plain, tmp_path, train).seed == 5
