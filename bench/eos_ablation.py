@@ -72,6 +72,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "student_rows 0.5, rollout limit 2x the evaluation limit, A not scaled (bench-only)",
         {"student_rows": 0.5, "max_new_tokens": "2*eval", "_noscale": 1},
     ),
+    # mask_truncated: rows cut at the limit carry no long-term term
+    "maskcut": ("cut rows out of the long-term term", {"mask_truncated": True}),
+    "maskcut_long": (
+        "mask_truncated, rollout limit 2x the evaluation limit",
+        {"max_new_tokens": "2*eval", "mask_truncated": True},
+    ),
+    "student_rows_50_maskcut": (
+        "student_rows 0.5, mask_truncated",
+        {"student_rows": 0.5, "mask_truncated": True},
+    ),
+    "student_rows_50_long_maskcut": (
+        "student_rows 0.5, rollout limit 2x the evaluation limit, mask_truncated",
+        {"student_rows": 0.5, "max_new_tokens": "2*eval", "mask_truncated": True},
+    ),
     "mix_const": ("mix_alpha_end 0.2: a constant (the default before the schedule)", {"mix_alpha_end": 0.2}),
     "mix_decay": ("mix_alpha_end 0: a from 0.2 to 0 over the run (the default now)", {"mix_alpha_end": 0.0}),
     "mix_const_long": (
@@ -94,7 +108,9 @@ _advantages_for = rollouts.advantages_for
 def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
     """``rollouts.advantages_for`` plus a record of what the update does to stopping: the mean
     advantage of the EOS tokens (last token of the rows that stopped), of the other tokens, the
-    mean reward, and the mean reward of the other tokens' future (R from the next token)."""
+    mean reward, and the mean reward of the other tokens' future (R from the next token); and
+    per kind of row (finished / cut at the limit, over the rows that carry the long-term term):
+    the mean reward, return and advantage of their tokens (EOS tokens left out)."""
     out = _advantages_for(cfg, ro, reduce_sum)
     if NOSCALE and ro.mixed is not None:  # the diagnostic variants: undo advantages_for's rows/student-rows factor
         out["advantages"] = out["advantages"] * float((~ro.mixed).sum()) / ro.mixed.numel()
@@ -103,7 +119,8 @@ def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
     own = rollouts.long_term_rows(ro)  # a split buffer (student_rows): only its student rows carry A
     last = torch.zeros_like(mask)
     last[torch.arange(mask.shape[0]), (lengths - 1).clamp(min=0)] = True
-    eos_pos = last & mask & ro.ended.bool()[:, None]
+    ended = ro.ended.bool()[:, None]
+    eos_pos = last & mask & ended
     other = mask & ~eos_pos
     if own is not None:
         eos_pos, other = eos_pos & own[:, None], other & own[:, None]
@@ -112,6 +129,7 @@ def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
     def mean(x, m):
         return float((x * m).sum() / m.sum().clamp(min=1))
 
+    fin, cut = other & ended, other & ~ended
     DIAG.append(
         {
             "eos_advantage": mean(A, eos_pos),
@@ -119,6 +137,13 @@ def advantages_with_diagnostics(cfg, ro, reduce_sum=lambda t: t) -> dict:
             "eos_return": mean(R, eos_pos),
             "other_return": mean(R, other),
             "reward": mean(r, mask),
+            "finished_reward": mean(r, fin),
+            "cut_reward": mean(r, cut),
+            "finished_return": mean(R, fin),
+            "cut_return": mean(R, cut),
+            "finished_advantage": mean(A, fin),
+            "cut_advantage": mean(A, cut),
+            "cut_tokens": float(cut.sum()) / max(float(other.sum()), 1.0),
         }
     )
     return out

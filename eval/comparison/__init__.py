@@ -22,10 +22,12 @@ ablations, scored on held-out instruction sets with paired bootstrap differences
                        identical token ids), steps, batch, LR schedule and AdamW settings as minillm.
               sft_long SFT continued for as many steps (a second pass): the step-matched control
               minillm_a0 / minillm_nolen / minillm_nosingle / minillm_const / minillm_split /
-              minillm_long  the ablations: minillm with mix_alpha 0 (no teacher-mixed sampling) /
-                       length_norm false / single_step false / a constant 0.2 (mix_alpha_end 0.2: the
-                       default before 2026-12-06) / student_rows 0.5 (half of each buffer sampled at
-                       a = 0 carries the long-term term) / rollouts 2 x --gen-tokens long.
+              minillm_long / minillm_mask / minillm_split_mask  the ablations: minillm with mix_alpha 0
+                       (no teacher-mixed sampling) / length_norm false / single_step false / a constant
+                       0.2 (mix_alpha_end 0.2: the default before 2026-12-06) / student_rows 0.5 (half
+                       of each buffer sampled at a = 0 carries the long-term term) / rollouts 2 x
+                       --gen-tokens long / mask_truncated true (rollouts cut at the limit carry no
+                       long-term term) / student_rows 0.5 and mask_truncated true.
             Training generations (seqkd's teacher, minillm's and trl's rollouts) are --gen-tokens long.
 3. eval     right after each model is trained (so finished results exist early): sampled ROUGE-L
             (MiniLLM protocol: T 1, top_p 1, top_k 0, no_repeat_ngram 6, prompts <= 256 tokens) per

@@ -24,6 +24,8 @@ ABLATIONS = {  # minillm.yaml with one part of the method switched off (the pape
     "minillm_const": {"mix_alpha_end": 0.2},  # a constant, the default before 2026-12-06 (issue 24)
     "minillm_split": {"student_rows": 0.5},  # half of each buffer at a = 0 carries the long-term term
     "minillm_long": {"rollouts_x": 2},  # rollouts twice --gen-tokens long (above the evaluation limit)
+    "minillm_mask": {"mask_truncated": True},  # rows cut at the limit carry no long-term term
+    "minillm_split_mask": {"student_rows": 0.5, "mask_truncated": True},
 }
 METHODS = ("sft", "kd", "seqkd", "minillm", "trl", "sft_long", *ABLATIONS)
 FROM_SFT = ("minillm", "trl", "sft_long", *ABLATIONS)  # start at sft/final

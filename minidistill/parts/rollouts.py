@@ -78,10 +78,19 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     drawn from the student alone (whitened with statistics over their valid tokens), 0 on the rows
     drawn from the mixture, and multiplied by (all rows) / (student rows), all processes together,
     so that the long-term term keeps its expected weight against the single-step term, which every
-    row carries. Rewards and returns are computed on every row (the statistics log them)."""
+    row carries. ``mask_truncated``: the rows cut at the token limit (``Rollout.ended`` False) also
+    get advantage 0 and stay out of the whitening statistics (the factor above is unchanged: it
+    counts the rows drawn from the student, cut or not). Rewards and returns are computed on every
+    row (the statistics log them)."""
     mask = ro.response_mask
     carry = long_term_rows(ro)  # (B,) or None
-    lt_mask = mask if carry is None else mask * carry[:, None].to(mask.dtype)  # (B, T)
+    rows = carry
+    if cfg.mask_truncated:
+        if ro.ended is None:
+            raise RuntimeError("mask_truncated needs Rollout.ended (which rows stopped on EOS)")
+        finished = ro.ended.bool().to(mask.device)
+        rows = finished if carry is None else carry & finished
+    lt_mask = mask if rows is None else mask * rows[:, None].to(mask.dtype)  # (B, T)
     r = adv.token_rewards(ro.teacher_logp, ro.student_logp, mask, scale=cfg.reward_scale)
     r = r.clamp(-cfg.reward_clip, cfg.reward_clip)
     R = adv.returns(
@@ -96,9 +105,11 @@ def advantages_for(cfg, ro: Rollout, reduce_sum=lambda t: t) -> dict:
     if cfg.whiten:
         stats = tuple(reduce_sum(s) for s in adv.masked_moments(R, lt_mask))
         A = adv.whiten(R, lt_mask, stats=stats)
-    if carry is not None:  # the long-term term on the student's own rows only, at its full weight
-        counts = reduce_sum(torch.tensor([float(carry.numel()), float(carry.sum())], dtype=torch.float64))
-        scale = float(counts[0]) / float(counts[1]) if float(counts[1]) > 0 else 0.0
+    if rows is not None:  # the long-term term on the rows that carry it only
+        scale = 1.0
+        if carry is not None:  # a split buffer: the student's own rows, at the term's full weight
+            counts = reduce_sum(torch.tensor([float(carry.numel()), float(carry.sum())], dtype=torch.float64))
+            scale = float(counts[0]) / float(counts[1]) if float(counts[1]) > 0 else 0.0
         A = torch.where(lt_mask.bool(), A * scale, torch.zeros((), dtype=A.dtype, device=A.device))
     if cfg.importance == "exact":  # pg_loss's rho = q/p~ supplies w_t; this is the rest of the sequence's product
         A = A * adv.sequence_importance_weights(ro.student_logp, ro.mix_logp, mask).long_term

@@ -169,6 +169,13 @@ class Config(TrainConfig):
         "(nothing observed after it) is the row's mean reward, not the 0 that only a "
         "finished response's EOS earns (off: paper/official).",
     )
+    mask_truncated: bool | None = opt(
+        None,
+        "A response cut at max_new_tokens carries no long-term (policy-gradient) term: its tokens get "
+        "advantage 0 and stay out of the whitening statistics, since what follows the cut is unobserved "
+        "(as DAPO's overlong filtering); the single-step term still trains every position of it. On, "
+        "bootstrap_truncated has nothing left to act on (off: paper/official).",
+    )
     whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
     reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
     reward_clip: float = opt(
@@ -294,6 +301,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gamma": 1.0,
         "length_norm": True,
         "bootstrap_truncated": True,
+        "mask_truncated": False,
         "whiten": True,
         "reward_scale": 1.0,
         "single_step_importance_weight": True,
@@ -307,6 +315,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gamma": 1.0,
         "length_norm": True,
         "bootstrap_truncated": False,
+        "mask_truncated": False,
         "whiten": False,
         "reward_scale": 1.0,
         "single_step_importance_weight": True,
@@ -320,6 +329,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gamma": 0.95,
         "length_norm": True,
         "bootstrap_truncated": False,
+        "mask_truncated": False,
         "whiten": True,
         "reward_scale": 2.0,
         "single_step_importance_weight": False,

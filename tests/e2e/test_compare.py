@@ -100,7 +100,16 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert compare.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     main = ["teacher", "start", "sft", "kd", "seqkd", "minillm", "trl", "sft_long"]
-    ablations = ["minillm_a0", "minillm_nolen", "minillm_nosingle", "minillm_const", "minillm_split", "minillm_long"]
+    ablations = [
+        "minillm_a0",
+        "minillm_nolen",
+        "minillm_nosingle",
+        "minillm_const",
+        "minillm_split",
+        "minillm_long",
+        "minillm_mask",
+        "minillm_split_mask",
+    ]
     names = main + ablations
     assert list(results["models"]) == names
     # the valid items are also in the training file's source: they must have been dropped from training
@@ -154,6 +163,9 @@ def test_compare_end_to_end_tiny(tmp_path, sharp_dir, tiny_data, capsys):
     assert "max_new_tokens: 12" in (out / "minillm_long" / "recipe.yaml").read_text()  # 2 x --gen-tokens 6
     assert "max_new_tokens: 6" in (out / "minillm" / "recipe.yaml").read_text()
     assert "student_rows: 0.5" in (out / "minillm_split" / "recipe.yaml").read_text()
+    assert "mask_truncated: true" in (out / "minillm_mask" / "recipe.yaml").read_text()
+    split_mask = (out / "minillm_split_mask" / "recipe.yaml").read_text()
+    assert "mask_truncated: true" in split_mask and "student_rows: 0.5" in split_mask
     assert "mix_alpha: 0.2" in (out / "minillm" / "recipe.yaml").read_text()
     assert "type: sft" in (out / "sft_long" / "recipe.yaml").read_text()
     history = json.loads((out / "trl" / "log_history.json").read_text())

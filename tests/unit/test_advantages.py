@@ -977,3 +977,39 @@ def test_student_row_count():
     assert k(0.0, 16) == 0 and k(0.5, 16, alpha=0.0) == 0  # off, or nothing to split at a = 0
     for preset in ("paper", "official"):
         assert get_preset(preset)["student_rows"] == 0.0  # as published
+
+
+@pytest.mark.parametrize("pad_extra", [0, 4])
+def test_mask_truncated_advantages_hand_computed(pad_extra):
+    """mask_truncated: the rows cut at the limit (rows 1 and 2 of the fixture) carry no long-term
+    term: advantage 0 there, whitening over the finished row's tokens only (row 0: returns
+    [-3, 0] -> mean -1.5, var 2.25); in a split buffer the rows/student-rows factor stays 3/2
+    (it counts the student rows, cut or not). Returns are still computed on every row."""
+    import dataclasses
+
+    from minidistill.config import build
+    from minidistill.stages import minillm
+
+    def adv(ro, **kw):
+        cfg = build(minillm.Config, {"type": "minillm", "lm_coef": 0.0, "mask_truncated": True, **kw}, "t:")
+        return rollouts.advantages_for(cfg, ro)
+
+    split = _split_rollout(pad_extra, -9.0)
+    plain = dataclasses.replace(split, mixed=None)  # not a split buffer: every row would carry the term
+    one = 1.5 / math.sqrt(2.25 + 1e-8)
+    expected = torch.zeros(3, 3 + pad_extra, dtype=F64)
+    expected[0, :2] = torch.tensor([-one, one], dtype=F64)
+    out = adv(plain)
+    torch.testing.assert_close(out["advantages"], expected, rtol=1e-12, atol=1e-12)
+    assert out["returns"][2, :3].tolist() == [-5.0, -6.0, -4.0]  # the cut row's returns, bootstrapped, logged
+    torch.testing.assert_close(adv(split, student_rows=0.5)["advantages"], expected * 1.5, rtol=1e-12, atol=1e-12)
+    expected[0, :2] = torch.tensor([-3.0, 0.0], dtype=F64)  # no whitening: the finished row's raw returns
+    torch.testing.assert_close(adv(plain, whiten=False)["advantages"], expected, rtol=1e-12, atol=1e-12)
+    # every row finished: the same advantages as without the option
+    done = dataclasses.replace(plain, ended=torch.ones(3, dtype=torch.bool))
+    base = build(minillm.Config, {"type": "minillm", "lm_coef": 0.0}, "t:")
+    torch.testing.assert_close(adv(done)["advantages"], rollouts.advantages_for(base, done)["advantages"])
+    with pytest.raises(RuntimeError, match="ended"):
+        adv(dataclasses.replace(plain, ended=None))
+    for preset in ("paper", "official"):
+        assert get_preset(preset)["mask_truncated"] is False  # as published
