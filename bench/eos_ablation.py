@@ -25,6 +25,7 @@ import contextlib
 import io
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -267,12 +268,20 @@ def main() -> None:
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe seeds (rollout streams) per variant"
     )
-    ap.add_argument("--work", type=Path, default=Path("/tmp/minidistill_eos_ablation"))
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the chain and the runs (default: a new temporary folder, removed at the end)",
+    )
     ap.add_argument("--out", default="eos_ablation", help="bench/results/<out>.json")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here (docs/eos/...)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    scratch = args.work is None  # two runs at once never share a folder
+    if scratch:
+        args.work = Path(tempfile.mkdtemp(prefix="minidistill_eos_ablation_"))
     teacher, student, d, prompts = build_chain(args.work, args)
     ref = {
         "teacher": eos_rate(teacher, prompts, args.eval_limit),
@@ -344,6 +353,8 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, args.json)
         print(f"copied to {args.json}")
+    if scratch:
+        shutil.rmtree(args.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

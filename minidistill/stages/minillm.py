@@ -174,7 +174,8 @@ class Config(TrainConfig):
         "A response cut at max_new_tokens carries no long-term (policy-gradient) term: its tokens get "
         "advantage 0 and stay out of the whitening statistics, since what follows the cut is unobserved "
         "(as DAPO's overlong filtering); the single-step term still trains every position of it. On, "
-        "bootstrap_truncated has nothing left to act on (off: paper/official).",
+        "bootstrap_truncated has nothing left to act on. Helps when rollouts are long enough to end in "
+        "rambles, costs stopping when the limit cuts answers short (docs/eos); off in every preset.",
     )
     whiten: bool | None = opt(None, "Whiten advantages (statistics over valid tokens of all processes).")
     reward_scale: float | None = opt(None, "Multiply rewards (official: 2.0).", gt=0.0)
