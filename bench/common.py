@@ -138,14 +138,24 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def write(name: str, result: dict) -> Path:
-    """Write bench/results/<name>.json atomically and return its path."""
+def write(name: str, result: dict, copy_to: Path | None = None) -> Path:
+    """Write bench/results/<name>.json atomically and return its path; ``copy_to``: also there
+    (a results file to commit, e.g. under docs/)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     result = {"machine": machine(), **result, "peak_rss_mb": peak_rss_mb()}
     write_json_atomic(path, result)
     print(f"wrote {path.relative_to(ROOT)}")
+    if copy_to is not None:
+        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(copy_to), result)
+        print(f"copied to {copy_to}")
     return path
+
+
+def arguments(args) -> dict:
+    """An argparse namespace as JSON values (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def load(name: str) -> dict | None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import ROOT, write
+from common import ROOT, arguments, write
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -339,20 +339,16 @@ def main() -> None:
                 f"{final['eos_rate']:8.2f} {final['mean_length']:8.1f} {final_at_limit['eos_rate']:7.2f} "
                 f"{bm['eos_advantage']:6.2f} {bm['other_advantage']:6.2f} {bm['other_return']:6.2f} {secs:5.0f}"
             )
-    path = write(
+    write(
         args.out,
         {
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "args": arguments(args),
             "reference": ref,
             "results": results,
             "seconds": time.perf_counter() - t0,
         },
+        copy_to=args.json,
     )
-
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, args.json)
-        print(f"copied to {args.json}")
     if scratch:
         shutil.rmtree(args.work, ignore_errors=True)
 

@@ -18,12 +18,11 @@ Prints a table and writes bench/results/rewards_by_stop.json (and --json if give
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from common import write
+from common import arguments, write
 
 from minidistill import data, models
 from minidistill.generation.evaluation import generate_ids
@@ -135,20 +134,17 @@ def main() -> None:
             f"student above teacher at {e['share_q_above_p']:.2f}"
         )
         del student
-    path = write(
+    write(
         args.out,
         {
             "threads": args.threads,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "args": arguments(args),
             "dtype": dtype,
             "results": results,
             "seconds": time.perf_counter() - t0,
         },
+        copy_to=args.json,
     )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, args.json)
-        print(f"copied to {args.json}")
 
 
 if __name__ == "__main__":
