@@ -23,6 +23,17 @@ def _ci(c: dict | None, spec: str = ".2f") -> str:
     return f"{format(c.get('mean', c.get('diff')), spec)} [{format(lo, spec)}, {format(hi, spec)}]"
 
 
+def _seeds(plan: dict) -> str:
+    """', training seed S (MiniLLM, TRL and the ablations: M)' for the table's header; '' for a
+    results.json that does not record it."""
+    if plan.get("seed") is None:
+        return ""
+    other = plan.get("minillm_seed")
+    return f", training seed {plan['seed']}" + (
+        f" (MiniLLM, TRL and the ablations: {other})" if other is not None else ""
+    )
+
+
 def make_table(results: dict) -> str:
     plan, ev, train = results["settings"], results["models"], results["training"]
     ci, paired = results["rougeL_ci"], results["paired"]
@@ -36,9 +47,7 @@ def make_table(results: dict) -> str:
         f"({plan['start_steps']} PD steps). SFT, KD and SeqKD train {plan['steps']} optimizer steps x batch "
         f"{plan['batch_size']} from it; MiniLLM, TRL (DistillationTrainer, beta 1) and the ablations train "
         f"{plan['minillm_steps']} more from the SFT student. {results['train_data']['n_examples']} Dolly "
-        f"training prompts, training seed {plan['seed']}"
-        + (f" (MiniLLM, TRL and the ablations: {plan['minillm_seed']})" if plan.get("minillm_seed") is not None else "")
-        + f". ROUGE-L x100 with a 95% bootstrap CI over items (each item's score averaged over "
+        f"training prompts{_seeds(plan)}. ROUGE-L x100 with a 95% bootstrap CI over items (each item's score averaged over "
         f"{len(plan['seeds'])} sampling seeds {','.join(map(str, plan['seeds']))}); <= {plan['max_examples']} test "
         f"items per set, <= {plan['max_new_tokens']} new tokens, T 1, no-repeat-ngram 6.",
         "",

@@ -77,3 +77,11 @@ def test_same_scores_reports_the_largest_difference():
     a, b = {"item_scores": {"x": {"0": [1.0, 2.0]}}}, {"item_scores": {"x": {"0": [1.0, 2.25]}}}
     assert same_scores(a, b) == {"x": {"n_items": 1, "identical": False, "max_abs_diff": 0.25}}
     assert same_scores(a, a)["x"]["identical"] is True
+
+
+def test_table_header_names_the_training_seeds():
+    from comparison.report import _seeds
+
+    assert _seeds({"seed": 42, "minillm_seed": 43}) == ", training seed 42 (MiniLLM, TRL and the ablations: 43)"
+    assert _seeds({"seed": 42, "minillm_seed": None}) == ", training seed 42"
+    assert _seeds({}) == ""  # a results.json that does not record it (the merge test's settings)
