@@ -26,6 +26,7 @@ from common import arguments, write
 
 from minidistill import data, models
 from minidistill.generation.evaluation import generate_ids
+from minidistill.reporting.analysis import with_eos
 
 
 def token_logps(model, prompt: list[int], response: list[int], eos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +82,7 @@ def main() -> None:
     models.freeze(teacher)
     examples = data.load_instructions(args.train)[: args.n]
     prompts, _, _ = data.tokenize_prompts(examples, tok, template="alpaca", max_prompt_length=256)
+    eos = tok.eos_token_id
     results = {}
     print(f"{'student':10s} {'kind':9s} {'rows':>4s} {'length':>6s} {'r/token':>8s} {'r/row':>8s} {'tail r':>8s}")
     for item in args.student:
@@ -90,11 +92,10 @@ def main() -> None:
         gens = generate_ids(
             student, tok, prompts, max_new_tokens=args.limit, batch_size=16, seed=args.seed, progress=False
         )
-        eos = tok.eos_token_id
+        stopped = [len(g) < args.limit for g in gens]
         rewards, cut, eos_rewards, p_eos, q_eos = [], [], [], [], []
-        for p, g in zip(prompts, gens):
-            ended = len(g) < args.limit
-            resp = list(g) + ([eos] if ended else [])  # the EOS token is part of a finished rollout
+        # the EOS token is part of a finished rollout (scored as the evaluation scores samples)
+        for p, resp, ended in zip(prompts, with_eos(gens, stopped, eos), stopped):
             (lp, lp_eos), (lq, lq_eos) = (
                 token_logps(teacher, list(p), resp, eos),
                 token_logps(student, list(p), resp, eos),

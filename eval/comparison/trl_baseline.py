@@ -49,6 +49,7 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
 
     out = Path(plan.out) / "trl"
     final = out / "final"
+    seed = stage_seed("trl", plan)
     lr = plan.lr if plan.lr is not None else method_lr("trl")
     steps = method_steps("trl", plan)
     settings = {
@@ -63,7 +64,7 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
         "warmup_steps": warmup(steps),
         "gen_tokens": plan.gen_tokens,
         "precision": plan.precision,
-        "seed": stage_seed("trl", plan),
+        "seed": seed,
         "max_prompt_length": plan.max_prompt_length,
         "template": plan.template,
     }
@@ -115,8 +116,8 @@ def train_trl(plan: Plan, init_final: Path, train_file: Path) -> Path:
         use_cpu=True,
         gradient_checkpointing=False,  # TRL defaults to True; our recipes do not checkpoint
         disable_dropout=True,
-        seed=stage_seed("trl", plan),
-        data_seed=stage_seed("trl", plan),
+        seed=seed,
+        data_seed=seed,
         report_to="none",
         push_to_hub=False,
         save_strategy="steps",  # model + optimizer + scheduler + RNG: what resume_from_checkpoint needs
