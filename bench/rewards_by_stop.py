@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--out", default="rewards_by_stop", help="bench/results/<out>.json")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    for item in args.student:
+        if not all(item.partition("=")[::2]):
+            ap.error(f"--student: expected NAME=FOLDER, got '{item}'")
     torch.set_num_threads(args.threads)
     dtype = models.resolve_precision(args.dtype, "cpu")
     t0 = time.perf_counter()
